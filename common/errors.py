@@ -1,0 +1,76 @@
+"""Exceptions and the fixed catalogue of error codes that travel between parties."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Codes carried by error replies; the text next to each is what a person should do next."""
+
+    MALFORMED_MESSAGE = "FS100"
+    UNSUPPORTED_PROTOCOL = "FS101"
+    UNKNOWN_DATASET = "FS200"
+    DATASET_LOAD_FAILED = "FS201"
+    PLAN_NOT_APPROVED = "FS300"
+    PLAN_REJECTED = "FS301"
+    PLAN_HASH_MISMATCH = "FS302"
+    PLAN_INVALID = "FS303"
+    PARAMS_INVALID = "FS400"
+    TRAINING_FAILED = "FS500"
+    WORKER_CRASHED = "FS501"
+    TRAINING_ARGS_INVALID = "FS502"
+    TRANSFER_FAILED = "FS600"
+    INTERNAL = "FS900"
+
+
+ERROR_HELP: dict[ErrorCode, str] = {
+    ErrorCode.MALFORMED_MESSAGE: "the message did not match the protocol schema; check versions on both sides",
+    ErrorCode.UNSUPPORTED_PROTOCOL: "upgrade the older side so both speak the same protocol version",
+    ErrorCode.UNKNOWN_DATASET: "list the node's datasets (`fedsilo node dataset list`) and use a registered id",
+    ErrorCode.DATASET_LOAD_FAILED: "the node administrator should check the dataset path and format",
+    ErrorCode.PLAN_NOT_APPROVED: "ask the node's data manager to review and approve the plan with this hash",
+    ErrorCode.PLAN_REJECTED: "the data manager rejected this plan; read their note and submit a revised plan",
+    ErrorCode.PLAN_HASH_MISMATCH: "the plan changed in transit; re-send it",
+    ErrorCode.PLAN_INVALID: "the plan source could not be loaded; run it locally first",
+    ErrorCode.PARAMS_INVALID: "parameters must be safetensors produced by fedsilo",
+    ErrorCode.TRAINING_FAILED: "the training plan raised on the node; the node log holds the traceback",
+    ErrorCode.WORKER_CRASHED: "the node's training worker died; it has been restarted",
+    ErrorCode.TRAINING_ARGS_INVALID: "fix the training arguments named in the message",
+    ErrorCode.TRANSFER_FAILED: "the file store could not be reached or refused the transfer",
+    ErrorCode.INTERNAL: "an unexpected error; the node log holds the traceback under the request id",
+}
+
+
+class FedsiloError(Exception):
+    """Base of every error fedsilo raises on purpose."""
+
+
+class ConfigError(FedsiloError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+class SerializationError(FedsiloError):
+    """Bytes that should hold parameters do not (not safetensors, wrong shapes, tampered)."""
+
+
+class PlanSourceError(FedsiloError):
+    """A training plan's source could not be extracted or loaded."""
+
+
+class TransferError(FedsiloError):
+    """A file-store upload or download failed."""
+
+
+class RemoteError(FedsiloError):
+    """An error reply from a node, readable in a notebook."""
+
+    def __init__(self, node: str, code: str, message: str, stage: str = "", request_id: str = "") -> None:
+        self.node, self.code, self.stage, self.request_id = node, code, stage, request_id
+        self.remote_message = message
+        where = f" during {stage}" if stage else ""
+        hint = ERROR_HELP.get(ErrorCode(code), "") if code in ErrorCode._value2member_map_ else ""
+        text = f"node '{node}'{where}: [{code}] {message}"
+        if hint:
+            text += f" -> {hint}"
+        super().__init__(text)

@@ -1,0 +1,1 @@
+"""The Flask application for clinical data managers."""

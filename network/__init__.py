@@ -1,0 +1,1 @@
+"""The wire: message schemas, topics, MQTT messaging, the file store and its client, the broker."""

@@ -1,0 +1,262 @@
+"""Typed protocol messages. Every message received is validated with `parse_message`."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from fedsilo.common import PROTOCOL_VERSION
+from fedsilo.common.errors import ErrorCode
+
+MAX_MESSAGE_BYTES = 256 * 1024
+"""Messages carry references, never payloads; anything larger is refused before parsing."""
+
+_ID = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+_SHA = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class BlobRef(BaseModel):
+    """A file-store object: content-addressed, so its id is its sha256."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sha256: _SHA
+    size: int = Field(ge=0)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    protocol_version: int = PROTOCOL_VERSION
+    request_id: _ID = Field(default_factory=new_id)
+    sender: _ID
+    timestamp: float = Field(default_factory=time.time)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------- requests
+class SearchRequest(Message):
+    """Which nodes hold datasets carrying all these tags?"""
+
+    kind: Literal["search_request"] = "search_request"
+    tags: list[str] = Field(min_length=1)
+
+
+class PingRequest(Message):
+    kind: Literal["ping_request"] = "ping_request"
+
+
+class ListRequest(Message):
+    kind: Literal["list_request"] = "list_request"
+
+
+class TrainRequest(Message):
+    kind: Literal["train_request"] = "train_request"
+    job_id: _ID
+    round: int = Field(ge=0)
+    dataset_id: _ID
+    plan: BlobRef
+    plan_name: str = Field(max_length=200)
+    params: BlobRef
+    training_args: dict[str, Any] = Field(default_factory=dict)
+    model_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ApprovalRequest(Message):
+    """Submit a plan for review; the node stores it as pending."""
+
+    kind: Literal["approval_request"] = "approval_request"
+    plan: BlobRef
+    plan_name: str = Field(max_length=200)
+    description: str = Field(default="", max_length=4000)
+
+
+class PlanStatusRequest(Message):
+    kind: Literal["plan_status_request"] = "plan_status_request"
+    plan_sha256: _SHA
+
+
+# ----------------------------------------------------------------------------------------- replies
+class DatasetInfo(BaseModel):
+    """What a node tells researchers about a dataset: metadata, never data or paths."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset_id: str
+    name: str
+    tags: list[str]
+    data_type: str
+    shape: list[int] = Field(default_factory=list)
+    description: str = ""
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
+class Reply(Message):
+    node_id: _ID
+    node_name: str = ""
+    in_reply_to: _ID
+
+
+class SearchReply(Reply):
+    kind: Literal["search_reply"] = "search_reply"
+    datasets: list[DatasetInfo]
+
+
+class PingReply(Reply):
+    kind: Literal["ping_reply"] = "ping_reply"
+    version: str
+    busy: bool = False
+
+
+class ListReply(Reply):
+    kind: Literal["list_reply"] = "list_reply"
+    datasets: list[DatasetInfo]
+
+
+class TaskAck(Reply):
+    """The node validated a train request and put it on its durable queue."""
+
+    kind: Literal["task_ack"] = "task_ack"
+    job_id: str
+    round: int
+
+
+class TrainReply(Reply):
+    kind: Literal["train_reply"] = "train_reply"
+    job_id: str
+    round: int
+    dataset_id: str
+    params: BlobRef
+    sample_size: int = Field(ge=0)
+    timings: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    applied_caps: dict[str, Any] = Field(default_factory=dict)
+
+
+class ApprovalReply(Reply):
+    kind: Literal["approval_reply"] = "approval_reply"
+    plan_sha256: _SHA
+    status: Literal["pending", "approved", "rejected"]
+
+
+class PlanStatusReply(Reply):
+    kind: Literal["plan_status_reply"] = "plan_status_reply"
+    plan_sha256: _SHA
+    status: Literal["unknown", "pending", "approved", "rejected"]
+    approval_required: bool
+
+
+class ErrorReply(Reply):
+    kind: Literal["error"] = "error"
+    code: ErrorCode
+    message: str = Field(max_length=4000)
+    stage: str = ""
+    job_id: str = ""
+    round: int | None = None
+
+
+# -------------------------------------------------------------------------------- node-side events
+class LogMessage(Message):
+    kind: Literal["log"] = "log"
+    node_id: _ID
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+    text: str = Field(max_length=4000)
+    job_id: str = ""
+
+
+class ScalarMessage(Message):
+    """A training metric streamed while a round runs (loss every `log_interval` steps)."""
+
+    kind: Literal["scalar"] = "scalar"
+    node_id: _ID
+    job_id: str
+    round: int
+    dataset_id: str
+    key: str
+    value: float
+    step: int
+    epoch: int = 1
+    num_samples: int = 0
+    total_samples: int = 0
+    train: bool = True
+
+
+class Presence(Message):
+    """Retained on the presence topic; the broker publishes `online=False` as the node's last will."""
+
+    kind: Literal["presence"] = "presence"
+    node_id: _ID
+    node_name: str = ""
+    online: bool
+    version: str = ""
+
+
+AnyMessage = Annotated[
+    SearchRequest
+    | PingRequest
+    | ListRequest
+    | TrainRequest
+    | ApprovalRequest
+    | PlanStatusRequest
+    | SearchReply
+    | PingReply
+    | ListReply
+    | TaskAck
+    | TrainReply
+    | ApprovalReply
+    | PlanStatusReply
+    | ErrorReply
+    | LogMessage
+    | ScalarMessage
+    | Presence,
+    Field(discriminator="kind"),
+]
+_ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
+
+
+class MessageError(ValueError):
+    """A received payload is not a valid message; `sender`/`request_id` are filled when readable."""
+
+    def __init__(self, reason: str, sender: str = "", request_id: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.sender, self.request_id = reason, sender, request_id
+
+
+def parse_message(payload: bytes | str) -> AnyMessage:
+    """Validate raw bytes into a message; raise `MessageError` with a short reason otherwise."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(payload)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    try:
+        return _ADAPTER.validate_json(payload)
+    except ValidationError as exc:
+        sender, request_id = _salvage_ids(payload)
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise MessageError(f"invalid message: {where}: {first.get('msg')}", sender, request_id) from None
+
+
+def _salvage_ids(payload: bytes | str) -> tuple[str, str]:
+    """Best effort: who sent an invalid message, so that it can be answered."""
+    try:
+        raw = json.loads(payload)
+    except ValueError:
+        return "", ""
+    if not isinstance(raw, dict):
+        return "", ""
+    sender, rid = raw.get("sender"), raw.get("request_id")
+    return (sender if _is_id(sender) else ""), (rid if _is_id(rid) else "")
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, str) and bool(_ID_RE.match(value))

@@ -1,0 +1,1 @@
+"""The researcher SDK: Experiment, aggregators, node selection, monitoring, breakpoints."""
