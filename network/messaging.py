@@ -39,7 +39,10 @@ class Messaging:
         on_invalid: InvalidHandler | None = None,
         will: tuple[str, Message] | None = None,
         on_connected: Callable[[], None] | None = None,
+        persistent: bool = True,
     ) -> None:
+        """`persistent`: keep the broker session across reconnects (daemons with a fixed client id);
+        researchers use a fresh id per experiment and a clean session."""
         self.client_id = client_id
         self.settings = settings
         self._on_message = on_message
@@ -52,7 +55,7 @@ class Messaging:
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=False,  # a fixed id + persistent session keeps QoS 1 messages across reconnects
+            clean_session=not persistent,  # fixed id + persistent session keeps QoS 1 messages queued
             protocol=mqtt.MQTTv311,
         )
         self._client.username_pw_set(settings.username, settings.password)
