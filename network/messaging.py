@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -94,10 +95,8 @@ class Messaging:
         if farewell is not None and self._connected.is_set():
             topic, msg = farewell
             info = self._client.publish(topic, msg.to_json(), qos=1, retain=True)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2)
-            except (RuntimeError, ValueError):
-                pass
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -125,7 +124,7 @@ class Messaging:
         return self._client.publish(topic, payload, qos=1)
 
     # ------------------------------------------------------------------ paho callbacks
-    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             if not self._first_done.is_set():
                 self._first_result = str(reason_code)
@@ -143,12 +142,12 @@ class Messaging:
             except Exception:  # a failing hook must not kill paho's thread
                 log.exception("on_connected hook failed")
 
-    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         if reason_code.is_failure:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
-    def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
+    def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         try:
             message = parse_message(msg.payload)
         except MessageError as exc:
@@ -159,7 +158,7 @@ class Messaging:
         self._call(self._on_message, message, msg.topic)
 
     @staticmethod
-    def _call(handler: Callable, *args) -> None:  # noqa: ANN001
+    def _call(handler: Callable, *args) -> None:
         try:
             handler(*args)
         except Exception:  # never let a handler bug take the network thread down
