@@ -1,0 +1,121 @@
+"""Dataset classes a training plan uses on a node: a numeric CSV table and a class-per-folder image tree."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import FedsiloError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+
+class DatasetFormatError(FedsiloError):
+    """A dataset's files do not have the expected layout or content."""
+
+
+def read_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Read a numeric CSV with a header row: (column names, float64 array of shape rows x columns)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetFormatError(f"{p}: not a file")
+    try:
+        with p.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None)
+    except UnicodeDecodeError:
+        raise DatasetFormatError(f"{p}: not a text CSV file") from None
+    if not header or not any(h.strip() for h in header):
+        raise DatasetFormatError(f"{p}: empty file or missing header row")
+    columns = [h.strip() for h in header]
+    if len(set(columns)) != len(columns):
+        raise DatasetFormatError(f"{p}: duplicate column names in the header")
+    try:
+        data = np.loadtxt(p, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, encoding="utf-8")
+    except ValueError as exc:
+        raise DatasetFormatError(f"{p}: every value must be numeric ({exc})") from None
+    if data.size == 0:
+        raise DatasetFormatError(f"{p}: no data rows")
+    if data.shape[1] != len(columns):
+        raise DatasetFormatError(f"{p}: {data.shape[1]} values per row but {len(columns)} header columns")
+    return columns, data
+
+
+class CsvDataset(Dataset):
+    """A numeric CSV: features as float32, the `target` column as int64 (class labels)."""
+
+    def __init__(self, path: str | Path, target: str = "label", features: Sequence[str] | None = None) -> None:
+        self.path = Path(path)
+        columns, data = read_csv(self.path)
+        if target not in columns:
+            raise DatasetFormatError(f"{self.path}: target column '{target}' not found; columns: {columns}")
+        if features is None:
+            features = [c for c in columns if c != target]
+        missing = [c for c in features if c not in columns]
+        if missing:
+            raise DatasetFormatError(f"{self.path}: feature columns not found: {missing}")
+        self.columns = columns
+        self.target = target
+        self.features = list(features)
+        idx = [columns.index(c) for c in self.features]
+        self.x = torch.from_numpy(np.ascontiguousarray(data[:, idx], dtype=np.float32))
+        self.y = torch.from_numpy(data[:, columns.index(target)].astype(np.int64))
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+def list_image_folder(path: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Classes (sorted subfolder names) and (file, class index) samples of a class-per-subfolder tree."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetFormatError(f"{root}: not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    samples: list[tuple[Path, int]] = []
+    for i, name in enumerate(classes):
+        for f in sorted((root / name).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                samples.append((f, i))
+    if not classes or not samples:
+        raise DatasetFormatError(f"{root}: expected one subfolder per class holding image files")
+    return classes, samples
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file as a float32 CHW tensor in [0, 1] (grey stays 1 channel, others become RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("L") if img.mode in ("L", "1", "I;16", "I", "F") else img.convert("RGB")
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = arr[None, :, :] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return torch.from_numpy(arr)
+
+
+class ImageFolderDataset(Dataset):
+    """Images in one subfolder per class; items are (CHW float tensor or `transform(tensor)`, class index)."""
+
+    def __init__(self, path: str | Path, transform: Callable[[torch.Tensor], Any] | None = None) -> None:
+        self.path = Path(path)
+        self.classes, self.samples = list_image_folder(self.path)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.targets = [t for _, t in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        f, target = self.samples[i]
+        x = load_image(f)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, target

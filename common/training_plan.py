@@ -1,0 +1,301 @@
+"""The training-plan API researchers subclass, and the loop the node runs it with."""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .errors import FedsiloError
+from .training_args import TrainingArgs
+
+ScalarCallback = Callable[[str, float, int, int, int, int], None]
+"""on_scalar(key, value, step, epoch, num_samples, total_samples)."""
+
+
+class TrainingPlanError(FedsiloError):
+    """A training plan broke its contract (wrong return type, missing hook, incompatible with DP)."""
+
+
+class DataManager:
+    """Wraps a torch Dataset plus DataLoader arguments; the node merges its own loader arguments in."""
+
+    def __init__(self, dataset: Dataset, **loader_args: Any) -> None:
+        if not isinstance(dataset, Dataset):
+            raise TrainingPlanError(f"DataManager needs a torch Dataset, got {type(dataset).__name__}")
+        self.dataset = dataset
+        self.loader_args = dict(loader_args)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def loader(self, dataset: Dataset | None = None, **overrides: Any) -> DataLoader:
+        args = {**self.loader_args, **overrides}
+        return DataLoader(dataset if dataset is not None else self.dataset, **args)
+
+    def split(self, test_ratio: float, seed: int = 0) -> tuple[DataLoader, DataLoader | None]:
+        """Train and test loaders; the test subset is fixed for a given seed so rounds stay comparable."""
+        n = len(self)
+        n_test = round(n * test_ratio) if test_ratio > 0 else 0
+        if n_test == 0:
+            return self.loader(), None
+        if n_test >= n:
+            raise TrainingPlanError(f"test_ratio {test_ratio} leaves no training samples out of {n}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        train = Subset(self.dataset, perm[n_test:])
+        test = Subset(self.dataset, perm[:n_test])
+        return self.loader(train), self.loader(test, shuffle=False, drop_last=False)
+
+
+def _call_hook(hook: Callable, *args: Any) -> Any:
+    """Call a user hook that may take its argument or not (Fed-BioMed plans use both styles)."""
+    try:
+        n_params = len(inspect.signature(hook).parameters)
+    except (TypeError, ValueError):
+        n_params = len(args)
+    return hook(*args[:n_params])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class TorchTrainingPlan:
+    """Subclass it: `init_model`, `training_data` and `training_step` are required.
+
+    The framework sets `model_args`, `training_args` (TrainingArgs), `dataset_path`, `dataset`
+    (metadata dict), `round` and `node_id` before calling `post_init`.
+    """
+
+    def __init__(self) -> None:
+        self.model_args: dict[str, Any] = {}
+        self.training_args: TrainingArgs = TrainingArgs()
+        self.dataset_path: str | None = None
+        self.dataset: dict[str, Any] = {}
+        self.round: int = 0
+        self.node_id: str = ""
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._device = torch.device("cpu")
+
+    # ------------------------------------------------------------------ user hooks
+    def init_model(self, model_args: dict[str, Any]) -> nn.Module:
+        raise TrainingPlanError(f"{type(self).__name__} must define init_model(self, model_args)")
+
+    def init_optimizer(self, optimizer_args: dict[str, Any]) -> torch.optim.Optimizer:
+        """Default: SGD with the given arguments (`lr` at least)."""
+        args = dict(optimizer_args) or {"lr": 0.01}
+        return torch.optim.SGD(self.model().parameters(), **args)
+
+    def init_dependencies(self) -> list[str]:
+        """Extra import lines shipped with the plan's source."""
+        return []
+
+    def training_data(self, batch_size: int) -> DataManager:
+        raise TrainingPlanError(f"{type(self).__name__} must define training_data(self, batch_size)")
+
+    def training_step(self, data: Any, target: Any) -> torch.Tensor:
+        raise TrainingPlanError(f"{type(self).__name__} must define training_step(self, data, target)")
+
+    def testing_step(self, data: Any, target: Any) -> dict[str, float] | None:
+        """Default: the training loss and, for class scores, accuracy."""
+        loss = float(self.training_step(data, target))
+        metrics = {"loss": loss}
+        if isinstance(data, torch.Tensor) and isinstance(target, torch.Tensor) and not target.is_floating_point():
+            out = self.model()(data)
+            if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] > 1:
+                metrics["accuracy"] = float((out.argmax(dim=1) == target).float().mean())
+        return metrics
+
+    # ------------------------------------------------------------------ framework side
+    def post_init(self, model_args: dict[str, Any], training_args: TrainingArgs | dict[str, Any]) -> None:
+        """Build the model and the optimizer from the round's arguments."""
+        self.model_args = dict(model_args)
+        self.training_args = TrainingArgs.parse(training_args)
+        use_cuda = self.training_args.use_gpu and torch.cuda.is_available()
+        self._device = torch.device("cuda" if use_cuda else "cpu")
+        model = _call_hook(self.init_model, self.model_args)
+        if not isinstance(model, nn.Module):
+            raise TrainingPlanError(f"init_model must return a torch.nn.Module, got {type(model).__name__}")
+        self._model = model.to(self._device)
+        optimizer = _call_hook(self.init_optimizer, dict(self.training_args.optimizer_args))
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TrainingPlanError(
+                f"init_optimizer must return a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        self._optimizer = optimizer
+
+    def model(self) -> nn.Module:
+        if self._model is None:
+            raise TrainingPlanError("the model is not built yet: post_init has not run")
+        return self._model
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            raise TrainingPlanError("the optimizer is not built yet: post_init has not run")
+        return self._optimizer
+
+    def _plain_model(self) -> nn.Module:
+        model = self.model()
+        # Opacus wraps the model during DP training; parameters travel under the plain names.
+        return getattr(model, "_module", model)
+
+    def get_parameters(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self._plain_model().state_dict().items()}
+
+    def set_parameters(self, params: dict[str, torch.Tensor]) -> None:
+        self._plain_model().load_state_dict(params, strict=True)
+
+    def data_manager(self) -> DataManager:
+        """Call `training_data` with the round's batch size and check what it returns."""
+        dm = _call_hook(self.training_data, self.training_args.batch_size)
+        if not isinstance(dm, DataManager):
+            raise TrainingPlanError(f"training_data must return a DataManager, got {type(dm).__name__}")
+        return dm
+
+    def _to_device(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(self._device, non_blocking=True)
+        if isinstance(value, list | tuple):
+            return type(value)(self._to_device(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._to_device(v) for k, v in value.items()}
+        return value
+
+    def training_routine(self, loader: DataLoader, *, on_scalar: ScalarCallback | None = None) -> dict[str, float]:
+        """Run the optimisation loop; returns metrics: final `loss`, `train_s`, `steps`, `epsilon` with DP."""
+        ta = self.training_args
+        if ta.random_seed is not None:
+            seed_everything(ta.random_seed)
+        if len(loader.dataset) == 0:  # type: ignore[arg-type]
+            raise TrainingPlanError("no training samples")
+        engine = None
+        if ta.dp_args:
+            loader, engine = self._make_private(loader, ta.dp_args)
+        model, optimizer = self.model(), self.optimizer()
+        model.train()
+        total = len(loader.dataset)  # type: ignore[arg-type]
+        max_steps = ta.num_updates
+        epochs = ta.epochs if max_steps is None else None
+        cuda = self._device.type == "cuda"
+        step, epoch, train_s, seen_total = 0, 0, 0.0, 0
+        last_loss: torch.Tensor | None = None
+        logged_step = 0
+        done = False
+        while not done:
+            epoch += 1
+            seen = 0
+            batches = 0
+            for data, target in loader:
+                batches += 1
+                data, target = self._to_device(data), self._to_device(target)
+                n = _batch_len(target)
+                if n == 0:  # Poisson sampling under DP can draw an empty batch
+                    continue
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.training_step(data, target)
+                if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                    raise TrainingPlanError("training_step must return a scalar loss tensor")
+                loss.backward()
+                optimizer.step()
+                if cuda:
+                    torch.cuda.synchronize(self._device)
+                train_s += time.perf_counter() - t0
+                step += 1
+                seen += n
+                seen_total += n
+                last_loss = loss
+                if on_scalar is not None and (step == 1 or step % ta.log_interval == 0):
+                    on_scalar("loss", float(loss.detach()), step, epoch, seen, total)
+                    logged_step = step
+                if ta.dry_run or (max_steps is not None and step >= max_steps):
+                    done = True
+                    break
+            if batches == 0:
+                raise TrainingPlanError("the data loader produced no batches")
+            if epochs is not None and epoch >= epochs:
+                done = True
+        if last_loss is None:
+            raise TrainingPlanError("no training step ran (every batch was empty)")
+        final_loss = float(last_loss.detach())
+        if on_scalar is not None and logged_step != step:
+            on_scalar("loss", final_loss, step, epoch, seen, total)
+        metrics = {
+            "loss": final_loss,
+            "train_s": train_s,
+            "steps": float(step),
+            "epochs": float(epoch),
+            "samples_seen": float(seen_total),
+        }
+        if engine is not None:
+            metrics["epsilon"] = float(engine.get_epsilon(ta.dp_args["delta"]))  # type: ignore[index]
+            self._unwrap_private()
+        return metrics
+
+    def testing_routine(self, loader: DataLoader) -> dict[str, float]:
+        """Sample-weighted mean of `testing_step` metrics over a loader."""
+        model = self.model()
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        count = 0
+        with torch.no_grad():
+            for data, target in loader:
+                data, target = self._to_device(data), self._to_device(target)
+                n = _batch_len(target)
+                out = self.testing_step(data, target)
+                if out is None:
+                    continue
+                if not isinstance(out, dict):
+                    raise TrainingPlanError("testing_step must return a dict of metrics or None")
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+                count += n
+        model.train(was_training)
+        return {k: v / count for k, v in sums.items()} if count else {}
+
+    def _make_private(self, loader: DataLoader, dp: dict[str, Any]) -> tuple[DataLoader, Any]:
+        from opacus import PrivacyEngine
+        from opacus.validators import ModuleValidator
+
+        errors = ModuleValidator.validate(self._plain_model(), strict=False)
+        if errors:
+            raise TrainingPlanError(
+                f"model not compatible with differential privacy: {errors[0]} "
+                "(replace BatchNorm with GroupNorm in init_model)"
+            )
+        engine = PrivacyEngine(accountant="rdp")
+        model, optimizer, private_loader = engine.make_private(
+            module=self.model(),
+            optimizer=self.optimizer(),
+            data_loader=loader,
+            noise_multiplier=dp["sigma"],
+            max_grad_norm=dp["clip"],
+        )
+        self._model, self._optimizer = model, optimizer
+        return private_loader, engine
+
+    def _unwrap_private(self) -> None:
+        model = self.model()
+        if hasattr(model, "_module"):
+            model.remove_hooks()
+            self._model = model._module
+
+
+def _batch_len(target: Any) -> int:
+    if isinstance(target, torch.Tensor):
+        return int(target.shape[0]) if target.ndim > 0 else 1
+    try:
+        return len(target)
+    except TypeError:
+        return 1

@@ -1,0 +1,191 @@
+"""The training-plan runtime: a real MLP trains, arguments are honoured, DP runs, pickle is refused."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedsilo.common.datasets import CsvDataset, DatasetFormatError, ImageFolderDataset
+from fedsilo.common.errors import SerializationError
+from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_bytes
+from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
+from fedsilo.common.training_plan import DataManager, TorchTrainingPlan, TrainingPlanError
+
+
+class MLPPlan(TorchTrainingPlan):
+    def init_model(self, model_args):
+        return nn.Sequential(nn.Linear(model_args["n_features"], 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def training_data(self, batch_size):
+        return DataManager(CsvDataset(self.dataset_path, target="label"), batch_size=batch_size, shuffle=True)
+
+    def training_step(self, data, target):
+        return nn.functional.cross_entropy(self.model()(data), target)
+
+
+def write_csv(path: Path, n: int = 200, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4))
+    y = (x[:, 0] + x[:, 1] > 0).astype(int)
+    lines = ["a,b,c,d,label"] + [",".join(f"{v:.5f}" for v in row) + f",{t}" for row, t in zip(x, y, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_plan(csv: Path, **targs) -> MLPPlan:
+    plan = MLPPlan()
+    plan.dataset_path = str(csv)
+    plan.post_init({"n_features": 4}, targs)
+    return plan
+
+
+def test_mlp_trains_and_loss_decreases(tmp_path):
+    csv = write_csv(tmp_path / "d.csv")
+    plan = make_plan(csv, epochs=30, batch_size=32, optimizer_args={"lr": 0.1}, log_interval=5, random_seed=1)
+    dm = plan.data_manager()
+    train, test = dm.split(0.2, seed=0)
+    assert test is not None and len(train.dataset) == 160
+    before = plan.testing_routine(test)
+    scalars = []
+    metrics = plan.training_routine(train, on_scalar=lambda *a: scalars.append(a))
+    after = plan.testing_routine(test)
+    assert after["loss"] < before["loss"]
+    assert after["accuracy"] > 0.8
+    assert metrics["train_s"] > 0 and metrics["epochs"] == 30
+    first_loss, last_loss = scalars[0][1], scalars[-1][1]
+    assert last_loss < first_loss
+    key, _, step, epoch, seen, total = scalars[-1]
+    assert key == "loss" and epoch == 30 and total == 160 and 0 < seen <= total and step == metrics["steps"]
+
+
+def test_num_updates_wins_over_epochs(tmp_path):
+    csv = write_csv(tmp_path / "d.csv", n=50)
+    plan = make_plan(csv, epochs=100, num_updates=9, batch_size=8, log_interval=3)
+    scalars = []
+    metrics = plan.training_routine(plan.data_manager().loader(), on_scalar=lambda *a: scalars.append(a))
+    assert metrics["steps"] == 9
+    assert metrics["epochs"] == 2  # 7 batches per epoch of 50 samples -> stops in the second epoch
+    assert [s[2] for s in scalars] == [1, 3, 6, 9]
+
+
+def test_dry_run_single_step(tmp_path):
+    plan = make_plan(write_csv(tmp_path / "d.csv", n=50), epochs=5, dry_run=True)
+    assert plan.training_routine(plan.data_manager().loader())["steps"] == 1
+
+
+def test_random_seed_makes_rounds_reproducible(tmp_path):
+    csv = write_csv(tmp_path / "d.csv", n=64)
+    results = []
+    for _ in range(2):
+        plan = make_plan(csv, epochs=2, batch_size=8, random_seed=7)
+        torch.manual_seed(0)
+        plan.set_parameters(make_plan(csv).get_parameters() if not results else results[0][1])
+        ref = plan.get_parameters()
+        plan.training_routine(plan.data_manager().loader())
+        results.append((plan.get_parameters(), ref))
+    for k in results[0][0]:
+        assert torch.equal(results[0][0][k], results[1][0][k])
+
+
+def test_dp_runs_and_reports_epsilon(tmp_path):
+    plan = make_plan(write_csv(tmp_path / "d.csv"), epochs=2, batch_size=32, dp_args={"sigma": 1.0, "clip": 1.0})
+    names = set(plan.get_parameters())
+    metrics = plan.training_routine(plan.data_manager().loader())
+    assert metrics["epsilon"] > 0 and np.isfinite(metrics["epsilon"])
+    assert set(plan.get_parameters()) == names  # plain names after unwrapping the Opacus module
+
+
+def test_params_roundtrip_and_compatibility(tmp_path):
+    plan = make_plan(write_csv(tmp_path / "d.csv", n=20))
+    params = plan.get_parameters()
+    received = params_from_bytes(params_to_bytes(params))
+    check_compatible(received, params)
+    plan.set_parameters(received)
+    with pytest.raises(SerializationError):
+        check_compatible({k: v[..., :1] for k, v in received.items()}, params)
+
+
+class _Boom:
+    loaded = False
+
+    def __reduce__(self):
+        return (_mark_loaded, ())
+
+
+def _mark_loaded():
+    _Boom.loaded = True
+    return {}
+
+
+def test_pickle_payload_refused_unread():
+    payload = pickle.dumps({"w": _Boom()})
+    with pytest.raises(SerializationError, match="pickle"):
+        params_from_bytes(payload)
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf)
+    with pytest.raises(SerializationError):
+        params_from_bytes(buf.getvalue())
+    assert _Boom.loaded is False
+
+
+def test_training_args_validation():
+    assert TrainingArgs.parse(None).epochs == 1
+    with pytest.raises(TrainingArgsError, match="'bogus'"):
+        TrainingArgs.parse({"bogus": 1})
+    with pytest.raises(TrainingArgsError, match="epochs"):
+        TrainingArgs.parse({"epochs": 0})
+    with pytest.raises(TrainingArgsError, match="lr"):
+        TrainingArgs.parse({"optimizer_args": {"lr": -1}})
+    with pytest.raises(TrainingArgsError, match="sigma"):
+        TrainingArgs.parse({"dp_args": {"clip": 1.0}})
+    assert TrainingArgs.parse({"dp_args": {"sigma": 1, "clip": 2}}).dp_args == {
+        "type": "local",
+        "delta": 1e-5,
+        "sigma": 1.0,
+        "clip": 2.0,
+    }
+
+
+def test_plan_contract_errors(tmp_path):
+    class NoData(TorchTrainingPlan):
+        def init_model(self):
+            return nn.Linear(2, 2)
+
+        def training_data(self):
+            return [1, 2, 3]
+
+    plan = NoData()
+    plan.post_init({}, {})
+    with pytest.raises(TrainingPlanError, match="DataManager"):
+        plan.data_manager()
+
+
+def test_csv_dataset_types_and_errors(tmp_path):
+    ds = CsvDataset(write_csv(tmp_path / "d.csv", n=10))
+    x, y = ds[0]
+    assert x.dtype == torch.float32 and x.shape == (4,) and y.dtype == torch.int64 and len(ds) == 10
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,label\nx,1\n")
+    with pytest.raises(DatasetFormatError, match="numeric"):
+        CsvDataset(bad)
+    with pytest.raises(DatasetFormatError, match="target column 'y'"):
+        CsvDataset(tmp_path / "d.csv", target="y")
+
+
+def test_image_folder_dataset(tmp_path):
+    from PIL import Image
+
+    for cls, n in (("cat", 2), ("dog", 3)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 6), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 5
+    x, y = ds[4]
+    assert x.shape == (3, 6, 8) and x.dtype == torch.float32 and y == 1
