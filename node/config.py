@@ -1,0 +1,131 @@
+"""A node's configuration (`NODEDIR/config.toml`) and the layout of its directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from fedsilo.common.config import Timeouts, read_toml, validate, write_toml
+
+
+@dataclass(frozen=True)
+class NodePaths:
+    root: Path
+    config: Path
+    network: Path
+    db: Path
+    datasets: Path
+    plans: Path
+    audit: Path
+    users: Path
+    queue: Path
+    logs: Path
+    log_file: Path
+    status: Path
+    lock: Path
+
+
+def node_paths(nodedir: str | Path) -> NodePaths:
+    root = Path(nodedir).expanduser().absolute()
+    db = root / "db"
+    return NodePaths(
+        root=root,
+        config=root / "config.toml",
+        network=root / "network.json",
+        db=db,
+        datasets=db / "datasets.json",
+        plans=db / "plans.json",
+        audit=db / "audit.json",
+        users=db / "users.json",
+        queue=root / "queue",
+        logs=root / "logs",
+        log_file=root / "logs" / "node.log",
+        status=root / "status.json",
+        lock=root / "node.lock",
+    )
+
+
+class NodeSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    node_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    require_approval: bool = True
+    data_roots: list[str] = Field(default_factory=list)
+    """Datasets must live under one of these folders; empty = anywhere the node can read."""
+
+
+class Limits(BaseModel):
+    """Caps the node applies to every round whatever the researcher asks."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_epochs: int | None = Field(None, ge=1)
+    max_num_updates: int | None = Field(None, ge=1)
+    allow_gpu: bool = False
+    max_batch_size: int | None = Field(None, ge=1)
+
+
+class DPPolicy(BaseModel):
+    """With `required`, every round trains with DP at least this strong (sigma floor, clip ceiling)."""
+
+    model_config = ConfigDict(extra="forbid")
+    required: bool = False
+    sigma: float | None = Field(None, gt=0)
+    clip: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> DPPolicy:
+        if self.required and (self.sigma is None or self.clip is None):
+            raise ValueError("with required = true, both sigma and clip must be set")
+        return self
+
+
+class NodeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    node: NodeSection
+    limits: Limits = Field(default_factory=Limits)
+    dp: DPPolicy = Field(default_factory=DPPolicy)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    _dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def dir(self) -> Path:
+        if self._dir is None:
+            raise ValueError("this NodeConfig has no node directory; use NodeConfig.load or create")
+        return self._dir
+
+    @property
+    def paths(self) -> NodePaths:
+        return node_paths(self.dir)
+
+    @classmethod
+    def load(cls, nodedir: str | Path) -> NodeConfig:
+        paths = node_paths(nodedir)
+        if not paths.config.is_file():
+            raise_missing(paths)
+        cfg = validate(cls, read_toml(paths.config), str(paths.config))
+        cfg._dir = paths.root
+        return cfg
+
+    @classmethod
+    def create(cls, nodedir: str | Path, data: dict[str, Any]) -> NodeConfig:
+        paths = node_paths(nodedir)
+        cfg = validate(cls, data, str(paths.config))
+        cfg._dir = paths.root
+        return cfg
+
+    def save(self) -> Path:
+        path = self.paths.config
+        write_toml(path, self.model_dump(mode="json"))
+        return path
+
+
+def raise_missing(paths: NodePaths) -> None:
+    from fedsilo.common.errors import ConfigError
+
+    raise ConfigError(
+        f"{paths.root} is not a node directory (no config.toml); create one with "
+        f"`fedsilo node init --dir {paths.root} --name NAME --network NETDIR`"
+    )
