@@ -1,0 +1,243 @@
+"""`fedsilo node ...`: create a node, register datasets, review plans, start the daemon."""
+
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+
+import click
+
+from fedsilo.common.clitools import friendly_errors, table
+from fedsilo.common.errors import ConfigError
+
+from .config import NodeConfig, node_paths
+
+dir_option = click.option(
+    "--dir",
+    "nodedir",
+    required=True,
+    envvar="FEDSILO_NODE_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Node directory (or $FEDSILO_NODE_DIR).",
+)
+
+
+def _actor(by: str | None = None) -> str:
+    return f"cli:{by or getpass.getuser()}"
+
+
+def _load(nodedir: Path) -> NodeConfig:
+    return NodeConfig.load(nodedir)
+
+
+@click.group()
+def node() -> None:
+    """Run a hospital node: datasets, plan approval, the node daemon."""
+
+
+@node.command()
+@click.option("--dir", "nodedir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Node name; also its id on the network.")
+@click.option(
+    "--network",
+    "network",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="A network directory (registers this node) or a node credentials file.",
+)
+@click.option("--data-root", "data_roots", multiple=True, type=click.Path(path_type=Path), help="Repeatable.")
+@click.option("--no-approval", is_flag=True, help="Run plans without approval (not for real data).")
+@friendly_errors
+def init(nodedir: Path, name: str, network: Path, data_roots: tuple[Path, ...], no_approval: bool) -> None:
+    """Create a node directory and its credentials."""
+    from fedsilo.network.credentials import Credentials
+
+    from .audit import AuditLog
+    from .datasets import DatasetStore
+    from .plans import PlanStore
+
+    paths = node_paths(nodedir)
+    if paths.config.exists():
+        raise ConfigError(f"{paths.root} is already a node directory (config.toml exists)")
+    roots = [str(Path(r).expanduser().resolve()) for r in data_roots]
+    for r in roots:
+        if not Path(r).is_dir():
+            raise ConfigError(f"data root '{r}' is not a directory")
+    if network.is_dir():
+        from fedsilo.network.provision import add_party
+
+        creds = add_party(network, name, "node")
+    else:
+        creds = Credentials.load(network)
+        if creds.role != "node":
+            raise ConfigError(f"{network}: credentials for a {creds.role}, not a node")
+    cfg = NodeConfig.create(
+        paths.root,
+        {"node": {"name": name, "node_id": creds.party, "require_approval": not no_approval, "data_roots": roots}},
+    )
+    paths.root.mkdir(parents=True, exist_ok=True)
+    for d in (paths.db, paths.queue, paths.logs):
+        d.mkdir(parents=True, exist_ok=True)
+    creds.save(paths.network)
+    cfg.save()
+    DatasetStore(paths.root, data_roots=roots).ensure()
+    PlanStore(paths.root).ensure()
+    AuditLog(paths.root).ensure()
+    click.echo(f"node '{name}' (id {creds.party}) created in {paths.root}")
+    click.echo(f"next: fedsilo node dataset add --dir {paths.root} ...; then fedsilo node start --dir {paths.root}")
+
+
+# ---------------------------------------------------------------------------------------- datasets
+@node.group()
+def dataset() -> None:
+    """Register, list, show and remove datasets."""
+
+
+@dataset.command("add")
+@dir_option
+@click.option("--name", required=True)
+@click.option("--tags", required=True, help="Comma-separated, e.g. 'mnist,train'.")
+@click.option("--type", "data_type", required=True, type=click.Choice(["csv", "images"]))
+@click.option("--path", "path", required=True, type=click.Path(path_type=Path))
+@click.option("--description", default="")
+@click.option("--target", default=None, help="CSV target column (checked to exist).")
+@friendly_errors
+def dataset_add(
+    nodedir: Path, name: str, tags: str, data_type: str, path: Path, description: str, target: str | None
+) -> None:
+    """Validate and register a dataset."""
+    from .datasets import DatasetStore
+
+    cfg = _load(nodedir)
+    store = DatasetStore(cfg.dir, data_roots=cfg.node.data_roots)
+    rec = store.add(name, tags.split(","), data_type, path, description=description, added_by=_actor(), target=target)
+    click.echo(f"added {rec['dataset_id']} '{rec['name']}' shape {rec['shape']} tags {','.join(rec['tags'])}")
+
+
+@dataset.command("list")
+@dir_option
+@friendly_errors
+def dataset_list(nodedir: Path) -> None:
+    from .datasets import DatasetStore
+
+    rows = DatasetStore(_load(nodedir).dir).list()
+    click.echo(
+        table(
+            ["id", "name", "type", "tags", "shape", "added"],
+            [[r["dataset_id"], r["name"], r["data_type"], r["tags"], r["shape"], r["added_at"][:19]] for r in rows],
+        )
+    )
+
+
+@dataset.command("show")
+@dir_option
+@click.argument("id_or_name")
+@friendly_errors
+def dataset_show(nodedir: Path, id_or_name: str) -> None:
+    from .datasets import DatasetStore
+
+    rec = DatasetStore(_load(nodedir).dir).get(id_or_name)
+    click.echo(json.dumps(rec, indent=2))
+
+
+@dataset.command("remove")
+@dir_option
+@click.argument("id_or_name")
+@friendly_errors
+def dataset_remove(nodedir: Path, id_or_name: str) -> None:
+    """Forget a dataset (files stay on disk)."""
+    from .datasets import DatasetStore
+
+    rec = DatasetStore(_load(nodedir).dir).remove(id_or_name, by=_actor())
+    click.echo(f"removed {rec['dataset_id']} '{rec['name']}' (files left in place)")
+
+
+# ------------------------------------------------------------------------------------------- plans
+@node.group()
+def plan() -> None:
+    """Review training plans: list, show, approve, reject, revoke."""
+
+
+@plan.command("list")
+@dir_option
+@click.option("--status", type=click.Choice(["pending", "approved", "rejected"]), default=None)
+@friendly_errors
+def plan_list(nodedir: Path, status: str | None) -> None:
+    from .plans import PlanStore
+
+    rows = PlanStore(_load(nodedir).dir).list(status=status)
+    click.echo(
+        table(
+            ["sha256", "name", "status", "researcher", "first seen", "decided by"],
+            [
+                [r["sha256"][:16], r["name"], r["status"], r["researcher"], r["first_seen"][:19], r["decided_by"]]
+                for r in rows
+            ],
+        )
+    )
+
+
+@plan.command("show")
+@dir_option
+@click.argument("sha")
+@friendly_errors
+def plan_show(nodedir: Path, sha: str) -> None:
+    """Print a plan's record and its exact source."""
+    from .plans import PlanStore
+
+    r = PlanStore(_load(nodedir).dir).get(sha)
+    for key in ("sha256", "name", "status", "researcher", "description", "first_seen", "decided_by", "note"):
+        click.echo(f"{key + ':':13} {r.get(key) or '-'}")
+    click.echo("-" * 72)
+    click.echo(r["source"])
+
+
+def _decision(verb: str):
+    @dir_option
+    @click.argument("sha")
+    @click.option("--note", default="", help="Why; shown to auditors.")
+    @click.option("--by", default=None, help="Who decides (default: your login name).")
+    @friendly_errors
+    def command(nodedir: Path, sha: str, note: str, by: str | None) -> None:
+        from .plans import PlanStore
+
+        store = PlanStore(_load(nodedir).dir)
+        rec = getattr(store, verb)(sha, by=_actor(by), note=note)
+        click.echo(f"plan {rec['sha256'][:16]} '{rec['name']}' is now {rec['status']}")
+
+    command.__doc__ = {
+        "approve": "Approve a plan (hash or unique prefix).",
+        "reject": "Reject a pending plan.",
+        "revoke": "Withdraw an approval; the next round with this plan is refused.",
+    }[verb]
+    return command
+
+
+for _verb in ("approve", "reject", "revoke"):
+    plan.command(_verb)(_decision(_verb))
+
+
+# ------------------------------------------------------------------------------------ config/start
+@node.group()
+def config() -> None:
+    """Inspect the node configuration."""
+
+
+@config.command("show")
+@dir_option
+@friendly_errors
+def config_show(nodedir: Path) -> None:
+    cfg = _load(nodedir)
+    click.echo(f"# {cfg.paths.config}")
+    click.echo(cfg.paths.config.read_text(encoding="utf-8"))
+
+
+@node.command()
+@dir_option
+@friendly_errors
+def start(nodedir: Path) -> None:
+    """Run the node daemon in the foreground (Ctrl-C or SIGTERM stops it)."""
+    from .daemon import run
+
+    run(_load(nodedir))
