@@ -1,0 +1,11 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("api/v1/health", views.HealthView.as_view()),
+    path("api/v1/blobs/<str:sha256>", views.BlobView.as_view()),
+]
+
+handler404 = views.not_found
+handler500 = views.server_error

@@ -1,0 +1,187 @@
+"""Client of the file store (docs/internals.md): content-addressed uploads and verified downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import requests
+
+from fedsilo.common.config import Timeouts
+from fedsilo.common.errors import TransferError
+from fedsilo.common.hashing import sha256_bytes, sha256_file
+
+from .credentials import FileStoreSettings
+from .messages import BlobRef
+
+CHUNK = 1 << 20
+
+
+class BlobTransferError(TransferError):
+    """A file-store call failed; `status` is the HTTP status (None when the server was not reached)."""
+
+    def __init__(self, message: str, status: int | None = None, server_message: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.server_message = server_message
+
+
+class FileStoreClient:
+    """One keep-alive HTTP session to the file store, authenticated with the party's token."""
+
+    def __init__(self, settings: FileStoreSettings, timeouts: Timeouts | None = None) -> None:
+        timeouts = timeouts or Timeouts()
+        self.url = settings.url.rstrip("/")
+        self._api = f"{self.url}/api/v1"
+        self._timeout = (timeouts.connect, timeouts.transfer)
+        session = requests.Session()
+        # Proxies are resolved once here: with trust_env on, requests would re-read the environment and
+        # ~/.netrc on every call, which costs more than the local request itself.
+        session.proxies.update(requests.utils.get_environ_proxies(self.url))
+        session.trust_env = False
+        session.verify = settings.ca or True
+        session.headers["Authorization"] = f"Token {settings.token}"
+        self._session = session
+
+    # ------------------------------------------------------------------ public API
+    def health(self) -> dict[str, Any]:
+        response = self._call("GET", f"{self._api}/health", what="health check")
+        return response.json()
+
+    def exists(self, sha256: str) -> bool:
+        response = self._call("HEAD", self._blob_url(sha256), what=f"blob {sha256[:12]}", ok=(200, 404))
+        return response.status_code == 200
+
+    def upload_bytes(self, data: bytes) -> BlobRef:
+        """Store `data` (skipped when the store already holds it) and return its reference."""
+        ref = BlobRef(sha256=sha256_bytes(data), size=len(data))
+        if not self.exists(ref.sha256):
+            self._put(ref, data)
+        return ref
+
+    def upload_file(self, path: str | Path) -> BlobRef:
+        """Stream a file to the store without reading it into memory."""
+        p = Path(path)
+        ref = BlobRef(sha256=sha256_file(p), size=p.stat().st_size)
+        if not self.exists(ref.sha256):
+            with open(p, "rb") as f:
+                self._put(ref, f)
+        return ref
+
+    def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
+        """Fetch a blob into memory, refusing it beyond `max_bytes` and checking its size and sha256."""
+        if max_bytes is not None and ref.size > max_bytes:
+            raise BlobTransferError(f"blob {ref.sha256[:12]} is {ref.size} bytes, over the allowed {max_bytes}")
+        response = self._call("GET", self._blob_url(ref.sha256), what=f"download of blob {ref.sha256[:12]}",
+                              stream=True)
+        with response:
+            buf = bytearray()
+            for chunk in response.iter_content(CHUNK):
+                buf += chunk
+                if len(buf) > ref.size:
+                    raise BlobTransferError(f"blob {ref.sha256[:12]} is larger than the {ref.size} bytes announced")
+        data = bytes(buf)
+        self._verify(ref, len(data), hashlib.sha256(data).hexdigest())
+        return data
+
+    def download_to(self, ref: BlobRef, path: str | Path) -> Path:
+        """Stream a blob into `path` (written atomically, only once verified)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        response = self._call("GET", self._blob_url(ref.sha256), what=f"download of blob {ref.sha256[:12]}",
+                              stream=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with response, os.fdopen(fd, "wb") as out:
+                for chunk in response.iter_content(CHUNK):
+                    size += len(chunk)
+                    if size > ref.size:
+                        raise BlobTransferError(
+                            f"blob {ref.sha256[:12]} is larger than the {ref.size} bytes announced"
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+            self._verify(ref, size, digest.hexdigest())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> FileStoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _blob_url(self, sha256: str) -> str:
+        return f"{self._api}/blobs/{sha256}"
+
+    def _put(self, ref: BlobRef, body: bytes | BinaryIO) -> None:
+        self._call(
+            "PUT",
+            self._blob_url(ref.sha256),
+            what=f"upload of blob {ref.sha256[:12]} ({ref.size} bytes)",
+            ok=(200, 201),
+            data=body,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(ref.size)},
+        )
+
+    @staticmethod
+    def _verify(ref: BlobRef, size: int, sha256: str) -> None:
+        if size != ref.size:
+            raise BlobTransferError(f"blob {ref.sha256[:12]}: received {size} bytes, expected {ref.size}")
+        if sha256 != ref.sha256:
+            raise BlobTransferError(f"blob {ref.sha256[:12]}: content hashes to {sha256[:12]}; refusing it")
+
+    def _call(self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> Any:
+        try:
+            response = self._session.request(method, url, timeout=self._timeout, **kwargs)
+        except requests.ConnectionError as exc:
+            raise BlobTransferError(
+                f"file store {what} failed: cannot reach {self.url} ({_reason(exc)}); is the network started?"
+            ) from None
+        except requests.Timeout:
+            raise BlobTransferError(
+                f"file store {what} failed: no answer from {self.url} within {self._timeout[1]:.0f}s"
+            ) from None
+        except requests.RequestException as exc:
+            raise BlobTransferError(f"file store {what} failed: {exc}") from None
+        if response.status_code not in ok:
+            message = _server_message(response)
+            response.close()
+            raise BlobTransferError(
+                f"file store {what} failed: HTTP {response.status_code}: {message}",
+                status=response.status_code,
+                server_message=message,
+            )
+        return response
+
+
+def _server_message(response: requests.Response) -> str:
+    if response.request.method == "HEAD":
+        return response.reason or "no details"
+    try:
+        body = response.json()
+    except ValueError:
+        return (response.text or response.reason or "no details").strip()[:200]
+    if isinstance(body, dict) and "error" in body:
+        return str(body["error"])
+    return str(body)[:200]
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "timed out", "reset by peer"):
+        if marker in text:
+            return marker.lower()
+    return text[:160]
