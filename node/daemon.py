@@ -1,0 +1,366 @@
+"""The node daemon: answers requests, queues training tasks, runs them in the warm worker.
+
+Threads: paho's network thread only hands messages to a one-thread dispatcher (quick answers:
+search, ping, list, plan status, approval requests; train requests are validated, queued and acked);
+a task runner feeds the durable queue to the worker process and publishes its events and replies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from fedsilo.common import PROTOCOL_VERSION, __version__
+from fedsilo.common.errors import ConfigError, ErrorCode, TransferError
+from fedsilo.common.hashing import sha256_bytes
+from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
+from fedsilo.network import topics
+from fedsilo.network.credentials import Credentials
+from fedsilo.network.messages import (
+    ApprovalReply,
+    ApprovalRequest,
+    ErrorReply,
+    ListReply,
+    ListRequest,
+    Message,
+    MessageError,
+    PingReply,
+    PingRequest,
+    PlanStatusReply,
+    PlanStatusRequest,
+    Presence,
+    SearchReply,
+    SearchRequest,
+    TaskAck,
+    TrainRequest,
+    parse_message,
+)
+from fedsilo.network.messaging import Messaging
+
+from .config import NodeConfig
+from .datasets import DatasetStore, UnknownDataset
+from .plans import PlanStore
+from .tasks import TaskQueue
+from .worker import Worker, WorkerCrashed, setup_file_logging
+
+log = logging.getLogger("fedsilo.node.daemon")
+
+_SALVAGE = {k: re.compile(rf'"{k}"\s*:\s*"([A-Za-z0-9_.:\-]{{1,128}})"') for k in ("sender", "request_id")}
+
+
+class _NodeMessaging(Messaging):
+    """Messaging that also recovers the sender of unparseable payloads (bad JSON, oversized) to answer them."""
+
+    def _handle_message(self, client, userdata, msg) -> None:
+        try:
+            message = parse_message(msg.payload)
+        except MessageError as exc:
+            if not exc.sender:
+                head = bytes(msg.payload[:8192]).decode("utf-8", "replace")
+                for key, rx in _SALVAGE.items():
+                    m = rx.search(head)
+                    if m and not getattr(exc, key):
+                        setattr(exc, key, m.group(1))
+            log.warning("invalid message on %s: %s", msg.topic, exc.reason)
+            if self._on_invalid is not None:
+                self._call(self._on_invalid, exc, msg.topic)
+            return
+        self._call(self._on_message, message, msg.topic)
+
+
+class NodeDaemon:
+    def __init__(self, config: NodeConfig) -> None:
+        self.cfg = config
+        self.paths = config.paths
+        self.node_id = config.node.node_id
+        self.creds = Credentials.load(self.paths.network)
+        self.datasets = DatasetStore(config.dir, data_roots=config.node.data_roots)
+        self.plans = PlanStore(config.dir)
+        self.queue: TaskQueue | None = None
+        self.worker = Worker(config.dir, config.timeouts.worker_start)
+        self.stop_event = threading.Event()
+        self._stopping = False
+        self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsilo-dispatch")
+        self._runner: threading.Thread | None = None
+        self._filestore: Any = None
+        self._status_lock = threading.Lock()
+        self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self._current: dict[str, Any] | None = None
+        self.messaging = _NodeMessaging(
+            client_id=self.node_id,
+            settings=self.creds.mqtt,
+            on_message=self._on_message,
+            subscriptions=[topics.BROADCAST, topics.node(self.node_id)],
+            on_invalid=self._on_invalid,
+            will=(topics.presence(self.node_id), self._presence(False)),
+            on_connected=self._on_connected,
+            persistent=True,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> None:
+        """Run until SIGTERM/SIGINT or `stop_event`; holds NODEDIR/node.lock meanwhile."""
+        lock = FileLock(str(self.paths.lock))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(f"another node daemon is running on {self.paths.root} (node.lock is held)") from None
+        try:
+            self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> None:
+        setup_file_logging(self.paths.log_file)
+        if not self.cfg.node.require_approval:
+            log.warning("plan approval is OFF: this node runs any plan a researcher sends (not for real data)")
+        self.queue = TaskQueue(self.paths.queue)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop_event.set())
+        self._write_status()
+        self.messaging.start(timeout=self.cfg.timeouts.connect)
+        log.info("node '%s' started (pid %s), %d queued task(s)", self.node_id, os.getpid(), self.queue.size)
+        self._runner = threading.Thread(target=self._run_tasks, name="fedsilo-tasks", daemon=True)
+        self._runner.start()
+        try:
+            self.stop_event.wait()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        log.info("stopping node '%s'", self.node_id)
+        self._stopping = True
+        self.stop_event.set()
+        if self.queue is not None:
+            self.queue.wake()
+        self.worker.terminate()  # an in-flight task stays unacked and runs again at the next start
+        if self._runner is not None:
+            self._runner.join(timeout=10)
+        self.worker.kill()
+        self._dispatch.shutdown(wait=True, cancel_futures=True)
+        self.messaging.stop(farewell=(topics.presence(self.node_id), self._presence(False)))
+        if self.queue is not None:
+            self.queue.close()
+        if self._filestore is not None:
+            self._filestore.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.status.unlink()
+        log.info("node '%s' stopped", self.node_id)
+
+    # ------------------------------------------------------------------ status.json for the GUI
+    def _write_status(self) -> None:
+        with self._status_lock:
+            data = {
+                "pid": os.getpid(),
+                "node_id": self.node_id,
+                "started_at": self._started_at,
+                "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "broker_connected": self.messaging.connected,
+                "worker_pid": self.worker.pid,
+                "queued": self.queue.size if self.queue is not None else 0,
+                "current_task": self._current,
+            }
+            tmp = self.paths.status.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+            os.replace(tmp, self.paths.status)
+
+    def _presence(self, online: bool) -> Presence:
+        return Presence(
+            sender=self.node_id, node_id=self.node_id, node_name=self.cfg.node.name, online=online, version=__version__
+        )
+
+    def _on_connected(self) -> None:
+        self.messaging.publish(topics.presence(self.node_id), self._presence(True), retain=True)
+        self._dispatch_safe(self._write_status)
+
+    # ------------------------------------------------------------------ incoming
+    def _dispatch_safe(self, fn, *args) -> None:
+        with contextlib.suppress(RuntimeError):  # the executor is already shut down
+            self._dispatch.submit(self._guarded, fn, *args)
+
+    def _guarded(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("handler %s failed", getattr(fn, "__name__", fn))
+
+    def _on_message(self, message: Message, topic: str) -> None:
+        self._dispatch_safe(self._handle, message)
+
+    def _on_invalid(self, exc: MessageError, topic: str) -> None:
+        if exc.sender:
+            self._dispatch_safe(
+                self._error, exc.sender, exc.request_id or "unknown", ErrorCode.MALFORMED_MESSAGE, exc.reason, "receive"
+            )
+
+    def _base(self, message_or_id: Message | str) -> dict[str, Any]:
+        rid = message_or_id if isinstance(message_or_id, str) else message_or_id.request_id
+        return {"sender": self.node_id, "node_id": self.node_id, "node_name": self.cfg.node.name, "in_reply_to": rid}
+
+    def _reply(self, to: str, message: Message) -> None:
+        self.messaging.publish(topics.researcher(to), message)
+
+    def _error(self, to: str, request_id: str, code: ErrorCode, text: str, stage: str, **extra: Any) -> None:
+        self._reply(to, ErrorReply(**self._base(request_id), code=code, message=text[:3900], stage=stage, **extra))
+
+    def _handle(self, msg: Message) -> None:
+        kind = getattr(msg, "kind", "")
+        if not kind.endswith("_request"):
+            log.debug("ignoring %s from %s", kind, msg.sender)
+            return
+        if msg.protocol_version != PROTOCOL_VERSION:
+            self._error(msg.sender, msg.request_id, ErrorCode.UNSUPPORTED_PROTOCOL,
+                        f"node speaks protocol {PROTOCOL_VERSION}, message has {msg.protocol_version}",
+                        "receive")  # fmt: skip
+            return
+        if isinstance(msg, PingRequest):
+            self._reply(msg.sender, PingReply(**self._base(msg), version=__version__, busy=self._current is not None))
+        elif isinstance(msg, SearchRequest):
+            infos = [self.datasets.info(r) for r in self.datasets.search(msg.tags)]
+            self._reply(msg.sender, SearchReply(**self._base(msg), datasets=infos))
+        elif isinstance(msg, ListRequest):
+            infos = [self.datasets.info(r) for r in self.datasets.list()]
+            self._reply(msg.sender, ListReply(**self._base(msg), datasets=infos))
+        elif isinstance(msg, PlanStatusRequest):
+            self._reply(
+                msg.sender,
+                PlanStatusReply(
+                    **self._base(msg),
+                    plan_sha256=msg.plan_sha256,
+                    status=self.plans.status(msg.plan_sha256),
+                    approval_required=self.cfg.node.require_approval,
+                ),
+            )
+        elif isinstance(msg, ApprovalRequest):
+            self._handle_approval(msg)
+        elif isinstance(msg, TrainRequest):
+            self._handle_train(msg)
+
+    def _handle_approval(self, msg: ApprovalRequest) -> None:
+        try:
+            raw = self._files().download_bytes(msg.plan, max_bytes=4 * 1024 * 1024)
+        except TransferError as exc:
+            self._error(msg.sender, msg.request_id, ErrorCode.TRANSFER_FAILED, str(exc), "approval")
+            return
+        if sha256_bytes(raw) != msg.plan.sha256:
+            self._error(msg.sender, msg.request_id, ErrorCode.PLAN_HASH_MISMATCH,
+                        f"plan content does not hash to {msg.plan.sha256}", "approval")  # fmt: skip
+            return
+        try:
+            source = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(msg.sender, msg.request_id, ErrorCode.PLAN_INVALID, "plan source is not UTF-8", "approval")
+            return
+        rec = self.plans.submit(source, msg.plan_name, msg.sender, msg.description)
+        self._reply(msg.sender, ApprovalReply(**self._base(msg), plan_sha256=rec["sha256"], status=rec["status"]))
+
+    def _handle_train(self, msg: TrainRequest) -> None:
+        assert self.queue is not None
+        state = self.queue.seen(msg.request_id)
+        if state is not None:
+            log.info("[%s] duplicate train request ignored (%s)", msg.request_id, state)
+            return
+        extra = {"job_id": msg.job_id, "round": msg.round}
+        try:
+            self.datasets.get(msg.dataset_id)
+        except UnknownDataset as exc:
+            self._error(msg.sender, msg.request_id, ErrorCode.UNKNOWN_DATASET, str(exc), "dataset_lookup", **extra)
+            return
+        try:
+            TrainingArgs.parse(msg.training_args)
+        except TrainingArgsError as exc:
+            self._error(msg.sender, msg.request_id, ErrorCode.TRAINING_ARGS_INVALID, str(exc), "arguments", **extra)
+            return
+        if self.queue.put(msg.request_id, {"request": msg.model_dump_json(), "reply_to": msg.sender}):
+            self._reply(msg.sender, TaskAck(**self._base(msg), job_id=msg.job_id, round=msg.round))
+            self._write_status()
+
+    def _files(self) -> Any:
+        if self._filestore is None:
+            from fedsilo.network.filestore_client import FileStoreClient
+
+            self._filestore = FileStoreClient(self.creds.filestore, self.cfg.timeouts)
+        return self._filestore
+
+    # ------------------------------------------------------------------ task runner
+    def _run_tasks(self) -> None:
+        assert self.queue is not None
+        while not self.stop_event.is_set():
+            if not self.worker.alive:
+                try:
+                    self.worker.start()
+                    self._write_status()
+                except WorkerCrashed as exc:
+                    log.error("worker start failed: %s; retrying", exc)
+                    self.stop_event.wait(5.0)  # back-off only on this failure path
+                    continue
+            item = self.queue.get(self.stop_event)
+            if item is None:
+                break
+            self._run_one(item)
+
+    def _run_one(self, item: dict[str, Any]) -> None:
+        assert self.queue is not None
+        data = item["data"]
+        rid, reply_to = data["request_id"], data["reply_to"]
+        request = TrainRequest.model_validate_json(data["request"])
+        if self.queue.seen(rid) == "done":  # queued twice by a redelivery; answered already
+            self.queue.done(item)
+            return
+        self._current = {"request_id": rid, "job_id": request.job_id, "round": request.round,
+                         "dataset_id": request.dataset_id, "started_at": time.time()}  # fmt: skip
+        self._write_status()
+        topic = topics.researcher(reply_to)
+        try:
+            payload = self.worker.run(rid, data["request"], lambda ev: self.messaging.publish_raw(topic, ev))
+            reply: Message | bytes = payload
+        except WorkerCrashed as exc:
+            if self._stopping:
+                log.info("[%s] interrupted by shutdown; it will run again at the next start", rid)
+                return
+            log.error("[%s] %s; restarting the worker", rid, exc)
+            self.worker.kill()
+            reply = ErrorReply(**self._base(rid), code=ErrorCode.WORKER_CRASHED,
+                               message=f"the training worker died during this round ({exc})",
+                               stage="training", job_id=request.job_id, round=request.round)  # fmt: skip
+        finally:
+            self._current = None
+        if self._publish_reliably(topic, reply):
+            self.queue.done(item)
+        else:
+            log.error("[%s] reply not acknowledged by the broker; the task stays queued", rid)
+        self._write_status()
+
+    def _publish_reliably(self, topic: str, reply: Message | bytes) -> bool:
+        """Publish and wait for the broker's PUBACK; re-send after a reconnect. False if it never came."""
+        deadline = time.monotonic() + self.cfg.timeouts.transfer
+        while True:
+            info = self.messaging.publish_raw(topic, reply if isinstance(reply, bytes) else reply.to_json())
+            remaining = deadline - time.monotonic()
+            try:
+                info.wait_for_publish(timeout=max(remaining, 0.1))
+                if info.is_published():
+                    return True
+            except (RuntimeError, ValueError):
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.messaging.wait_connected(remaining):
+                return False
+        return False
+
+
+def run(config: NodeConfig) -> None:
+    """`fedsilo node start`: run the daemon in the foreground."""
+    NodeDaemon(config).run()

@@ -1,0 +1,88 @@
+"""The node's durable task queue (persist-queue SQLiteAckQueue) with de-duplication by request id.
+
+A task is acked only after its reply has been published, so a daemon that stops mid-task runs it again
+on restart (`auto_resume`). QoS 1 may deliver a request twice: the `seen` table ignores the second copy
+and a task already answered is skipped if it was queued twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import persistqueue.serializers.json as json_serializer
+from persistqueue import SQLiteAckQueue
+from persistqueue.exceptions import Empty
+
+SEEN_RETENTION_S = 14 * 24 * 3600
+
+
+class TaskQueue:
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self._q = SQLiteAckQueue(
+            str(path), auto_resume=True, multithreading=True, serializer=json_serializer, name="train"
+        )
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._seen = sqlite3.connect(str(path / "seen.db"), check_same_thread=False, isolation_level=None)
+        self._seen.execute("PRAGMA journal_mode=WAL")
+        self._seen.execute(
+            "CREATE TABLE IF NOT EXISTS seen (request_id TEXT PRIMARY KEY, at REAL NOT NULL, state TEXT NOT NULL)"
+        )
+        self._seen.execute("DELETE FROM seen WHERE at < ?", (time.time() - SEEN_RETENTION_S,))
+        if self._q.size:
+            self._wake.set()
+
+    def seen(self, request_id: str) -> str | None:
+        """`queued`, `done`, or None for a request never accepted."""
+        with self._lock:
+            row = self._seen.execute("SELECT state FROM seen WHERE request_id = ?", (request_id,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, request_id: str, item: dict[str, Any]) -> bool:
+        """Queue a task; False when this request id was already accepted."""
+        if self.seen(request_id) is not None:
+            return False
+        # Queue first, then remember: a crash in between re-queues on redelivery, it never loses a task.
+        self._q.put({"request_id": request_id, **item})
+        with self._lock:
+            self._seen.execute(
+                "INSERT OR IGNORE INTO seen (request_id, at, state) VALUES (?, ?, 'queued')", (request_id, time.time())
+            )
+        self._wake.set()
+        return True
+
+    def get(self, stop: threading.Event) -> dict[str, Any] | None:
+        """Block until a task is ready (or `stop` is set, then None). Returns the raw item with `pqid`."""
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                return self._q.get(block=False, raw=True)
+            except Empty:
+                self._wake.wait()
+        return None
+
+    def wake(self) -> None:
+        """Unblock `get` (used when stopping)."""
+        self._wake.set()
+
+    def done(self, item: dict[str, Any]) -> None:
+        with self._lock:
+            self._seen.execute(
+                "INSERT OR REPLACE INTO seen (request_id, at, state) VALUES (?, ?, 'done')",
+                (item["data"]["request_id"], time.time()),
+            )
+        self._q.ack(id=item["pqid"])
+
+    @property
+    def size(self) -> int:
+        return self._q.size
+
+    def close(self) -> None:
+        self._q.clear_acked_data(keep_latest=100)
+        with self._lock:
+            self._seen.close()
