@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import signal
+import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -50,6 +52,7 @@ def worker_main(nodedir: str, conn: Connection) -> None:
     from .plans import PlanStore
     from .round import RoundContext, execute_round
 
+    _die_with_parent()
     cfg = NodeConfig.load(nodedir)
     setup_file_logging(cfg.paths.log_file)
     import torch  # noqa: F401  (imported once here so that rounds start warm)
@@ -80,6 +83,19 @@ def worker_main(nodedir: str, conn: Connection) -> None:
         reply = execute_round(request, ctx, emit)
         conn.send(("reply", task_id, reply.to_json()))
     ctx.filestore.close()
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel end the worker when the daemon dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        log.debug("prctl unavailable; the worker may outlive a killed daemon until its round ends")
 
 
 class Worker:
