@@ -1,0 +1,87 @@
+"""Live training feedback: node scalars into TensorBoard and the progress bar, node logs into logging."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from fedsilo.network.messages import LogMessage, ScalarMessage
+
+log = logging.getLogger("fedsilo.researcher.nodes")
+
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
+
+
+class Monitor:
+    """Collects what nodes stream during rounds.
+
+    With `tensorboard_dir`, one SummaryWriter per node writes `TRAINING/<key>` (and
+    `VALIDATION/<key>`) with a step that keeps counting across rounds. Existing event files are
+    kept: a resumed experiment appends to its curves.
+    """
+
+    def __init__(self, tensorboard_dir: Path | None = None, keep_logs: int = 500) -> None:
+        self.tensorboard_dir = tensorboard_dir
+        self._writers: dict[str, Any] = {}
+        self._offsets: dict[str, int] = {}
+        self._round_max: dict[str, int] = {}
+        self.last: dict[str, dict[str, float]] = {}
+        self.logs: deque[LogMessage] = deque(maxlen=keep_logs)
+
+    # ------------------------------------------------------------------ events
+    def on_scalar(self, msg: ScalarMessage) -> None:
+        node = msg.node_id
+        self.last.setdefault(node, {})[msg.key] = msg.value
+        self._round_max[node] = max(self._round_max.get(node, 0), msg.step)
+        if self.tensorboard_dir is not None:
+            section = "TRAINING" if msg.train else "VALIDATION"
+            self._writer(node).add_scalar(f"{section}/{msg.key}", msg.value, self._offsets.get(node, 0) + msg.step)
+
+    def on_log(self, msg: LogMessage) -> None:
+        self.logs.append(msg)
+        log.log(_LEVELS.get(msg.level, logging.INFO), "node %s: %s", msg.node_id, msg.text)
+
+    def end_round(self) -> None:
+        """Steps of the next round continue after the last step of this one."""
+        for node, top in self._round_max.items():
+            self._offsets[node] = self._offsets.get(node, 0) + top
+        self._round_max.clear()
+        for writer in self._writers.values():
+            writer.flush()
+
+    def discard_round(self) -> None:
+        """A cancelled round: its steps will be redone, so they do not advance the offsets."""
+        self._round_max.clear()
+
+    def mean_loss(self) -> float | None:
+        losses = [m["loss"] for m in self.last.values() if "loss" in m]
+        return sum(losses) / len(losses) if losses else None
+
+    # ------------------------------------------------------------------ state
+    def set_tensorboard_dir(self, path: Path | None) -> None:
+        if path != self.tensorboard_dir:
+            self.close()
+            self.tensorboard_dir = path
+
+    def state(self) -> dict[str, Any]:
+        return {"offsets": dict(self._offsets)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._offsets = {str(k): int(v) for k, v in state.get("offsets", {}).items()}
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+    def _writer(self, node: str) -> Any:
+        writer = self._writers.get(node)
+        if writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # late: tensorboard is slow to import
+
+            assert self.tensorboard_dir is not None
+            writer = SummaryWriter(log_dir=str(self.tensorboard_dir / node))
+            self._writers[node] = writer
+        return writer
