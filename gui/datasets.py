@@ -1,0 +1,213 @@
+"""Datasets: list, add through a server-side path picker confined to the data roots, edit, remove."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response
+
+from fedsilo.node.datasets import DATA_TYPES, DatasetError, UnknownDataset
+
+from .app import ctx, sentence
+from .auth import writer_required
+
+bp = Blueprint("datasets", __name__, url_prefix="/datasets")
+
+# Folders with more entries are cut short in the picker; a data manager navigates, not scrolls.
+MAX_ENTRIES = 500
+
+
+def actor() -> str:
+    return f"gui:{g.user['username']}"
+
+
+def split_tags(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@bp.route("/")
+def index() -> str:
+    return render_template("datasets/index.html", datasets=ctx().datasets.list())
+
+
+@bp.route("/<dataset_id>")
+def detail(dataset_id: str) -> str:
+    record = _get_or_404(dataset_id)
+    return render_template("datasets/detail.html", ds=record)
+
+
+@bp.route("/<dataset_id>/edit", methods=["POST"])
+@writer_required
+def edit(dataset_id: str) -> Response:
+    record = _get_or_404(dataset_id)
+    tags = split_tags(request.form.get("tags", ""))
+    description = request.form.get("description", "").strip()
+    try:
+        ctx().datasets.update(record["dataset_id"], tags=tags, description=description, by=actor())
+    except DatasetError as exc:
+        flash(f"Dataset not changed: {sentence(exc)}", "error")
+    else:
+        flash(f"Dataset '{record['name']}' updated.", "success")
+    return redirect(url_for("datasets.detail", dataset_id=record["dataset_id"]))
+
+
+@bp.route("/<dataset_id>/remove", methods=["GET", "POST"])
+@writer_required
+def remove(dataset_id: str) -> str | Response:
+    record = _get_or_404(dataset_id)
+    if request.method == "GET":
+        return render_template("datasets/remove.html", ds=record)
+    if request.form.get("confirm_name", "").strip() != record["name"]:
+        flash("Type the dataset's name exactly to confirm its removal.", "error")
+        return redirect(url_for("datasets.remove", dataset_id=record["dataset_id"]))
+    try:
+        ctx().datasets.remove(record["dataset_id"], by=actor())
+    except DatasetError as exc:
+        flash(f"Dataset not removed: {sentence(exc)}", "error")
+        return redirect(url_for("datasets.detail", dataset_id=record["dataset_id"]))
+    flash(f"Dataset '{record['name']}' removed from the node (its files were not touched).", "success")
+    return redirect(url_for("datasets.index"))
+
+
+@bp.route("/add", methods=["GET", "POST"])
+@writer_required
+def add() -> str | Response | tuple[str, int]:
+    roots = ctx().datasets.data_roots
+    form: dict[str, Any] = {
+        "name": request.values.get("name", "").strip(),
+        "tags": request.values.get("tags", "").strip(),
+        "data_type": request.values.get("data_type", ""),
+        "path": request.values.get("path", "").strip(),
+        "description": request.values.get("description", "").strip(),
+        "target": request.values.get("target", "").strip(),
+    }
+    keep = {k: v for k, v in form.items() if v and k != "path"}
+    if request.method == "GET":
+        return render_template("datasets/add.html", form=form, roots=roots, data_types=DATA_TYPES, keep=keep)
+    errors = []
+    if not roots:
+        errors.append(
+            "this node has no data roots configured, so the GUI cannot add datasets; an administrator "
+            "sets [node] data_roots in config.toml or uses `fedsilo node dataset add`"
+        )
+    if not form["name"]:
+        errors.append("give the dataset a name")
+    if not split_tags(form["tags"]):
+        errors.append("give at least one tag (researchers find datasets by tags)")
+    if form["data_type"] not in DATA_TYPES:
+        errors.append("choose the data type (CSV file or image folder)")
+    if not form["path"]:
+        errors.append("choose the data with “Browse the data roots”")
+    if not errors:
+        try:
+            picked = confined_path(form["path"])
+            record = ctx().datasets.add(
+                form["name"],
+                split_tags(form["tags"]),
+                form["data_type"],
+                picked,
+                description=form["description"],
+                added_by=actor(),
+                target=form["target"] or None,
+            )
+        except DatasetError as exc:
+            errors.append(str(exc))
+        else:
+            flash(f"Dataset '{record['name']}' added ({_size_text(record)}).", "success")
+            return redirect(url_for("datasets.detail", dataset_id=record["dataset_id"]))
+    for error in errors:
+        flash(f"Dataset not added: {sentence(error)}", "error")
+    return render_template("datasets/add.html", form=form, roots=roots, data_types=DATA_TYPES, keep=keep), 400
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    path: Path
+    is_dir: bool
+
+
+@bp.route("/browse")
+@writer_required
+def browse() -> str | Response:
+    """The path picker: folders and files under the data roots only."""
+    roots = ctx().datasets.data_roots
+    keep = {k: request.args[k] for k in ("name", "tags", "data_type", "description", "target") if request.args.get(k)}
+    raw = request.args.get("path", "")
+    if not roots:
+        flash(
+            "This node has no data roots configured; an administrator sets [node] data_roots in config.toml.", "error"
+        )
+        return render_template("datasets/browse.html", roots=[], here=None, entries=[], keep=keep, crumbs=[])
+    if not raw:
+        return render_template("datasets/browse.html", roots=roots, here=None, entries=[], keep=keep, crumbs=[])
+    try:
+        here = confined_path(raw)
+    except DatasetError as exc:
+        flash(f"Cannot open that location: {sentence(exc)}", "error")
+        return redirect(url_for("datasets.browse", **keep))
+    if not here.is_dir():
+        here = here.parent
+    root = next(r for r in roots if here.is_relative_to(r))
+    entries, truncated = _list_dir(here, roots)
+    if truncated:
+        flash(f"This folder holds more than {MAX_ENTRIES} entries; only the first {MAX_ENTRIES} are shown.", "info")
+    crumbs = [root, *[p for p in reversed(here.parents) if p.is_relative_to(root) and p != root]]
+    if here != root:
+        crumbs.append(here)
+    return render_template(
+        "datasets/browse.html", roots=roots, here=here, root=root, entries=entries, keep=keep, crumbs=crumbs
+    )
+
+
+def confined_path(raw: str) -> Path:
+    """The node's own path check, plus: absolute paths only, no `..` segments, and data roots must exist."""
+    if not ctx().datasets.data_roots:
+        raise DatasetError("this node has no data roots configured")
+    path = Path(raw)
+    if not path.is_absolute():
+        raise DatasetError(f"'{raw}' is not an absolute path")
+    if ".." in path.parts:
+        raise DatasetError(f"'{raw}' contains '..'; choose the location with the picker")
+    return ctx().datasets.check_path(path)
+
+
+def _list_dir(here: Path, roots: list[Path]) -> tuple[list[Entry], bool]:
+    entries: list[Entry] = []
+    try:
+        children = sorted(here.iterdir(), key=lambda p: (not p.is_dir(), p.name.lower()))
+    except OSError as exc:
+        flash(f"Cannot read {here}: {exc.strerror}.", "error")
+        return [], False
+    for child in children:
+        if child.name.startswith("."):
+            continue
+        try:
+            real = child.resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        # A symlink that leads out of the data roots is not offered at all.
+        if not any(real.is_relative_to(r) for r in roots):
+            continue
+        entries.append(Entry(child.name, child, real.is_dir()))
+        if len(entries) >= MAX_ENTRIES:
+            return entries, True
+    return entries, False
+
+
+def _get_or_404(dataset_id: str) -> dict[str, Any]:
+    try:
+        return ctx().datasets.get(dataset_id)
+    except UnknownDataset:
+        abort(404, f"No dataset '{dataset_id}' on this node.")
+
+
+@bp.app_template_filter("dataset_size")
+def _size_text(record: dict[str, Any]) -> str:
+    summary = record.get("summary", {})
+    if record["data_type"] == "csv":
+        return f"{summary.get('rows', '?')} rows, {len(summary.get('columns', {}))} columns"
+    return f"{summary.get('images', '?')} images in {len(summary.get('classes', {}))} classes"
