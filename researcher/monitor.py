@@ -64,6 +64,9 @@ class Monitor:
         if path != self.tensorboard_dir:
             self.close()
             self.tensorboard_dir = path
+        if path is not None:
+            # Imported now rather than at the first scalar, so that the cost is not paid inside a round.
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 
     def state(self) -> dict[str, Any]:
         return {"offsets": dict(self._offsets)}
