@@ -266,6 +266,37 @@ class PartiesTopicPlugin(BaseTopicPlugin):
         return acl_allows(session.username, party["role"], topic, access)
 
 
+class _SnapshotDict(dict):
+    """Iterates over a copy of its keys, so that a loop with awaits inside survives concurrent changes."""
+
+    def __iter__(self):
+        return iter(list(self.keys()))
+
+
+def _fedsilo_broker_class() -> type:
+    from amqtt.broker import Broker
+
+    class FedsiloBroker(Broker):
+        """amqtt 0.12's Broker with two fixes.
+
+        On every connection it loops over *all* subscription filters of the broker while awaiting, which
+        (1) raises "dictionary changed size during iteration" when another client subscribes meanwhile,
+        dropping the new connection, and (2) sends the newcomer retained messages for filters that
+        other clients subscribed to, past its own subscriptions and the ACL.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._subscriptions = _SnapshotDict()
+
+        async def _publish_retained_messages_for_subscription(self, subscription: Any, session: Any) -> None:
+            subscribers = self._subscriptions.get(subscription[0], [])
+            if any(s.client_id == session.client_id for s, _ in subscribers):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return FedsiloBroker
+
+
 class EmbeddedBroker:
     """amqtt running on its own asyncio loop in a daemon thread of this process."""
 
@@ -312,14 +343,13 @@ class EmbeddedBroker:
             )
 
     def _run(self) -> None:
-        from amqtt.broker import Broker
-
+        broker_class = _fedsilo_broker_class()
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
 
         async def boot() -> None:
-            self._broker = Broker(self.config(), loop=loop)
+            self._broker = broker_class(self.config(), loop=loop)
             await self._broker.start()
 
         try:
