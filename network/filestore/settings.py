@@ -24,6 +24,8 @@ def build_settings(netdir: str | Path) -> dict[str, Any]:
             "default": {
                 "ENGINE": "django.db.backends.sqlite3",
                 "NAME": str(paths.db),
+                # Kept open per worker thread: closing the last connection checkpoints the WAL (an fsync).
+                "CONN_MAX_AGE": None,
                 # WAL + synchronous=NORMAL: an insert per new blob without an fsync on the hot path;
                 # IMMEDIATE avoids "database is locked" upgrades between the worker processes.
                 "OPTIONS": {
