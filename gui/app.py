@@ -41,9 +41,28 @@ class GuiContext:
     plans: PlanStore
     audit: AuditLog
 
+    @classmethod
+    def build(cls, nodedir: Path, config: NodeConfig) -> GuiContext:
+        return cls(nodedir, config, UserStore(nodedir), DatasetStore(nodedir), PlanStore(nodedir), AuditLog(nodedir))
+
+
+class _PerProcess:
+    """Stores are made in each gunicorn worker: their file locks must not be inherited across fork."""
+
+    def __init__(self, nodedir: Path, config: NodeConfig) -> None:
+        self.nodedir, self.config = nodedir, config
+        self._pid = -1
+        self._ctx: GuiContext | None = None
+
+    def get(self) -> GuiContext:
+        if self._ctx is None or self._pid != os.getpid():
+            self._ctx = GuiContext.build(self.nodedir, self.config)
+            self._pid = os.getpid()
+        return self._ctx
+
 
 def ctx() -> GuiContext:
-    return current_app.extensions["fedsilo"]
+    return current_app.extensions["fedsilo"].get()
 
 
 def sentence(text: object) -> str:
@@ -67,14 +86,7 @@ def create_app(nodedir: str | Path, *, secure_cookies: bool = False) -> Flask:
         MAX_CONTENT_LENGTH=1024 * 1024,
         TEMPLATES_AUTO_RELOAD=False,
     )
-    app.extensions["fedsilo"] = GuiContext(
-        nodedir=nodedir,
-        config=config,
-        users=UserStore(nodedir),
-        datasets=DatasetStore(nodedir),
-        plans=PlanStore(nodedir),
-        audit=AuditLog(nodedir),
-    )
+    app.extensions["fedsilo"] = _PerProcess(nodedir, config)
     CSRFProtect(app)
 
     from . import activity, auth, datasets, plans, status
