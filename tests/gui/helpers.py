@@ -45,9 +45,7 @@ def write_csv(path: Path, rows: int = 64, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(rows, 4))
     y = (x[:, 0] + x[:, 1] > 0).astype(int)
-    lines = ["age,bp,chol,hr,label"] + [
-        ",".join(f"{v:.4f}" for v in r) + f",{t}" for r, t in zip(x, y, strict=True)
-    ]
+    lines = ["age,bp,chol,hr,label"] + [",".join(f"{v:.4f}" for v in r) + f",{t}" for r, t in zip(x, y, strict=True)]
     path.write_text("\n".join(lines) + "\n")
 
 

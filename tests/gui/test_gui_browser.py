@@ -79,6 +79,22 @@ def test_login_refuses_wrong_password_then_logs_in(manager, server: GuiServer, s
     login(page, server.url, "alice")
     expect(page.get_by_role("heading", name="Training plans")).to_be_visible()
     assert any("Logged in as alice" in f for f in flashes(page))
+    (cookie,) = [c for c in manager[0].cookies() if c["name"] == "fedsilo_gui_session"]
+    assert cookie["httpOnly"]
+    assert cookie["sameSite"] == "Lax"
+
+
+def test_every_asset_is_served_by_the_app(manager, server: GuiServer) -> None:
+    context, page = manager
+    seen: list[str] = []
+    page.on("request", lambda req: seen.append(req.url))
+    page.goto("/plans")
+    page.get_by_role("link", name="HeartPlan").first.click()
+    page.wait_for_load_state()
+    assert seen and all(u.startswith(server.url) for u in seen), seen
+    headers = context.request.get("/plans").headers
+    assert "default-src 'none'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
 
 
 def test_add_dataset_through_path_picker(manager, node: dict[str, Any], screenshots: Path) -> None:
@@ -166,9 +182,7 @@ def test_reject_plan_needs_a_note(manager, node: dict[str, Any]) -> None:
     third = node["plans"][2]
     page.goto(f"/plans/{third['sha256']}")
     # the browser enforces `required`; the server enforces it too
-    resp = context.request.post(
-        f"/plans/{third['sha256']}/reject", form={"csrf_token": csrf_token(page), "note": "  "}
-    )
+    resp = context.request.post(f"/plans/{third['sha256']}/reject", form={"csrf_token": csrf_token(page), "note": "  "})
     assert "Write a note explaining why you reject this plan" in resp.text()
     assert PlanStore(node["dir"]).status(third["sha256"]) == "pending"
     page.get_by_label("Why reject?").fill("Reads files outside its dataset.")
