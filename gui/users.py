@@ -191,6 +191,10 @@ class UserStore:
                 failures = entry["failures"] + 1
                 first = entry["first_failure"]
             locked_until = now + LOCKOUT_S if failures >= MAX_FAILURES else 0
+            # Drop stale entries so that failures with made-up usernames do not pile up in the file.
+            throttle.remove(
+                (Query().locked_until < now) & (Query().first_failure < now - FAILURE_WINDOW_S) & (Query().key != key)
+            )
             throttle.upsert(
                 {"key": key, "failures": failures, "first_failure": first, "locked_until": locked_until},
                 Query().key == key,
