@@ -172,7 +172,7 @@ class TorchTrainingPlan:
         return value
 
     def training_routine(self, loader: DataLoader, *, on_scalar: ScalarCallback | None = None) -> dict[str, float]:
-        """Run the optimisation loop; returns metrics: final `loss`, `train_s`, `steps`, `epsilon` with DP."""
+        """Run the optimisation loop; metrics: mean `loss`, `last_loss`, `train_s`, `steps`, `epsilon` with DP."""
         ta = self.training_args
         if ta.random_seed is not None:
             seed_everything(ta.random_seed)
@@ -189,6 +189,7 @@ class TorchTrainingPlan:
         cuda = self._device.type == "cuda"
         step, epoch, train_s, seen_total = 0, 0, 0.0, 0
         last_loss: torch.Tensor | None = None
+        loss_sum: torch.Tensor | float = 0.0  # stays on the device: no sync per step
         logged_step = 0
         done = False
         while not done:
@@ -215,6 +216,7 @@ class TorchTrainingPlan:
                 seen += n
                 seen_total += n
                 last_loss = loss
+                loss_sum = loss_sum + loss.detach() * n
                 if on_scalar is not None and (step == 1 or step % ta.log_interval == 0):
                     on_scalar("loss", float(loss.detach()), step, epoch, seen, total)
                     logged_step = step
@@ -231,7 +233,8 @@ class TorchTrainingPlan:
         if on_scalar is not None and logged_step != step:
             on_scalar("loss", final_loss, step, epoch, seen, total)
         metrics = {
-            "loss": final_loss,
+            "loss": float(loss_sum) / seen_total,  # the round's mean: smoother than the last batch
+            "last_loss": final_loss,
             "train_s": train_s,
             "steps": float(step),
             "epochs": float(epoch),

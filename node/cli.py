@@ -48,8 +48,16 @@ def node() -> None:
 )
 @click.option("--data-root", "data_roots", multiple=True, type=click.Path(path_type=Path), help="Repeatable.")
 @click.option("--no-approval", is_flag=True, help="Run plans without approval (not for real data).")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads a round may use (default: all). Set it when several nodes share one machine.",
+)
 @friendly_errors
-def init(nodedir: Path, name: str, network: Path, data_roots: tuple[Path, ...], no_approval: bool) -> None:
+def init(
+    nodedir: Path, name: str, network: Path, data_roots: tuple[Path, ...], no_approval: bool, threads: int | None
+) -> None:
     """Create a node directory and its credentials."""
     from fedsilo.network.credentials import Credentials
 
@@ -74,7 +82,15 @@ def init(nodedir: Path, name: str, network: Path, data_roots: tuple[Path, ...], 
             raise ConfigError(f"{network}: credentials for a {creds.role}, not a node")
     cfg = NodeConfig.create(
         paths.root,
-        {"node": {"name": name, "node_id": creds.party, "require_approval": not no_approval, "data_roots": roots}},
+        {
+            "node": {
+                "name": name,
+                "node_id": creds.party,
+                "require_approval": not no_approval,
+                "data_roots": roots,
+                **({"threads": threads} if threads else {}),
+            }
+        },
     )
     paths.root.mkdir(parents=True, exist_ok=True)
     for d in (paths.db, paths.queue, paths.logs):

@@ -55,6 +55,9 @@ class NodeSection(BaseModel):
     require_approval: bool = True
     data_roots: list[str] = Field(default_factory=list)
     """Datasets must live under one of these folders; empty = anywhere the node can read."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads torch uses in a round; unset = torch's default (every core). Nodes sharing a machine
+    should split the cores: oversubscribed OpenMP threads make a round many times slower."""
 
 
 class Limits(BaseModel):

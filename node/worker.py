@@ -40,6 +40,18 @@ def setup_file_logging(log_file: Path, level: int = logging.INFO) -> None:
         root.setLevel(level)
 
 
+def _warm_up(threads: int | None) -> None:
+    """Import torch and take one optimiser step so that no round pays for lazy imports (about 2 s)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(model.parameters())  # first optimiser pulls in torch._dynamo
+    model(torch.zeros(1, 2)).sum().backward()
+    optimizer.step()
+
+
 def worker_main(nodedir: str, conn: Connection) -> None:
     """Entry point of the worker process."""
     from fedsilo.network.credentials import Credentials
@@ -55,7 +67,7 @@ def worker_main(nodedir: str, conn: Connection) -> None:
     _die_with_parent()
     cfg = NodeConfig.load(nodedir)
     setup_file_logging(cfg.paths.log_file)
-    import torch  # noqa: F401  (imported once here so that rounds start warm)
+    _warm_up(cfg.node.threads)
 
     creds = Credentials.load(cfg.paths.network)
     ctx = RoundContext(

@@ -6,7 +6,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,10 @@ class Experiment:
     def experimentation_folder(self) -> Path:
         return self._root
 
+    def tensorboard_dir(self) -> Path | None:
+        """The folder to give `tensorboard --logdir`; None while TensorBoard is off."""
+        return self.experimentation_path() / "tensorboard" if self._tensorboard else None
+
     def experimentation_path(self) -> Path:
         """This experiment's own folder (`Experiment_NNNN`), created on first use."""
         if self._experiment_dir is None:
@@ -282,7 +286,7 @@ class Experiment:
     def set_tensorboard(self, tensorboard: bool) -> bool:
         """Write node scalars under `<experiment folder>/tensorboard/<node>` (kept across resumes)."""
         self._tensorboard = bool(tensorboard)
-        self._monitor.set_tensorboard_dir(self.experimentation_path() / "tensorboard" if self._tensorboard else None)
+        self._monitor.set_tensorboard_dir(self.tensorboard_dir())
         return self._tensorboard
 
     def set_save_breakpoints(self, save_breakpoints: bool) -> bool:
@@ -460,29 +464,52 @@ class Experiment:
         print(text)
         return {**fields, "missing": missing}
 
-    def metrics_table(self) -> str:
-        """Per round and node: status, samples, loss and other metrics, node and researcher timings."""
-        keys = sorted({k for nodes in self._replies.values() for v in nodes.values() for k in v.get("metrics", {})})
-        keys = ["loss", *[k for k in keys if k != "loss"]] if "loss" in keys else keys
+    def metrics_table(self, metrics: Sequence[str] | None = None, per: str = "node") -> str:
+        """Metrics as a text table: per round and node (status, samples, metrics, node and researcher
+        timings), or with `per="round"` one line a round with sample-weighted means over the nodes.
+        `metrics` picks and orders the metric columns (default: all, loss first)."""
+        if per not in ("node", "round"):
+            raise ValueError("per must be 'node' or 'round'")
+        keys = list(metrics) if metrics is not None else self._metric_keys()
+        if per == "round":
+            return self._round_table(keys)
         headers = ["round", "node", "status", "samples", *keys, "node_total_s", "researcher_s"]
         rows = []
         for r in sorted(self._replies):
             for node, v in sorted(self._replies[r].items()):
                 dropped = v.get("dropped")
                 status = f"dropped: {dropped['reason']}" if dropped else "ok"
-                metrics = v.get("metrics", {})
+                values = v.get("metrics", {})
                 rows.append(
                     [
                         r,
                         v.get("node_name") or node,
                         status,
                         v.get("sample_size"),
-                        *[metrics.get(k) for k in keys],
+                        *[values.get(k) for k in keys],
                         v.get("timings", {}).get("total_s"),
                         v.get("timings", {}).get("researcher_s"),
                     ]
                 )
         return table(headers, rows, max_width=70)
+
+    def _metric_keys(self) -> list[str]:
+        keys = sorted({k for nodes in self._replies.values() for v in nodes.values() for k in v.get("metrics", {})})
+        return ["loss", *[k for k in keys if k != "loss"]] if "loss" in keys else keys
+
+    def _round_table(self, keys: list[str]) -> str:
+        rows = []
+        for r in sorted(self._replies):
+            replies = [v for v in self._replies[r].values() if not v.get("dropped")]
+            samples = sum(v.get("sample_size") or 0 for v in replies)
+            means = []
+            for k in keys:
+                pairs = [(v["metrics"][k], v.get("sample_size") or 0) for v in replies if k in v.get("metrics", {})]
+                weight = sum(n for _, n in pairs)
+                means.append(sum(m * n for m, n in pairs) / weight if weight else None)
+            slowest = max((v.get("timings", {}).get("researcher_s") or 0.0 for v in replies), default=None)
+            rows.append([r, f"{len(replies)}/{len(self._replies[r])}", samples, *means, slowest])
+        return table(["round", "nodes ok", "samples", *keys, "slowest_node_s"], rows, max_width=70)
 
     def metrics_frame(self) -> Any:
         """The metrics table as a pandas DataFrame (needs pandas)."""

@@ -281,7 +281,7 @@ def test_messaging_reconnects_and_resubscribes_after_a_broker_restart(net: Netwo
                           on_connected=connected.release)
     assert connected.acquire(timeout=WAIT)
     try:
-        net.restart_broker()
+        net.restart()
         assert connected.acquire(timeout=60), "no reconnection after the broker restarted"
         researcher, _ = connect(net.credentials("researcher"), [])
         try:
