@@ -19,13 +19,13 @@ from torch import nn
 
 from fedsilo.common.datasets import CsvDataset
 from fedsilo.common.plan_source import plan_hash, plan_source
+from fedsilo.common.synthetic import FEATURES, features_and_labels, synthetic_cohort, write_cohort_csv
 from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
 from fedsilo.network.launcher import NetworkHandle, start_network
 from fedsilo.node.launcher import NodeHandle, start_node
 from fedsilo.researcher import Experiment, FedAverage
 
 REPO = Path(__file__).resolve().parents[1]
-FEATURES = 16
 HOSPITALS = {"hospital-a": 0.2, "hospital-b": 0.5, "hospital-c": 0.8}  # share of positive cases
 
 
@@ -50,22 +50,6 @@ class DiabetesMLP(TorchTrainingPlan):
         return nn.functional.cross_entropy(self.model()(data), target)
 
 
-def synthetic_cohort(rng: np.random.Generator, rows: int, positive_share: float) -> np.ndarray:
-    """Two overlapping classes with a non-linear boundary; returns features + label columns."""
-    direction = np.random.default_rng(7).standard_normal(FEATURES)
-    direction /= np.linalg.norm(direction)
-    y = (rng.random(rows) < positive_share).astype(np.int64)
-    x = rng.standard_normal((rows, FEATURES)) + np.outer(2 * y - 1, direction) * 1.2
-    x[:, 0] += 0.8 * (x[:, 1] ** 2 - 1) * (2 * y - 1)  # a curved interaction an MLP can exploit
-    return np.column_stack([x.astype(np.float32), y])
-
-
-def write_csv(path: Path, table: np.ndarray) -> None:
-    header = ",".join([f"f{i}" for i in range(FEATURES)] + ["label"])
-    fmt = ["%.6g"] * FEATURES + ["%d"]
-    np.savetxt(path, table, delimiter=",", header=header, comments="", fmt=fmt)
-
-
 def fedsilo(*args: str, quiet: bool = False) -> str:
     """Run one `fedsilo` CLI command as a person would, echoing it."""
     cmd = [str(Path(sys.executable).with_name("fedsilo")), *args]
@@ -82,6 +66,11 @@ def main() -> None:
     parser.add_argument("--dir", default=str(REPO / "run" / "quickstart"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--broker", default="auto", choices=["auto", "embedded", "mosquitto"])
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="after the demo, keep the network and the nodes up (until Ctrl-C) for notebooks/01-getting-started.ipynb",
+    )
     args = parser.parse_args()
 
     base = Path(args.dir)
@@ -99,7 +88,7 @@ def main() -> None:
         rng = np.random.default_rng(2024)
         for name, share in HOSPITALS.items():
             csv = base / "data" / f"{name}.csv"
-            write_csv(csv, synthetic_cohort(rng, 1500, share))
+            write_cohort_csv(csv, synthetic_cohort(rng, 1500, share))
             node_dir = base / name
             fedsilo("node", "init", "--dir", str(node_dir), "--name", name, "--network", str(network.netdir),
                     "--data-root", str(base / "data"), "--threads", "1", quiet=name != "hospital-a")
@@ -139,18 +128,44 @@ def main() -> None:
             print("\nper round, weighted over the nodes:")
             print(exp.metrics_table(["loss", "test_loss", "test_accuracy"], per="round"))
 
-            test = synthetic_cohort(np.random.default_rng(99), 4000, 0.5)
-            x = torch.from_numpy(test[:, :FEATURES].astype(np.float32))
-            y = torch.from_numpy(test[:, -1].astype(np.int64))
+            x, y = map(torch.from_numpy, features_and_labels(synthetic_cohort(np.random.default_rng(99), 4000, 0.5)))
             model = exp.training_plan().model().eval()
             with torch.no_grad():
                 accuracy = (model(x).argmax(1) == y).float().mean().item()
             print(f"\nheld-out accuracy of the federated model (balanced, 4000 patients): {accuracy:.3f}")
             print(f"tensorboard --logdir {exp.tensorboard_dir()}   # loss curves per node and round")
+        print(f"demo done in {time.perf_counter() - started:.1f}s")
+        if args.keep_running:
+            keep_running(base, procs)
     finally:
         for proc in reversed(procs):
             proc.stop()
-    print(f"done in {time.perf_counter() - started:.1f}s; everything is under {base}")
+    print(f"everything is under {base}")
+
+
+def keep_running(base: Path, procs: list[NetworkHandle | NodeHandle]) -> None:
+    """Wait (until Ctrl-C or a daemon exits) while a person runs the getting-started notebook."""
+    bindir = Path(sys.executable).parent
+    if bindir.is_relative_to(REPO):
+        bindir = bindir.relative_to(REPO)
+    lines = [
+        f"cd {REPO}",
+        f"export FEDSILO_NETWORK={(base / 'network').resolve()}",
+        "export FEDSILO_NODES=" + ",".join(str((base / name).resolve()) for name in HOSPITALS),
+    ]
+    if not (Path(sys.executable).parent / "jupyter-lab").exists():
+        lines.append(f"{bindir / 'pip'} install -c envs/constraints.txt jupyterlab   # once")
+    lines.append(f"{bindir / 'jupyter'} lab notebooks/01-getting-started.ipynb")
+    print("\nThe network and the three nodes keep running; Ctrl-C stops them. In another terminal:\n")
+    print("\n".join("  " + line for line in lines) + "\n", flush=True)
+    try:
+        while True:
+            for proc in procs:
+                if proc.proc is None or proc.proc.poll() is not None:
+                    raise SystemExit(f"a daemon exited; see its log {proc.log_path}")
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("\nstopping the nodes and the network")
 
 
 if __name__ == "__main__":
