@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -158,6 +159,13 @@ def keep_running(base: Path, procs: list[NetworkHandle | NodeHandle]) -> None:
     lines.append(f"{bindir / 'jupyter'} lab notebooks/01-getting-started.ipynb")
     print("\nThe network and the three nodes keep running; Ctrl-C stops them. In another terminal:\n")
     print("\n".join("  " + line for line in lines) + "\n", flush=True)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # the daemons run in their own sessions: stop them on a closed terminal or a kill too, not only on Ctrl-C
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
     try:
         while True:
             for proc in procs:
@@ -165,7 +173,7 @@ def keep_running(base: Path, procs: list[NetworkHandle | NodeHandle]) -> None:
                     raise SystemExit(f"a daemon exited; see its log {proc.log_path}")
             time.sleep(1.0)
     except KeyboardInterrupt:
-        print("\nstopping the nodes and the network")
+        print("\nstopping the nodes and the network", flush=True)
 
 
 if __name__ == "__main__":
