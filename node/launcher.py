@@ -13,11 +13,17 @@ from fedsilo.common.processes import FEDSILO, start_process, stop_process, wait_
 from .config import node_paths
 
 
-def daemon_connected(nodedir: str | Path) -> bool:
-    """True when the node's status.json says its daemon is connected to the broker."""
+def daemon_connected(nodedir: str | Path, pid: int | None = None) -> bool:
+    """True when the node's status.json says its daemon (process `pid`, when given) is connected to the broker.
+
+    A daemon that was killed leaves its status.json behind, still saying connected: `pid` tells a
+    restarted daemon's status from the dead one's.
+    """
     try:
         status = json.loads(node_paths(nodedir).status.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return False
+    if pid is not None and status.get("pid") != pid:
         return False
     return bool(status.get("broker_connected"))
 
@@ -37,7 +43,10 @@ class NodeHandle:
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         assert self.proc is not None, "start() first"
-        wait_until(lambda: daemon_connected(self.nodedir), self.proc, self.log_path, timeout, f"node {self.nodedir}")
+        pid = self.proc.pid  # `fedsilo node start` runs the daemon in this very process
+        wait_until(
+            lambda: daemon_connected(self.nodedir, pid), self.proc, self.log_path, timeout, f"node {self.nodedir}"
+        )
 
     @property
     def alive(self) -> bool:
