@@ -155,7 +155,7 @@ def keep_running(base: Path, procs: list[NetworkHandle | NodeHandle]) -> None:
         "export FEDSILO_NODES=" + ",".join(str((base / name).resolve()) for name in HOSPITALS),
     ]
     if not (Path(sys.executable).parent / "jupyter-lab").exists():
-        lines.append(f"{bindir / 'pip'} install -c envs/constraints.txt jupyterlab ipywidgets   # once")
+        lines.append(f"{bindir / 'pip'} install -c envs/constraints.txt jupyterlab   # once")
     lines.append(f"{bindir / 'jupyter'} lab notebooks/01-getting-started.ipynb")
     print("\nThe network and the three nodes keep running; Ctrl-C stops them. In another terminal:\n")
     print("\n".join("  " + line for line in lines) + "\n", flush=True)
