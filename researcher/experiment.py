@@ -207,6 +207,12 @@ class Experiment:
         """Round -> node -> sample_size, timings, metrics, applied_caps, dropped (None or why)."""
         return {r: {n: dict(v) for n, v in nodes.items()} for r, nodes in self._replies.items()}
 
+    def round_stats(self) -> dict[int, dict[str, float]]:
+        """Round -> researcher-side seconds: `wall_s` (the whole round), `prepare_s` (parameters serialised
+        and uploaded, requests built), `wait_s` (waiting for node messages), `handle_s` (replies downloaded,
+        checked and added to the aggregator), `aggregate_s` (the aggregator's result)."""
+        return {r: dict(v) for r, v in self._round_stats.items()}
+
     def requests(self) -> Requests:
         """The connection (connected on first use): ping, list_datasets, search by hand."""
         return self._connect()
