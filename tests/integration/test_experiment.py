@@ -1,12 +1,13 @@
-"""A real federated experiment: network + 2 node daemons as processes, registered through the node CLI."""
+"""A real federated experiment: network + 2 node daemons as processes, registered through the node CLI.
+
+The researcher's bookkeeping (search, replies, TensorBoard, breakpoints) is tested here; refusals,
+learning and drop-outs with three nodes on each broker in tests/e2e/test_federation.py."""
 
 from __future__ import annotations
 
 import logging
-import signal
 import subprocess
-import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,9 @@ import pytest
 from torch import nn
 
 from fedsilo.common.datasets import CsvDataset
-from fedsilo.common.errors import RemoteError
 from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
-from fedsilo.researcher import Experiment, ExperimentError
-from tests.support.procs import FEDSILO, start_network, start_process, stop_process
+from fedsilo.researcher import Experiment
+from tests.support.procs import FEDSILO, NodeHandle, start_network
 
 TAG = "fl-demo"
 NODES = ("hospital-a", "hospital-b")
@@ -32,19 +32,6 @@ class LogReg(TorchTrainingPlan):
 
     def training_data(self, batch_size):
         return DataManager(CsvDataset(self.dataset_path), batch_size=batch_size, shuffle=False)
-
-    def training_step(self, data, target):
-        return nn.functional.cross_entropy(self.model()(data), target)
-
-
-class NeverApproved(TorchTrainingPlan):
-    """Same training, other source: a plan no data manager has seen."""
-
-    def init_model(self, model_args):
-        return nn.Linear(model_args["n_features"], 2)
-
-    def training_data(self, batch_size):
-        return DataManager(CsvDataset(self.dataset_path), batch_size=batch_size)
 
     def training_step(self, data, target):
         return nn.functional.cross_entropy(self.model()(data), target)
@@ -77,34 +64,28 @@ def _write_csv(path: Path, seed: int, n: int = 64) -> None:
 
 
 @pytest.fixture(scope="module")
-def nodes(network, tmp_path_factory):
-    """Two nodes registered with the CLI, their daemons running; name -> (dir, process)."""
+def nodes(network: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeHandle]]:
+    """Two nodes registered with the CLI, their daemons running and connected; name -> handle."""
     root = tmp_path_factory.mktemp("nodes")
-    running: dict[str, tuple[Path, subprocess.Popen]] = {}
-    for i, name in enumerate(NODES):
-        data = root / f"data-{name}"
-        data.mkdir()
-        _write_csv(data / "train.csv", seed=i)
-        nodedir = root / name
-        _cli("node", "init", "--dir", str(nodedir), "--name", name, "--network", str(network), "--data-root", str(data))
-        _cli("node", "dataset", "add", "--dir", str(nodedir), "--name", f"{name}-csv", "--tags", TAG, "--type", "csv",
-             "--path", str(data / "train.csv"), "--target", "label")  # fmt: skip
-        running[name] = (
-            nodedir,
-            start_process([*FEDSILO, "node", "start", "--dir", str(nodedir)], nodedir / "daemon.log"),
-        )
-    probe = Experiment(network=network)
+    running: dict[str, NodeHandle] = {}
     try:
-        deadline = time.monotonic() + 120
-        while set(probe.requests().ping(timeout=2)) != set(NODES):
-            for name, (nodedir, proc) in running.items():
-                assert proc.poll() is None, f"{name} died: {(nodedir / 'daemon.log').read_text()}"
-            assert time.monotonic() < deadline, "node daemons did not answer pings"
+        for i, name in enumerate(NODES):
+            data = root / f"data-{name}"
+            data.mkdir()
+            _write_csv(data / "train.csv", seed=i)
+            nodedir = root / name
+            _cli("node", "init", "--dir", str(nodedir), "--name", name, "--network", str(network),
+                 "--data-root", str(data), "--threads", "1")  # fmt: skip
+            _cli("node", "dataset", "add", "--dir", str(nodedir), "--name", f"{name}-csv", "--tags", TAG,
+                 "--type", "csv", "--path", str(data / "train.csv"), "--target", "label")  # fmt: skip
+            running[name] = NodeHandle(nodedir=nodedir, log_path=nodedir / "daemon.log")
+            running[name].start(wait=False)  # both daemons start up at once
+        for node in running.values():
+            node.wait_ready()
+        yield running
     finally:
-        probe.close()
-    yield running
-    for _, proc in running.values():
-        stop_process(proc)
+        for node in running.values():
+            node.stop()
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +95,8 @@ def approved(network, nodes) -> str:
         status = exp.training_plan_approve(description="integration test")
         assert set(status) == set(NODES) and set(status.values()) <= {"pending", "approved"}
         sha = exp.training_plan_hash()
-        for nodedir, _ in nodes.values():
-            _cli("node", "plan", "approve", "--dir", str(nodedir), sha, "--by", "dm")
+        for node in nodes.values():
+            _cli("node", "plan", "approve", "--dir", str(node.nodedir), sha, "--by", "dm")
         assert set(exp.check_training_plan_status().values()) == {"approved"}
     return sha
 
@@ -141,24 +122,8 @@ def test_search_finds_both_nodes(network, nodes) -> None:
         assert {d.name for d in exp.training_data().values()} == {f"{n}-csv" for n in NODES}
 
 
-def test_unknown_tag_is_a_clear_error(network, nodes, tmp_path) -> None:
-    with _experiment(network, tmp_path, tags=["no-such-tag"]) as exp:
-        assert exp.training_data() == {}
-        with pytest.raises(ExperimentError, match="no-such-tag"):
-            exp.run_once()
-
-
-def test_unapproved_plan_names_the_hash(network, nodes, tmp_path) -> None:
-    with _experiment(network, tmp_path, training_plan_class=NeverApproved) as exp:
-        sha = exp.training_plan_hash()
-        with pytest.raises(RemoteError, match=sha) as info:
-            exp.run_once()
-        assert info.value.code == "FS300" and info.value.node in NODES
-        assert exp.round_current() == 0
-        assert set(exp.check_training_plan_status().values()) == {"pending"}
-
-
-def test_fedavg_loss_goes_down(network, nodes, approved, tmp_path) -> None:
+def test_fedavg_rounds_are_recorded(network, nodes, approved, tmp_path) -> None:
+    """What an experiment keeps of its rounds; that FedAvg learns is tested end to end on both brokers."""
     with _experiment(network, tmp_path, tensorboard=True) as exp:
         assert exp.training_plan_hash() == approved
         assert exp.run() == 3
@@ -167,8 +132,7 @@ def test_fedavg_loss_goes_down(network, nodes, approved, tmp_path) -> None:
         for r in replies.values():
             assert sorted(r) == sorted(NODES) and all(v["dropped"] is None for v in r.values())
             assert all(v["sample_size"] == 64 for v in r.values())
-        losses = [np.mean([v["metrics"]["loss"] for v in replies[r].values()]) for r in range(3)]
-        assert losses[2] < losses[0], losses
+        assert all("loss" in v["metrics"] for r in replies.values() for v in r.values())
         assert sorted(exp.aggregated_params()) == [0, 1, 2]
         assert "hospital-a" in exp.metrics_table()
         assert list((exp.experimentation_path() / "tensorboard").iterdir())
@@ -194,31 +158,3 @@ def test_breakpoint_resume_continues_rounds(network, nodes, approved, tmp_path) 
         assert resumed.round_current() == 2
         assert sorted(resumed.training_replies()) == [0, 1]
         assert (resumed.experimentation_path() / "breakpoint_0002").is_dir()
-
-
-def test_node_killed_mid_run_is_dropped(network, nodes, approved, tmp_path) -> None:
-    """Runs last: it kills hospital-b's daemon."""
-    slow = {**TRAINING_ARGS, "epochs": 200, "batch_size": 1, "log_interval": 20}
-    victim = "hospital-b"
-    with _experiment(network, tmp_path, training_args=slow, round_timeout=90) as exp:
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                exp.run_once()
-            except BaseException as exc:
-                errors.append(exc)
-
-        worker = threading.Thread(target=run)
-        worker.start()
-        deadline = time.monotonic() + 120
-        while victim not in exp.monitor().last:  # kill it once it streams training scalars
-            assert worker.is_alive() and time.monotonic() < deadline, errors
-            time.sleep(0.05)
-        nodes[victim][1].send_signal(signal.SIGKILL)
-        worker.join(180)
-        assert not worker.is_alive() and not errors, errors
-        replies = exp.training_replies()[0]
-        assert replies["hospital-a"]["dropped"] is None
-        assert replies[victim]["dropped"]["kind"] in {"offline", "timeout"}
-        assert exp.round_current() == 1
