@@ -1,0 +1,50 @@
+"""Upload decisions of the file-store client, without a server: when it asks first, when it just sends."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedsilo.network import filestore_client
+from fedsilo.network.credentials import FileStoreSettings
+from fedsilo.network.filestore_client import BlobTransferError, FileStoreClient
+
+
+class Recorder(FileStoreClient):
+    def __init__(self, stored: bool, put_error: int | None = None) -> None:
+        super().__init__(FileStoreSettings(url="http://127.0.0.1:9", token="t" * 32))
+        self.stored, self.put_error, self.calls = stored, put_error, []
+
+    def exists(self, sha256: str) -> bool:
+        self.calls.append("HEAD")
+        return self.stored
+
+    def _put(self, ref, body) -> None:
+        self.calls.append("PUT")
+        if self.put_error is not None:
+            raise BlobTransferError("refused", status=self.put_error)
+
+
+def test_small_blobs_are_sent_without_asking() -> None:
+    client = Recorder(stored=True)
+    ref = client.upload_bytes(b"parameters")
+    assert client.calls == ["PUT"] and ref.size == len(b"parameters")
+
+
+def test_large_blobs_already_stored_are_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(filestore_client, "SMALL_BLOB", 4)
+    stored, missing = Recorder(stored=True), Recorder(stored=False)
+    stored.upload_bytes(b"large blob")
+    missing.upload_bytes(b"large blob")
+    assert stored.calls == ["HEAD"] and missing.calls == ["HEAD", "PUT"]
+
+
+def test_over_the_limit_but_stored_is_fine() -> None:
+    client = Recorder(stored=True, put_error=413)
+    client.upload_bytes(b"stored before the limit was lowered")
+    assert client.calls == ["PUT", "HEAD"]
+
+
+@pytest.mark.parametrize(("stored", "status"), [(False, 413), (True, 500), (True, 401)])
+def test_other_failures_are_raised(stored: bool, status: int) -> None:
+    with pytest.raises(BlobTransferError):
+        Recorder(stored=stored, put_error=status).upload_bytes(b"data")
