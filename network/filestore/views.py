@@ -144,7 +144,10 @@ class BlobView(APIView):
                 # No fsync: blobs are content-addressed and the uploader keeps its copy until the round ends.
                 os.replace(tmp_name, final)
                 committed = True
-                Blob.objects.get_or_create(sha256=sha256, defaults={"size": size, "uploaded_by": request.user.name})
+                # INSERT OR IGNORE: the first uploader is recorded, as get_or_create would, in one statement.
+                Blob.objects.bulk_create(
+                    [Blob(sha256=sha256, size=size, uploaded_by=request.user.name)], ignore_conflicts=True
+                )
         finally:
             if not committed:
                 with contextlib.suppress(FileNotFoundError):
