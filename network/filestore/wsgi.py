@@ -25,6 +25,10 @@ def create_app(netdir: str | Path) -> Any:
     from django.db import connection, connections
 
     call_command("migrate", interactive=False, verbosity=0)
+    # Import the URLconf (views, DRF) here too, or every forked worker does it on its first request (0.3 s).
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 - the attribute access does the import
     with connection.cursor() as cur:
         cur.execute("PRAGMA journal_mode=WAL")  # persistent in the database file
     connections.close_all()  # no SQLite handle may cross gunicorn's fork
