@@ -68,7 +68,7 @@ class FedAverage(Aggregator):
     def start_round(self, global_params: Params) -> None:
         self._reference = global_params
         self._weighted = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in global_params.items()}
-        self._plain = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in global_params.items()}
+        self._plain = {}  # the unweighted sum, needed only when every weight is zero: made on the first such update
         self._total_weight = 0
         self._count = 0
         self._nodes = []
@@ -92,7 +92,10 @@ class FedAverage(Aggregator):
                     f"node '{node_id}': parameter '{k}' has shape {tuple(value.shape)}, expected {tuple(acc.shape)}"
                 )
             acc.add_(value, alpha=float(weight))
-            self._plain[k].add_(value)
+            if weight == 0:
+                if k not in self._plain:
+                    self._plain[k] = torch.zeros(acc.shape, dtype=torch.float64)
+                self._plain[k].add_(value)
         self._total_weight += weight
         self._count += 1
         self._nodes.append(node_id)
