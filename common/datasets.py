@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,84 +10,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import FedsiloError
+from .dataformats import IMAGE_EXTENSIONS, DatasetFormatError, list_image_folder, load_image_array, read_csv
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
-
-
-class DatasetFormatError(FedsiloError):
-    """A dataset's files do not have the expected layout or content."""
-
-
-CSV_CACHE_MAX_FILE = 64 << 20
-"""CSV files up to this size are kept parsed (per process) by `read_csv`."""
-CSV_CACHE_ENTRIES = 4
-
-_csv_cache: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
-_csv_cache_lock = threading.Lock()
-
-
-def read_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """Read a numeric CSV with a header row: (column names, float64 array of shape rows x columns).
-
-    A node's training worker reads the same dataset every round, and parsing costs 20-30 times more
-    than hashing the file: the last few files parsed (up to `CSV_CACHE_MAX_FILE` each) are kept by
-    the sha256 of their content, so a file changed in any way is parsed again. Each caller gets its
-    own copy of the array.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DatasetFormatError(f"{p}: not a file")
-    digest = _content_sha256(p)
-    if digest is not None:
-        with _csv_cache_lock:
-            hit = _csv_cache.get(digest)
-            if hit is not None:
-                _csv_cache.move_to_end(digest)
-                return list(hit[0]), hit[1].copy()
-    columns, data = _parse_csv(p)
-    if digest is not None and _content_sha256(p) == digest:  # not rewritten while it was parsed
-        with _csv_cache_lock:
-            _csv_cache[digest] = (list(columns), data.copy())
-            while len(_csv_cache) > CSV_CACHE_ENTRIES:
-                _csv_cache.popitem(last=False)
-    return columns, data
-
-
-def _content_sha256(p: Path) -> str | None:
-    """sha256 of a file small enough to cache; None when it is larger or cannot be read."""
-    try:
-        if p.stat().st_size > CSV_CACHE_MAX_FILE:
-            return None
-        h = hashlib.sha256()
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()
-
-
-def _parse_csv(p: Path) -> tuple[list[str], np.ndarray]:
-    try:
-        with p.open(newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), None)
-    except UnicodeDecodeError:
-        raise DatasetFormatError(f"{p}: not a text CSV file") from None
-    if not header or not any(h.strip() for h in header):
-        raise DatasetFormatError(f"{p}: empty file or missing header row")
-    columns = [h.strip() for h in header]
-    if len(set(columns)) != len(columns):
-        raise DatasetFormatError(f"{p}: duplicate column names in the header")
-    try:
-        data = np.loadtxt(p, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, encoding="utf-8")
-    except ValueError as exc:
-        raise DatasetFormatError(f"{p}: every value must be numeric ({exc})") from None
-    if data.size == 0:
-        raise DatasetFormatError(f"{p}: no data rows")
-    if data.shape[1] != len(columns):
-        raise DatasetFormatError(f"{p}: {data.shape[1]} values per row but {len(columns)} header columns")
-    return columns, data
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CsvDataset",
+    "DatasetFormatError",
+    "ImageFolderDataset",
+    "list_image_folder",
+    "load_image",
+    "read_csv",
+]
 
 
 class CsvDataset(Dataset):
@@ -121,31 +50,9 @@ class CsvDataset(Dataset):
         return self.x[i], self.y[i]
 
 
-def list_image_folder(path: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Classes (sorted subfolder names) and (file, class index) samples of a class-per-subfolder tree."""
-    root = Path(path)
-    if not root.is_dir():
-        raise DatasetFormatError(f"{root}: not a directory")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    samples: list[tuple[Path, int]] = []
-    for i, name in enumerate(classes):
-        for f in sorted((root / name).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                samples.append((f, i))
-    if not classes or not samples:
-        raise DatasetFormatError(f"{root}: expected one subfolder per class holding image files")
-    return classes, samples
-
-
 def load_image(path: str | Path) -> torch.Tensor:
     """An image file as a float32 CHW tensor in [0, 1] (grey stays 1 channel, others become RGB)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img = img.convert("L") if img.mode in ("L", "1", "I;16", "I", "F") else img.convert("RGB")
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = arr[None, :, :] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
-    return torch.from_numpy(arr)
+    return torch.from_numpy(load_image_array(path))
 
 
 class ImageFolderDataset(Dataset):

@@ -14,7 +14,7 @@ from typing import Any
 
 from tinydb import Query
 
-from fedsilo.common.datasets import DatasetFormatError, list_image_folder, load_image, read_csv
+from fedsilo.common.dataformats import DatasetFormatError, list_image_folder, load_image_array, read_csv
 from fedsilo.common.errors import FedsiloError
 from fedsilo.network.messages import DatasetInfo
 
@@ -253,7 +253,7 @@ def _inspect(
     for _, i in samples:
         counts[classes[i]] += 1
     try:
-        first = list(load_image(samples[0][0]).shape)
+        first = list(load_image_array(samples[0][0]).shape)
     except Exception as exc:  # pillow raises many types for unreadable files
         raise DatasetError(f"'{samples[0][0]}' is not a readable image: {exc}") from None
     summary = {"classes": counts, "image_shape": first, "images": len(samples)}
