@@ -88,14 +88,18 @@ class FileStoreClient:
             raise BlobTransferError(f"blob {ref.sha256[:12]} is {ref.size} bytes, over the allowed {max_bytes}")
         response = self._call("GET", self._blob_url(ref.sha256), what=f"download of blob {ref.sha256[:12]}",
                               stream=True)
+        digest = hashlib.sha256()
+        chunks: list[bytes] = []
+        size = 0
         with response:
-            buf = bytearray()
             for chunk in response.iter_content(CHUNK):
-                buf += chunk
-                if len(buf) > ref.size:
+                size += len(chunk)
+                if size > ref.size:
                     raise BlobTransferError(f"blob {ref.sha256[:12]} is larger than the {ref.size} bytes announced")
-        data = bytes(buf)
-        self._verify(ref, len(data), hashlib.sha256(data).hexdigest())
+                digest.update(chunk)  # while the rest arrives
+                chunks.append(chunk)
+        data = b"".join(chunks)  # one copy (a growing bytearray copies about twice, then once more)
+        self._verify(ref, len(data), digest.hexdigest())
         return data
 
     def download_to(self, ref: BlobRef, path: str | Path) -> Path:
