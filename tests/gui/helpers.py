@@ -12,33 +12,13 @@ from pathlib import Path
 import numpy as np
 from playwright.sync_api import BrowserContext, Page
 
+from tests.support.plans import LOGREG_PLAN, LOGREG_PLAN_V2
 from tests.support.procs import FEDSILO, free_port, start_process, stop_process
 
 PASSWORDS = {"alice": "alice-password-1", "vic": "viewer-password-1", "root": "admin-password-1"}
 ROLES = {"alice": "data_manager", "vic": "viewer", "root": "admin"}
 
-PLAN_V1 = '''
-import torch
-from torch import nn
-from fedsilo.common.datasets import CsvDataset
-from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
-
-
-class HeartPlan(TorchTrainingPlan):
-    """Logistic regression on the heart CSV."""
-
-    def init_model(self, model_args):
-        return nn.Linear(4, 2)
-
-    def training_data(self, batch_size):
-        return DataManager(CsvDataset(self.dataset_path), batch_size=batch_size, shuffle=True)
-
-    def training_step(self, data, target):
-        return nn.functional.cross_entropy(self.model()(data), target)
-'''
-
-# The same plan name with one changed line: the GUI shows it as a new plan with a diff.
-PLAN_V2 = PLAN_V1.replace("return nn.Linear(4, 2)", "return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))")
+PLAN_V1, PLAN_V2 = LOGREG_PLAN, LOGREG_PLAN_V2
 
 
 def write_csv(path: Path, rows: int = 64, seed: int = 0) -> None:

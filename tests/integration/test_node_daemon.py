@@ -16,25 +16,10 @@ from fedsilo.network.messages import ListRequest, PingRequest, PlanStatusRequest
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
 from tests.support.client import RawResearcher
+from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
 
-PLAN_SRC = """
-import torch
-from torch import nn
-from fedsilo.common.datasets import CsvDataset
-from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
-
-
-class TinyPlan(TorchTrainingPlan):
-    def init_model(self, model_args):
-        return nn.Linear(4, 2)
-
-    def training_data(self, batch_size):
-        return DataManager(CsvDataset(self.dataset_path), batch_size=batch_size, shuffle=True)
-
-    def training_step(self, data, target):
-        return nn.functional.cross_entropy(self.model()(data), target)
-"""
+PLAN_SRC = LOGREG_PLAN
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +55,7 @@ def setup(
 
 def _train_request(researcher: RawResearcher, source: str, dataset_id: str, **targs) -> TrainRequest:
     params = {"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}
-    return researcher.train_request(source, "TinyPlan", dataset_id, params=params, **targs)
+    return researcher.train_request(source, "HeartPlan", dataset_id, params=params, **targs)
 
 
 def test_ping_search_list(setup):
