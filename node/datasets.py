@@ -64,15 +64,8 @@ class DatasetStore:
         return sorted(rows, key=lambda r: r["added_at"])
 
     def get(self, id_or_name: str) -> dict[str, Any]:
-        q = Query()
         with self._db.read() as db:
-            t = db.table(self.TABLE)
-            row = t.get(q.dataset_id == id_or_name) or t.get(q.name == id_or_name)
-        if row is None:
-            raise UnknownDataset(
-                f"no dataset '{id_or_name}' on this node; `fedsilo node dataset list` shows the registered ones"
-            )
-        return dict(row)
+            return dict(_find_row(db.table(self.TABLE), id_or_name))
 
     def search(self, tags: list[str]) -> list[dict[str, Any]]:
         """Datasets carrying every one of `tags`."""
@@ -148,12 +141,9 @@ class DatasetStore:
             changes["tags"] = _clean_tags(tags)
         if description is not None:
             changes["description"] = description
-        q = Query()
         with self._db.write() as db:
             t = db.table(self.TABLE)
-            row = t.get(q.dataset_id == dataset_id) or t.get(q.name == dataset_id)
-            if row is None:
-                raise UnknownDataset(f"no dataset '{dataset_id}' on this node")
+            row = _find_row(t, dataset_id)
             if changes:
                 t.update(changes, doc_ids=[row.doc_id])
             record = {**row, **changes}
@@ -162,12 +152,9 @@ class DatasetStore:
 
     def remove(self, dataset_id: str, by: str = "cli") -> dict[str, Any]:
         """Forget a dataset (its files are left untouched)."""
-        q = Query()
         with self._db.write() as db:
             t = db.table(self.TABLE)
-            row = t.get(q.dataset_id == dataset_id) or t.get(q.name == dataset_id)
-            if row is None:
-                raise UnknownDataset(f"no dataset '{dataset_id}' on this node")
+            row = _find_row(t, dataset_id)
             t.remove(doc_ids=[row.doc_id])
         self.audit.record("dataset_removed", by, dataset_id=row["dataset_id"], name=row["name"])
         return dict(row)
@@ -266,3 +253,14 @@ def _file_hash(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _find_row(table: Any, id_or_name: str) -> Any:
+    """The TinyDB row of a dataset by id or name, or UnknownDataset."""
+    q = Query()
+    row = table.get(q.dataset_id == id_or_name) or table.get(q.name == id_or_name)
+    if row is None:
+        raise UnknownDataset(
+            f"no dataset '{id_or_name}' on this node; `fedsilo node dataset list` shows the registered ones"
+        )
+    return row
