@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
-from fedsilo.network.credentials import Credentials, FileStoreSettings, MqttSettings
 from fedsilo.node.audit import AuditLog
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
+from tests.support.creds import offline_credentials
 
 from .helpers import (
     PLAN_V1,
@@ -37,13 +37,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("guinode")
     data, outside = make_data(root)
     # This module needs no running network: the node gets a credentials file instead of a network directory.
-    creds = root / "node-credentials.json"
-    Credentials(
-        party="hospital1",
-        role="node",
-        mqtt=MqttSettings(username="hospital1", password="unused"),
-        filestore=FileStoreSettings(url="http://127.0.0.1:9", token="unused"),
-    ).save(creds)
+    creds = offline_credentials(root / "node-credentials.json", "hospital1")
     nodedir = root / "node"
     init_node(nodedir, "hospital1", creds, data)
     plans = PlanStore(nodedir)

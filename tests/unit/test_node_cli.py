@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fedsilo.network.credentials import Credentials, FileStoreSettings, MqttSettings
 from fedsilo.node.audit import AuditLog
 from fedsilo.node.cli import node
 from fedsilo.node.plans import PlanStore
+from tests.support.creds import offline_credentials
 
 
 @pytest.fixture
@@ -19,13 +19,7 @@ def env(tmp_path: Path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "t.csv").write_text("a,b,label\n1,2,0\n3,4,1\n")
-    creds = tmp_path / "n1.json"
-    Credentials(
-        party="n1",
-        role="node",
-        mqtt=MqttSettings(username="n1", password="pw"),
-        filestore=FileStoreSettings(url="http://127.0.0.1:1", token="tok"),
-    ).save(creds)
+    creds = offline_credentials(tmp_path / "n1.json", "n1")
     nodedir = tmp_path / "node"
     runner = CliRunner()
     r = runner.invoke(
@@ -50,13 +44,7 @@ def test_init_layout_and_refuses_twice(env):
 
 
 def test_init_refuses_researcher_credentials(tmp_path):
-    creds = tmp_path / "r.json"
-    Credentials(
-        party="r",
-        role="researcher",
-        mqtt=MqttSettings(username="r", password="pw"),
-        filestore=FileStoreSettings(url="http://x", token="t"),
-    ).save(creds)
+    creds = offline_credentials(tmp_path / "r.json", "r", role="researcher")
     r = CliRunner().invoke(node, ["init", "--dir", str(tmp_path / "n"), "--name", "n", "--network", str(creds)])
     assert r.exit_code == 1 and "not a node" in r.output
 
