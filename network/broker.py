@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import pwd
-import secrets
 import shutil
 import signal
 import subprocess
@@ -73,7 +72,7 @@ def broker_accepts(settings: MqttSettings, timeout: float = 2.0) -> bool:
     """Whether the broker answers and accepts these credentials (a short-lived MQTT 3.1.1 connection)."""
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
-        client_id=f"fedsilo-probe-{secrets.token_hex(6)}",
+        client_id=settings.username,  # what both brokers make of any id; use `provision.ensure_monitor` creds
         protocol=mqtt.MQTTv311,
     )
     client.username_pw_set(settings.username, settings.password)
@@ -106,7 +105,14 @@ def mosquitto_conf(netdir: str | Path, cfg: NetworkConfig) -> str:
             "allow_anonymous false",
             f"password_file {paths.broker_dir / 'passwd'}",
             f"acl_file {paths.broker_dir / 'acl'}",
-            "persistence false",
+            # A client id is its party's name: no party can take over another's session (and knock it off).
+            "use_username_as_clientid true",
+            # Sessions and retained presence survive a restart; queued QoS 1 messages survive up to the last
+            # autosave (a kill -9 loses the rest; requesters re-send what is not acknowledged).
+            "persistence true",
+            f"persistence_location {paths.broker_dir}/",
+            "autosave_interval 2",
+            "persistent_client_expiration 2d",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
@@ -288,6 +294,45 @@ def _fedsilo_broker_class() -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._subscriptions = _SnapshotDict()
+            config = args[0] if args else kwargs["config"]
+            self.fedsilo_parties = config["plugins"][f"{__name__}.PartiesAuthPlugin"]["parties_file"]
+
+        async def _initialize_client_session(self, reader: Any, writer: Any, address: str, port: int) -> Any:
+            """amqtt looks the session up by the client id the CONNECT names, and deletes it (clean
+            session) or takes it over, before it checks the password: anyone could knock any party off.
+            Here the password is checked first and a client id is always its party's name, as
+            Mosquitto's `use_username_as_clientid` does; a refused client gets a throwaway id."""
+            from amqtt.errors import AMQTTError, MQTTError, NoDataError
+            from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+            from amqtt.utils import gen_client_id
+
+            try:
+                handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            except (AMQTTError, MQTTError, NoDataError) as exc:
+                self.logger.warning(f"refused a connection from {address}:{port}: {exc}")
+                with contextlib.suppress(Exception):
+                    await writer.close()
+                raise AMQTTError(exc) from exc
+            party = _PartiesCache.for_path(str(self.fedsilo_parties)).get().get(session.username or "")
+            if party is not None and verify_password(session.password or "", party["mqtt_password_hash"]):
+                if session.client_id != session.username:
+                    self.logger.info(f"client id {session.client_id!r} replaced by its username {session.username!r}")
+                session.client_id = session.username
+            else:  # authentication refuses it next; it must not touch any existing session meanwhile
+                session.client_id, session.clean_session = gen_client_id(), True
+            if session.clean_session:
+                await self._delete_session(session.client_id)
+                session.parent = 0
+            elif session.client_id in self._sessions:
+                existing, _ = self._sessions[session.client_id]
+                for attr in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username",
+                             "password"):  # fmt: skip
+                    setattr(existing, attr, getattr(session, attr))
+                session = existing
+                session.parent = 1
+            else:
+                session.parent = 0
+            return handler, session
 
         async def _publish_retained_messages_for_subscription(self, subscription: Any, session: Any) -> None:
             subscribers = self._subscriptions.get(subscription[0], [])

@@ -34,10 +34,13 @@ from fedsilo.common.errors import ConfigError
 from . import topics
 from .credentials import Credentials, FileStoreSettings, MqttSettings
 
-Role = Literal["node", "researcher"]
-ROLES: tuple[str, ...] = ("node", "researcher")
+Role = Literal["node", "researcher", "admin"]
+ROLES: tuple[str, ...] = ("node", "researcher", "admin")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 DEFAULT_RESEARCHER = "researcher"
+MONITOR = "_monitor"
+"""The network's own health-probe party (role admin: no topic rights). Brokers bind a client id to its
+username, so probing with a real party's credentials would knock that party's connection off."""
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default; the passwords are 256-bit random, not guessable
 
 
@@ -219,7 +222,7 @@ def add_party(netdir: str | Path, name: str, role: str) -> Credentials:
         raise ConfigError(
             f"invalid party name '{name}': use 1-64 letters, digits, '_', '.' or '-' (it becomes the MQTT username)"
         )
-    if role not in ROLES:
+    if role not in ROLES or (role == "admin" and name != MONITOR):
         raise ConfigError(f"invalid role '{role}': choose one of {', '.join(ROLES)}")
     cfg = load_config(paths.root)
     with FileLock(str(paths.lock), timeout=30):
@@ -250,6 +253,14 @@ def add_party(netdir: str | Path, name: str, role: str) -> Credentials:
     return creds
 
 
+def ensure_monitor(netdir: str | Path) -> Credentials:
+    """The probe party's credentials, registered on first use."""
+    paths = network_paths(netdir)
+    if MONITOR not in load_parties(paths.root):
+        return add_party(paths.root, MONITOR, "admin")
+    return Credentials.load(paths.credentials(MONITOR))
+
+
 def refresh_credentials(netdir: str | Path, cfg: NetworkConfig | None = None) -> list[Path]:
     """Rewrite addresses in every credentials file after the host or a port changed (secrets are kept)."""
     paths = network_paths(netdir)
@@ -271,20 +282,22 @@ def refresh_credentials(netdir: str | Path, cfg: NetworkConfig | None = None) ->
 
 # ---------------------------------------------------------------------------------------- ACL
 def acl_rules(name: str, role: str) -> list[tuple[str, str]]:
-    """(access, topic filter) pairs for one party; access is "read" or "write" (docs/internals.md)."""
+    """(access, topic filter) pairs for one party; access is "read" or "write" (docs/internals.md).
+
+    A party writes only topics whose last level is its own name, so the topic proves who published."""
     if role == "node":
         return [
-            ("read", topics.BROADCAST),
-            ("read", topics.node(name)),
-            ("write", topics.researcher("+")),
+            ("read", topics.BROADCAST_ALL),
+            ("read", topics.node_inbox(name)),
+            ("write", topics.researcher("+", name)),
             ("write", topics.presence(name)),
         ]
     if role == "researcher":
         return [
-            ("read", topics.researcher(name)),
+            ("read", topics.researcher_inbox(name)),
             ("read", topics.PRESENCE_ALL),
-            ("write", topics.BROADCAST),
-            ("write", topics.node("+")),
+            ("write", topics.broadcast(name)),
+            ("write", topics.node("+", name)),
         ]
     return []
 
