@@ -32,8 +32,8 @@ class BreakpointError(FedsiloError):
 
 
 def new_experiment_dir(root: str | Path) -> Path:
-    """Create `<root>/Experiment_NNNN`, one past the highest number there (not the entry count)."""
-    base = Path(root).expanduser()
+    """Create `<root>/Experiment_NNNN`, one past the highest number there (not the entry count); absolute."""
+    base = Path(root).expanduser().resolve()
     base.mkdir(parents=True, exist_ok=True)
     n = max((_number(p, _EXPERIMENT_RE) for p in base.iterdir() if p.is_dir()), default=-1) + 1
     while True:
@@ -71,8 +71,10 @@ def save_breakpoint(
 
 
 def find_breakpoint(path: str | Path) -> Path:
-    """Resolve a breakpoint folder from itself, an experiment folder (its latest) or a root (latest of latest)."""
-    p = Path(path).expanduser()
+    """Resolve a breakpoint folder from itself, an experiment folder (its latest) or a root (latest of latest).
+
+    The folder returned is absolute: a resumed experiment keeps working after a `chdir`."""
+    p = Path(path).expanduser().resolve()
     if (p / STATE_FILE).is_file():
         return p
     if not p.is_dir():

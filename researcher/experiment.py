@@ -41,6 +41,7 @@ from .aggregators import AggregationError, Aggregator, FedAverage, Params
 from .breakpoints import new_experiment_dir, read_breakpoint, save_breakpoint
 from .monitor import Monitor
 from .requests import Requests, remote_error
+from .rounds import ROUNDS_DIR, AggregatedParams, RoundArchive
 from .strategies import DefaultStrategy, Drop, RoundOutcome, Strategy
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,10 @@ class Experiment:
         self._global_params: Params | None = None
         self._params_ref: BlobRef | None = None
         self._params_blob: bytes | None = None
-        self._aggregated: dict[int, dict[str, Params]] = {}
+        self._rounds = RoundArchive()  # the current global model in memory, earlier rounds on disk
         self._replies: dict[int, dict[str, dict[str, Any]]] = {}
         self._round_stats: dict[int, dict[str, float]] = {}
-        self._root = Path(experimentation_folder or os.environ.get(EXPERIMENTS_ENV) or "experiments").expanduser()
+        self._root = _absolute(experimentation_folder or os.environ.get(EXPERIMENTS_ENV) or "experiments")
         self._experiment_dir: Path | None = None
         self._save_breakpoints = bool(save_breakpoints)
         self._tensorboard = False
@@ -199,9 +200,12 @@ class Experiment:
     def job_id(self) -> str:
         return self._job_id
 
-    def aggregated_params(self) -> dict[int, dict[str, Params]]:
-        """Round -> {"params": global parameters after that round}."""
-        return {r: {"params": dict(v["params"])} for r, v in self._aggregated.items()}
+    def aggregated_params(self) -> AggregatedParams:
+        """Round -> {"params": global parameters after that round}: a read-only Mapping.
+
+        Only the latest round is held in memory; earlier rounds are read from
+        `<experiment folder>/rounds/round_NNNN.safetensors` each time one is indexed."""
+        return self._rounds.view()
 
     def training_replies(self) -> dict[int, dict[str, dict[str, Any]]]:
         """Round -> node -> sample_size, timings, metrics, applied_caps, dropped (None or why)."""
@@ -301,7 +305,7 @@ class Experiment:
 
     def set_experimentation_folder(self, folder: str | Path) -> Path:
         """Root under which `Experiment_NNNN` folders are made; takes effect for a new experiment folder."""
-        self._root = Path(folder).expanduser()
+        self._root = _absolute(folder)
         self._experiment_dir = None
         if self._tensorboard:
             self.set_tensorboard(True)
@@ -387,6 +391,7 @@ class Experiment:
             "training_replies": {str(r): v for r, v in self._replies.items()},
             "round_stats": {str(r): v for r, v in self._round_stats.items()},
             "monitor": self._monitor.state(),
+            "round_sha256": {str(r): h for r, h in sorted(self._rounds.hashes().items())},
         }
         folder = save_breakpoint(
             self.experimentation_path(), self._round_current, state, self._global_params, self._plan_source
@@ -438,7 +443,9 @@ class Experiment:
         exp._replies = {int(r): v for r, v in state.get("training_replies", {}).items()}
         exp._round_stats = {int(r): v for r, v in state.get("round_stats", {}).items()}
         if exp._round_current > 0:
-            exp._aggregated = {exp._round_current - 1: {"params": dict(params)}}
+            hashes = {int(r): h for r, h in state.get("round_sha256", {}).items()}
+            current = (exp._round_current - 1, exp._global_params or {})
+            exp._rounds = RoundArchive(folder.parent / ROUNDS_DIR, current, hashes)
         exp.set_tensorboard(bool(state.get("tensorboard")))
         exp._monitor.load_state(state.get("monitor", {}))
         log.info("resumed %s after round %d", folder, exp._round_current)
@@ -541,6 +548,7 @@ class Experiment:
     def close(self) -> None:
         """Disconnect and flush TensorBoard files; the experiment's state stays readable."""
         self._monitor.close()
+        self._rounds.close()
         if self._requests is not None:
             self._requests.close()
             self._requests = None
@@ -584,7 +592,7 @@ class Experiment:
         }
         node_of = {msg.request_id: node for node, msg in outgoing.items()}
         results: dict[str, dict[str, Any]] = {}
-        max_bytes = 2 * len(self._params_blob or b"") + (1 << 16)
+        max_bytes = 2 * params_ref.size + (1 << 16)
         timeout = self.round_timeout()
         self._aggregator.start_round(self._global_params)
         bar.set_description(f"round {round_index}")
@@ -627,7 +635,7 @@ class Experiment:
             log.warning("round %d: node %s dropped: %s", round_index, self._name(node), drop.reason)
             results[node] = {"node_name": self._name(node), "dropped": drop.as_dict()}
         self._set_global(new_params)
-        self._aggregated[round_index] = {"params": new_params}
+        self._rounds.put(round_index, self._global_params or {}, self._rounds.folder or self._rounds_dir())
         self._replies[round_index] = results
         self._round_current += 1
         self._monitor.end_round()
@@ -809,6 +817,9 @@ class Experiment:
     def _plan_name(self) -> str:
         return self._plan_name_value
 
+    def _rounds_dir(self) -> Path:
+        return self.experimentation_path() / ROUNDS_DIR
+
     def _name(self, node: str) -> str:
         return self._requests.node_name(node) if self._requests is not None else node
 
@@ -874,6 +885,11 @@ def _resolve_credentials(network: str | Path | Credentials | None) -> Credential
     if creds.role != "researcher":
         raise ConfigError(f"{path}: credentials of a {creds.role}, not of a researcher")
     return creds
+
+
+def _absolute(folder: str | Path) -> Path:
+    """Experiment paths are absolute, so that what `breakpoint()` returns still works after a `chdir`."""
+    return Path(folder).expanduser().resolve()
 
 
 def _tags_list(tags: str | list[str] | None) -> list[str] | None:

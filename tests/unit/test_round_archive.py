@@ -1,0 +1,170 @@
+"""Each round's global model: only the latest in memory, earlier rounds read back from disk; absolute paths.
+
+Same in-process broker and file store fakes as test_experiment_offline.py; the experiment, its
+aggregator and the round archive are the real ones."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import weakref
+from collections import deque
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsilo.common.serialization import params_to_bytes
+from fedsilo.researcher import Experiment, FedAverage
+from fedsilo.researcher.rounds import RoundArchiveError
+from tests.unit.test_experiment_offline import FakeRequests, FakeStore, creds, make, trainer
+
+Params = dict[str, torch.Tensor]
+
+
+class RecordingFedAverage(FedAverage):
+    """FedAverage that keeps a copy of every result, so the test knows what was aggregated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.results: list[Params] = []
+
+    def result(self) -> Params:
+        out = super().result()
+        self.results.append({k: v.clone() for k, v in out.items()})
+        return out
+
+
+def _nodes(store: FakeStore) -> dict:
+    return {"a": trainer(store, "a", 1.0, 10), "b": trainer(store, "b", 3.0, 30)}
+
+
+def _tensors(root: object) -> dict[int, int]:
+    """data_ptr -> nbytes of every tensor reachable from `root` through fedsilo and torch objects."""
+    found: dict[int, int] = {}
+    seen: set[int] = set()
+    todo: list[object] = [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, list | tuple | set | frozenset | deque):
+            todo.extend(obj)
+        elif type(obj).__module__.startswith(("fedsilo", "torch", "tests")) and hasattr(obj, "__dict__"):
+            todo.extend(vars(obj).values())
+    return found
+
+
+def test_each_round_reads_back_equal_to_what_was_aggregated(tmp_path: Path) -> None:
+    store = FakeStore()
+    agg = RecordingFedAverage()
+    exp = make(tmp_path, _nodes(store), store, aggregator=agg, round_limit=4)
+    initial = exp.training_plan().get_parameters()
+    assert exp.run() == 4
+    exp.close()  # the last round's file is written while the next round would run: close() waits for it
+    folder = exp.experimentation_path() / "rounds"
+    assert sorted(p.name for p in folder.iterdir()) == [f"round_{r:04d}.safetensors" for r in range(4)]
+
+    params = exp.aggregated_params()
+    assert list(params) == [0, 1, 2, 3] and len(params) == 4 and 3 in params and 4 not in params
+    with pytest.raises(KeyError):
+        params[4]
+    for r, got in params.items():  # rounds 0-2 from disk, round 3 from memory
+        assert got.keys() == {"params"}
+        assert got["params"].keys() == agg.results[r].keys()
+        for k, v in agg.results[r].items():
+            assert torch.equal(got["params"][k], v), (r, k)
+            assert torch.allclose(v, initial[k] + 2.5 * (r + 1))  # (1*10 + 3*30) / 40 a round
+    assert not any(torch.equal(params[0]["params"][k], v) for k, v in params[3]["params"].items())
+
+
+def test_earlier_rounds_are_not_held_in_memory(tmp_path: Path) -> None:
+    store = FakeStore()
+    exp = make(tmp_path, _nodes(store), store, round_limit=5)
+    exp.run_once()
+    round0 = [weakref.ref(t) for t in exp.aggregated_params()[0]["params"].values()]
+    exp.run_once()
+    held_after_2 = _tensors(exp)
+    exp.run(rounds=3)
+    gc.collect()
+    assert all(ref() is None for ref in round0), "round 0's tensors are still referenced"
+    assert _tensors(exp.aggregator()) == {}, "the aggregator keeps tensors between rounds"
+    held = _tensors(exp)
+    model_bytes = sum(t.untyped_storage().nbytes() for t in exp.aggregated_params()[4]["params"].values())
+    assert sum(held.values()) == sum(held_after_2.values())  # the same after 2 and 5 rounds
+    assert sum(held.values()) <= 2 * model_bytes  # the global parameters and the local plan's model
+
+
+def test_resumed_experiment_reads_the_rounds_saved_before(tmp_path: Path) -> None:
+    store = FakeStore()
+    exp = make(tmp_path, _nodes(store), store, save_breakpoints=True, round_limit=4)
+    assert exp.run() == 4
+    before = {r: v["params"] for r, v in exp.aggregated_params().items()}
+
+    resumed = Experiment.load_breakpoint(tmp_path, network=creds())
+    assert list(resumed.aggregated_params()) == [0, 1, 2, 3]
+    for r, params in before.items():
+        assert all(torch.equal(resumed.aggregated_params()[r]["params"][k], v) for k, v in params.items())
+
+    # from an earlier breakpoint: the later rounds' files are not rounds of this experiment (yet)
+    early = Experiment.load_breakpoint(exp.experimentation_path() / "breakpoint_0002", network=creds())
+    assert list(early.aggregated_params()) == [0, 1]
+    early._requests = FakeRequests(_nodes(store))  # type: ignore[assignment]
+    early._filestore = store  # type: ignore[assignment]
+    assert early.run() == 2 and list(early.aggregated_params()) == [0, 1, 2, 3]
+    assert torch.equal(early.aggregated_params()[2]["params"]["bias"], before[2]["bias"])
+
+
+def test_an_altered_round_file_is_refused(tmp_path: Path) -> None:
+    store = FakeStore()
+    exp = make(tmp_path, _nodes(store), store, save_breakpoints=True, round_limit=3)
+    exp.run()
+    path = exp.experimentation_path() / "rounds" / "round_0000.safetensors"
+    forged = exp.aggregated_params()[2]["params"]
+    path.write_bytes(params_to_bytes(forged))
+    with pytest.raises(RoundArchiveError, match="sha256"):
+        exp.aggregated_params()[0]
+    resumed = Experiment.load_breakpoint(tmp_path, network=creds())
+    with pytest.raises(RoundArchiveError, match="sha256"):
+        resumed.aggregated_params()[0]
+    path.write_bytes(b"\x80\x04junk")
+    with pytest.raises(RoundArchiveError):
+        resumed.aggregated_params()[0]
+
+
+def test_a_round_that_cannot_be_saved_does_not_stop_training(tmp_path: Path, caplog) -> None:
+    store = FakeStore()
+    exp = make(tmp_path, _nodes(store), store, round_limit=3)
+    (exp.experimentation_path() / "rounds").write_text("not a folder")
+    with caplog.at_level(logging.ERROR, logger="fedsilo.researcher.rounds"):
+        assert exp.run() == 3
+    assert "round 0's global model could not be saved" in caplog.text
+    assert list(exp.aggregated_params()) == [2]  # the current round, from memory
+    assert exp.aggregated_params()[2]["params"]["weight"].shape == (1, 2)
+
+
+def test_experiment_paths_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = FakeStore()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FEDSILO_EXPERIMENTS", raising=False)
+    exp = make(Path("relative/exps"), _nodes(store), store, round_limit=2)
+    assert exp.experimentation_folder() == tmp_path.resolve() / "relative" / "exps"
+    exp.run()
+    point = exp.breakpoint()
+    assert point.is_absolute() and point == tmp_path.resolve() / "relative/exps/Experiment_0000/breakpoint_0002"
+    assert exp.set_experimentation_folder("other").is_absolute()
+
+    monkeypatch.chdir(tmp_path / "relative")
+    assert point.is_dir()  # still the same folder from elsewhere
+    resumed = Experiment.load_breakpoint("exps", network=creds())
+    assert resumed.experimentation_path() == point.parent
+    assert resumed.breakpoint() == point
+    assert list(resumed.aggregated_params()) == [0, 1]
+    assert Experiment(network=creds()).experimentation_folder() == Path(os.getcwd()).resolve() / "experiments"
