@@ -1,24 +1,21 @@
-"""The MQTT broker: Mosquitto as a child process, or the embedded amqtt broker on its own thread.
+"""The MQTT broker's configuration: Mosquitto's config file, or the embedded amqtt broker's plugins.
 
-Both authenticate against `parties.json` (mosquitto through the generated password file) and apply the
-same topic ACL (`provision.acl_rules`). Both speak MQTT 3.1.1, which is all fedsilo uses.
+Both run as child processes of `fedsilo network start` (`broker_process.py`; the embedded one is
+`embedded_broker.py`). Both authenticate against `parties.json` (mosquitto through the generated
+password file) and apply the same topic ACL (`provision.acl_rules`). Both speak MQTT 3.1.1, which is all fedsilo uses.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import pwd
 import shutil
-import signal
-import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from amqtt.contexts import Action
@@ -27,7 +24,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from fedsilo.common.errors import ConfigError, FedsiloError
 
 from .credentials import MqttSettings
-from .provision import NetworkConfig, acl_allows, network_paths, verify_password, write_broker_files
+from .provision import NetworkConfig, acl_allows, network_paths, verify_password
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +47,6 @@ def resolve_kind(kind: str) -> BrokerKind:
     if kind not in ("mosquitto", "embedded"):
         raise ConfigError(f"unknown broker '{kind}': choose auto, mosquitto or embedded")
     return kind  # type: ignore[return-value]
-
-
-class RunningBroker(Protocol):
-    kind: BrokerKind
-    pid: int
-
-    def start(self, timeout: float) -> None: ...
-    def alive(self) -> bool: ...
-    def stop(self) -> None: ...
-
-
-def make_broker(netdir: str | Path, cfg: NetworkConfig) -> RunningBroker:
-    if cfg.broker == "mosquitto":
-        return MosquittoBroker(netdir, cfg)
-    return EmbeddedBroker(netdir, cfg)
 
 
 # ---------------------------------------------------------------------------------------- probes
@@ -105,8 +87,6 @@ def mosquitto_conf(netdir: str | Path, cfg: NetworkConfig) -> str:
             "allow_anonymous false",
             f"password_file {paths.broker_dir / 'passwd'}",
             f"acl_file {paths.broker_dir / 'acl'}",
-            # A client id is its party's name: no party can take over another's session (and knock it off).
-            "use_username_as_clientid true",
             # Sessions and retained presence survive a restart; queued QoS 1 messages survive up to the last
             # autosave (a kill -9 loses the rest; requesters re-send what is not acknowledged).
             "persistence true",
@@ -124,80 +104,13 @@ def mosquitto_conf(netdir: str | Path, cfg: NetworkConfig) -> str:
             "max_queued_messages 100000",
             "set_tcp_nodelay true",
             f"listener {cfg.mqtt_port} {cfg.host}",
+            # A client id is its party's name: no party can take over another's session (and knock it off).
+            # A listener option: above the first `listener` line, mosquitto 2.0 opens a default listener on
+            # 0.0.0.0:1883 for it, and a second network on the machine then fails to start.
+            "use_username_as_clientid true",
             "",
         ]
     )
-
-
-class MosquittoBroker:
-    kind: BrokerKind = "mosquitto"
-
-    def __init__(self, netdir: str | Path, cfg: NetworkConfig) -> None:
-        self.paths = network_paths(netdir)
-        self.cfg = cfg
-        self.conf_path = self.paths.broker_dir / "mosquitto.conf"
-        self.log_path = self.paths.broker_dir / "broker.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.pid = 0
-
-    def start(self, timeout: float) -> None:
-        binary = shutil.which("mosquitto")
-        if binary is None:
-            raise BrokerError("mosquitto is not installed (or not on PATH); use --broker embedded")
-        write_broker_files(self.paths.root)
-        self.conf_path.write_text(mosquitto_conf(self.paths.root, self.cfg), encoding="utf-8")
-        os.chmod(self.conf_path, 0o600)
-        with open(self.log_path, "ab") as logf:
-            self._proc = subprocess.Popen(
-                [binary, "-c", str(self.conf_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it in order
-            )
-        self.pid = self._proc.pid
-        _wait_listening(self.cfg.host, self.cfg.mqtt_port, timeout, self.alive, self.log_path)
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def reload(self) -> None:
-        if self.alive():
-            os.kill(self.pid, signal.SIGHUP)
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
-        self._proc = None
-
-
-def _wait_listening(host: str, port: int, timeout: float, alive: Any, log_path: Path) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise BrokerError(f"the broker exited at start-up: {_tail(log_path)}")
-        try:
-            with socket.create_connection((host if host not in ("0.0.0.0", "") else "127.0.0.1", port), 0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise BrokerError(f"the broker did not listen on {host}:{port} within {timeout:.0f}s: {_tail(log_path)}")
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        return " | ".join(path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 # ---------------------------------------------------------------------------------------- embedded
@@ -340,91 +253,3 @@ def _fedsilo_broker_class() -> type:
                 await super()._publish_retained_messages_for_subscription(subscription, session)
 
     return FedsiloBroker
-
-
-class EmbeddedBroker:
-    """amqtt running on its own asyncio loop in a daemon thread of this process."""
-
-    kind: BrokerKind = "embedded"
-
-    def __init__(self, netdir: str | Path, cfg: NetworkConfig) -> None:
-        self.paths = network_paths(netdir)
-        self.cfg = cfg
-        self.pid = os.getpid()
-        self.log_path = self.paths.broker_dir / "broker.log"
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._broker: Any = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._log_handler: logging.Handler | None = None
-
-    def config(self) -> dict[str, Any]:
-        parties = str(self.paths.parties)
-        return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.cfg.host}:{self.cfg.mqtt_port}"}},
-            "timeout_disconnect_delay": 0,
-            "plugins": {
-                f"{__name__}.PartiesAuthPlugin": {"parties_file": parties},
-                f"{__name__}.PartiesTopicPlugin": {"parties_file": parties},
-            },
-        }
-
-    def start(self, timeout: float) -> None:
-        handler = logging.FileHandler(self.log_path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        amqtt_log = logging.getLogger("amqtt")
-        amqtt_log.addHandler(handler)
-        amqtt_log.setLevel(logging.INFO)
-        amqtt_log.propagate = False  # its per-packet chatter does not belong on the console
-        self._log_handler = handler
-        self._thread = threading.Thread(target=self._run, name="fedsilo-broker", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise BrokerError(f"the embedded broker did not start within {timeout:.0f}s")
-        if self._error is not None:
-            raise BrokerError(
-                f"the embedded broker could not listen on {self.cfg.host}:{self.cfg.mqtt_port}: {self._error}"
-            )
-
-    def _run(self) -> None:
-        broker_class = _fedsilo_broker_class()
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-
-        async def boot() -> None:
-            self._broker = broker_class(self.config(), loop=loop)
-            await self._broker.start()
-
-        try:
-            loop.run_until_complete(boot())
-        except BaseException as exc:  # reported to start() in the main thread
-            self._error = exc
-            self._ready.set()
-            loop.close()
-            return
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._error is None
-
-    def stop(self) -> None:
-        loop = self._loop
-        if loop is not None and self.alive():
-            fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), loop)
-            try:
-                fut.result(10)
-            except Exception:  # stopping anyway
-                log.warning("embedded broker did not shut down cleanly", exc_info=True)
-            loop.call_soon_threadsafe(loop.stop)
-            if self._thread is not None:
-                self._thread.join(10)
-        if self._log_handler is not None:
-            logging.getLogger("amqtt").removeHandler(self._log_handler)
-            self._log_handler.close()
-            self._log_handler = None

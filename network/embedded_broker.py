@@ -1,0 +1,67 @@
+"""The embedded MQTT broker (amqtt) as a process of its own, started by `fedsilo network start`:
+
+    python -m fedsilo.network.embedded_broker --dir NETDIR
+
+It used to run on a thread inside `network start`; as a child process it is supervised exactly like
+Mosquitto (a kill -9 of the broker is the same event on both, and is restarted on the same port).
+It authenticates against `parties.json`, re-read whenever the file changes (no reload needed).
+Logs go to stderr, which its parent points at `NETDIR/broker/broker.log`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from .broker import PartiesAuthPlugin, PartiesTopicPlugin, _fedsilo_broker_class
+from .provision import NetworkConfig, load_config, network_paths
+
+log = logging.getLogger("fedsilo.network.embedded_broker")
+
+
+def amqtt_config(netdir: str | Path, cfg: NetworkConfig) -> dict[str, Any]:
+    """amqtt's configuration: one TCP listener, fedsilo's authentication and topic ACL plugins."""
+    parties = str(network_paths(netdir).parties)
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{cfg.host}:{cfg.mqtt_port}"}},
+        "timeout_disconnect_delay": 0,
+        "plugins": {
+            f"{plugin.__module__}.{plugin.__qualname__}": {"parties_file": parties}
+            for plugin in (PartiesAuthPlugin, PartiesTopicPlugin)
+        },
+    }
+
+
+async def serve(netdir: str | Path) -> None:
+    """Run the broker until SIGTERM or SIGINT, then shut it down (its clients see a disconnect)."""
+    paths = network_paths(netdir)
+    cfg = load_config(paths.root)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    broker = _fedsilo_broker_class()(amqtt_config(paths.root, cfg), loop=loop)
+    await broker.start()
+    log.info("embedded broker listening on %s:%s", cfg.host, cfg.mqtt_port)
+    await stop.wait()
+    log.info("stopping")
+    try:
+        await asyncio.wait_for(broker.shutdown(), 10)
+    except Exception:  # exiting anyway: the process going away closes every connection
+        log.warning("the broker did not shut down cleanly", exc_info=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedsilo.network.embedded_broker", description=__doc__)
+    parser.add_argument("--dir", required=True, help="network directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args.dir))
+
+
+if __name__ == "__main__":
+    main()
