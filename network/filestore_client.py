@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,6 +22,10 @@ CHUNK = 1 << 20
 SMALL_BLOB = 1 << 20
 """Blobs up to this size are uploaded without asking first whether the store holds them: the question
 costs a round trip, as much as the upload itself, and the store answers 200 for a blob it already has."""
+
+
+READERS_HEADER = "X-Fedsilo-Readers"
+"""On a PUT: the parties, besides the uploader, that may read the blob (comma-separated names)."""
 
 
 class BlobTransferError(TransferError):
@@ -58,29 +63,39 @@ class FileStoreClient:
         response = self._call("HEAD", self._blob_url(sha256), what=f"blob {sha256[:12]}", ok=(200, 404))
         return response.status_code == 200
 
-    def upload_bytes(self, data: bytes) -> BlobRef:
-        """Store `data` (a large blob the store already holds is not sent again) and return its reference."""
+    def upload_bytes(self, data: bytes, readers: Iterable[str] = ()) -> BlobRef:
+        """Store `data` readable by this party and `readers` (party names); return its reference.
+
+        A large blob this party may already read is not sent again: it is granted to `readers` instead.
+        """
         ref = BlobRef(sha256=sha256_bytes(data), size=len(data))
+        readers = list(readers)
         if ref.size > SMALL_BLOB:
-            if not self.exists(ref.sha256):
-                self._put(ref, data)
+            self._put_unless_readable(ref, data, readers)
             return ref
         try:
-            self._put(ref, data)
+            self._put(ref, data, readers)
         except BlobTransferError as exc:
             # Over a limit lowered since the blob was stored: it is there all the same.
             if exc.status != 413 or not self.exists(ref.sha256):
                 raise
+            self.grant(ref, readers)
         return ref
 
-    def upload_file(self, path: str | Path) -> BlobRef:
-        """Stream a file to the store without reading it into memory."""
+    def upload_file(self, path: str | Path, readers: Iterable[str] = ()) -> BlobRef:
+        """Stream a file to the store without reading it into memory (readers as in `upload_bytes`)."""
         p = Path(path)
         ref = BlobRef(sha256=sha256_file(p), size=p.stat().st_size)
-        if not self.exists(ref.sha256):
-            with open(p, "rb") as f:
-                self._put(ref, f)
+        with open(p, "rb") as f:
+            self._put_unless_readable(ref, f, list(readers))
         return ref
+
+    def grant(self, ref: BlobRef, readers: Iterable[str]) -> None:
+        """Let `readers` (party names) read a blob this party uploaded, e.g. a plan reused in a later round."""
+        names = sorted(set(readers))
+        if names:
+            self._call("POST", f"{self._blob_url(ref.sha256)}/readers", what=f"grant of blob {ref.sha256[:12]}",
+                       json={"readers": names})
 
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
         """Fetch a blob into memory, refusing it beyond `max_bytes` and checking its size and sha256."""
@@ -139,14 +154,23 @@ class FileStoreClient:
     def _blob_url(self, sha256: str) -> str:
         return f"{self._api}/blobs/{sha256}"
 
-    def _put(self, ref: BlobRef, body: bytes | BinaryIO) -> None:
+    def _put_unless_readable(self, ref: BlobRef, body: bytes | BinaryIO, readers: list[str]) -> None:
+        if self.exists(ref.sha256):
+            self.grant(ref, readers)
+        else:
+            self._put(ref, body, readers)
+
+    def _put(self, ref: BlobRef, body: bytes | BinaryIO, readers: Iterable[str] = ()) -> None:
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(ref.size)}
+        if readers:
+            headers[READERS_HEADER] = ",".join(sorted(set(readers)))
         self._call(
             "PUT",
             self._blob_url(ref.sha256),
             what=f"upload of blob {ref.sha256[:12]} ({ref.size} bytes)",
             ok=(200, 201),
             data=body,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(ref.size)},
+            headers=headers,
         )
 
     @staticmethod
@@ -172,6 +196,8 @@ class FileStoreClient:
         if response.status_code not in ok:
             message = _server_message(response)
             response.close()
+            if response.status_code == 404 and method in ("GET", "HEAD"):
+                message += " (blobs are readable only by their uploader and the parties it names as readers)"
             raise BlobTransferError(
                 f"file store {what} failed: HTTP {response.status_code}: {message}",
                 status=response.status_code,

@@ -55,6 +55,13 @@ class NetworkConfig(BaseModel):
     http_port: int = Field(8800, ge=0, le=65535)
     broker: Literal["mosquitto", "embedded"] = "embedded"
     max_upload_bytes: int = Field(1 << 30, gt=0)
+    # File-store quotas per party (what it uploaded and has not expired), and retention (issue 7 §5):
+    # a blob not uploaded, granted or read for `retention_days` is removed by `fedsilo network gc` and
+    # by the running store every `gc_interval_s`. At least an hour, far above any round timeout.
+    quota_bytes: int = Field(20 << 30, gt=0)
+    quota_blobs: int = Field(1000, gt=0)
+    retention_days: float = Field(7.0, ge=1 / 24)
+    gc_interval_s: float = Field(3600.0, gt=0)
 
     @property
     def public_host(self) -> str:

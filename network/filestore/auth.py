@@ -32,17 +32,24 @@ class _TokenIndex:
         self._index: dict[str, Party] = {}
 
     def lookup(self, path: Path, token_hash: str) -> Party | None:
+        return self._current(path).get(token_hash)
+
+    def names(self, path: Path) -> set[str]:
+        """The registered parties' names (readers named in a grant must be among them)."""
+        return {p.name for p in self._current(path).values()}
+
+    def _current(self, path: Path) -> dict[str, Party]:
         try:
             st = os.stat(path)
         except OSError:
-            return None
+            return {}
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key != self._key:
             with self._lock:
                 if key != self._key:
                     self._index = self._read(path)
                     self._key = key
-        return self._index.get(token_hash)
+        return self._index
 
     @staticmethod
     def _read(path: Path) -> dict[str, Party]:
@@ -52,6 +59,10 @@ class _TokenIndex:
 
 
 _index = _TokenIndex()
+
+
+def party_names() -> set[str]:
+    return _index.names(settings.FEDSILO_FILESTORE["parties"])
 
 
 class PartyTokenAuthentication(authentication.BaseAuthentication):

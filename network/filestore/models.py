@@ -1,13 +1,31 @@
-"""The blob index. The bytes live on disk under blobs/<aa>/<sha256>; a row records who stored them."""
+"""The blob index. The bytes live on disk under blobs/<aa>/<sha256>; rows record who may read them."""
 
 from django.db import models
+from django.utils import timezone
 
 
 class Blob(models.Model):
+    """One stored blob; `last_used_at` (upload, grant or read) drives retention."""
+
     sha256 = models.CharField(max_length=64, primary_key=True)
     size = models.BigIntegerField()
     uploaded_by = models.CharField(max_length=64)
     created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:
         app_label = "filestore"
+
+
+class Access(models.Model):
+    """A party that may read a blob: one that uploaded it (`uploader`: counted in its quota, may grant
+    it to others) or one it was granted to."""
+
+    blob = models.ForeignKey(Blob, on_delete=models.CASCADE, related_name="access")
+    party = models.CharField(max_length=64)
+    uploader = models.BooleanField(default=False)
+
+    class Meta:
+        app_label = "filestore"
+        constraints = [models.UniqueConstraint(fields=["blob", "party"], name="one_access_per_party")]
+        indexes = [models.Index(fields=["party", "uploader"], name="access_by_party")]

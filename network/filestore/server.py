@@ -1,7 +1,8 @@
-"""Running the file store: gunicorn (gthread workers) as a child process of `fedsilo network start`."""
+"""Running the file store (waitress, see serve.py) as a child process of `fedsilo network start`."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -10,55 +11,26 @@ from pathlib import Path
 import requests
 
 from fedsilo.common.errors import FedsiloError
+from fedsilo.common.processes import die_with_parent
 
 from ..provision import NetworkConfig, network_paths
-
-WORKERS = 2
-THREADS = 4
 
 
 class FileStoreError(FedsiloError):
     """The file store could not be started."""
 
 
-def gunicorn_command(netdir: str | Path, cfg: NetworkConfig) -> list[str]:
-    paths = network_paths(netdir)
-    return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--worker-class",
-        "gthread",
-        "--workers",
-        str(WORKERS),
-        "--threads",
-        str(THREADS),
-        "--bind",
-        f"{cfg.host}:{cfg.http_port}",
-        "--preload",  # configure Django and migrate once, in the master
-        "--timeout",
-        "120",
-        "--graceful-timeout",
-        "10",
-        "--keep-alive",
-        "75",  # clients keep one session per party; do not drop it between rounds
-        "--worker-tmp-dir",
-        str(paths.tmp),
-        "--error-logfile",
-        str(paths.filestore_dir / "filestore.log"),
-        "--log-level",
-        "info",
-        "--no-control-socket",  # its default path is per user, shared by every network on the machine
-        "--name",
-        "fedsilo-filestore",
-        f"fedsilo.network.filestore.wsgi:create_app({str(paths.root)!r})",
-    ]
+def serve_command(netdir: str | Path) -> list[str]:
+    return [sys.executable, "-m", "fedsilo.network.filestore.serve", str(network_paths(netdir).root)]
 
 
 class FileStoreProcess:
-    def __init__(self, netdir: str | Path, cfg: NetworkConfig) -> None:
+    """The file store as a child process: `start(timeout)` waits until it answers its health check."""
+
+    def __init__(self, netdir: str | Path, cfg: NetworkConfig, pdeathsig: int = signal.SIGTERM) -> None:
         self.paths = network_paths(netdir)
         self.cfg = cfg
+        self.pdeathsig = pdeathsig  # 0: outlives its parent (tests of stale processes)
         self.log_path = self.paths.filestore_dir / "filestore.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
@@ -73,11 +45,12 @@ class FileStoreProcess:
         self.paths.blobs.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             self._proc = subprocess.Popen(
-                gunicorn_command(self.paths.root, self.cfg),
+                serve_command(self.paths.root),
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True,  # pgid = pid: the supervisor kills orphaned workers with their group
+                preexec_fn=die_with_parent(self.pdeathsig) if self.pdeathsig else None,
             )
         self.pid = self._proc.pid
         deadline = time.monotonic() + timeout
@@ -98,11 +71,16 @@ class FileStoreProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once it ended (negative: the signal that killed it); None while it runs."""
+        return None if self._proc is None else self._proc.poll()
+
     def stop(self) -> None:
         if self._proc is None:
             return
         if self._proc.poll() is None:
-            self._proc.terminate()  # gunicorn: graceful shutdown of the workers
+            self._proc.terminate()  # serve.py: SIGTERM closes the listener and exits
             try:
                 self._proc.wait(15)
             except subprocess.TimeoutExpired:

@@ -51,11 +51,19 @@ def build_settings(netdir: str | Path) -> dict[str, Any]:
             "tmp": paths.tmp,
             "parties": paths.parties,
             "max_upload_bytes": cfg.max_upload_bytes,
+            "quota_bytes": cfg.quota_bytes,
+            "quota_blobs": cfg.quota_blobs,
+            "retention_s": cfg.retention_days * 86400,
+            "gc_interval_s": cfg.gc_interval_s,
         },
         "LOGGING": {
             "version": 1,
             "disable_existing_loggers": False,
             "handlers": {"stderr": {"class": "logging.StreamHandler"}},
-            "loggers": {"django": {"handlers": ["stderr"], "level": "WARNING"}},
+            "loggers": {
+                "django": {"handlers": ["stderr"], "level": "WARNING"},
+                "fedsilo": {"handlers": ["stderr"], "level": "INFO"},
+                "waitress": {"handlers": ["stderr"], "level": "WARNING"},
+            },
         },
     }

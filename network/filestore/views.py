@@ -1,4 +1,4 @@
-"""The blob API (docs/internals.md): streamed raw-body PUT, streamed GET, HEAD, health."""
+"""The blob API (docs/internals.md): raw-body PUT, streamed GET, HEAD, grants, health."""
 
 from __future__ import annotations
 
@@ -12,27 +12,25 @@ from typing import Any
 
 from django.conf import settings
 from django.http import FileResponse, HttpResponse, JsonResponse
-from rest_framework import exceptions
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView, exception_handler
 
 from fedsilo.common.hashing import is_sha256
+from fedsilo.common.safejson import JSONLimitError, loads_bounded
 
-from .models import Blob
+from . import access
+from .errors import ApiError
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ApiError", "BlobView", "GrantView", "HealthView", "json_exception_handler"]
 
 CHUNK = 1 << 20
 DRAIN_LIMIT = 64 << 20
 """An over-limit body up to this size is read and discarded before answering 413: closing a socket
 with unread data makes the kernel send a reset, and the client would never see the 413."""
-
-
-class ApiError(exceptions.APIException):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status
+MAX_GRANT_BODY = 64 << 10
 
 
 def json_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
@@ -56,16 +54,14 @@ def _conf() -> dict[str, Any]:
     return settings.FEDSILO_FILESTORE
 
 
-def blob_path(sha256: str) -> Path:
-    return Path(_conf()["blobs"]) / sha256[:2] / sha256
-
-
 def _check_sha(sha256: str) -> None:
     if not is_sha256(sha256):
         raise ApiError(400, f"'{sha256[:80]}' is not a sha256 (64 lowercase hex characters)")
 
 
 class HealthView(APIView):
+    """`GET /api/v1/health`, without a token."""
+
     authentication_classes: list = []
     permission_classes = [AllowAny]
 
@@ -74,20 +70,27 @@ class HealthView(APIView):
 
 
 class BlobView(APIView):
+    """`PUT|GET|HEAD /api/v1/blobs/<sha256>`; reads only by the uploaders and the readers granted."""
+
     def head(self, request: Any, sha256: str) -> HttpResponse:
         _check_sha(sha256)
+        if not access.readable(sha256, request.user.name):
+            return HttpResponse(status=404)
         try:
-            size = blob_path(sha256).stat().st_size
+            size = access.blob_path(sha256).stat().st_size
         except FileNotFoundError:
             return HttpResponse(status=404)
         return HttpResponse(status=200, headers={"X-Blob-Size": str(size)})
 
     def get(self, request: Any, sha256: str) -> FileResponse:
         _check_sha(sha256)
+        if not access.readable(sha256, request.user.name):
+            raise access.not_found(sha256)
         try:
-            f = open(blob_path(sha256), "rb")  # noqa: SIM115 - FileResponse closes it
+            f = open(access.blob_path(sha256), "rb")  # noqa: SIM115 - FileResponse closes it
         except FileNotFoundError:
-            raise ApiError(404, f"no blob {sha256} in the file store") from None
+            raise access.not_found(sha256) from None
+        access.touch(sha256)  # a read keeps the blob from expiring (retention)
         response = FileResponse(f, content_type="application/octet-stream")
         response.block_size = CHUNK
         response["X-Content-SHA256"] = sha256
@@ -95,64 +98,63 @@ class BlobView(APIView):
 
     def put(self, request: Any, sha256: str) -> Response:
         _check_sha(sha256)
+        readers = access.parse_readers(request.META.get(access.READERS_HEADER, ""))
         limit: int = _conf()["max_upload_bytes"]
         raw = request._request  # the Django request: its body has not been touched by DRF parsers
         meta = raw.META
         length_header = meta.get("CONTENT_LENGTH") or ""
-        chunked = "chunked" in meta.get("HTTP_TRANSFER_ENCODING", "").lower()
-        if length_header:
-            try:
-                length = int(length_header)
-            except ValueError:
-                raise ApiError(400, f"invalid Content-Length '{length_header}'") from None
-            stream = raw  # HttpRequest.read() is bounded by Content-Length
-        elif chunked:
-            # Django reads nothing without Content-Length; gunicorn's input de-chunks and ends at EOF.
-            length, stream = -1, meta["wsgi.input"]
-        else:
+        if not length_header:
+            # waitress de-chunks a chunked body before the view runs and sets Content-Length to its size.
             raise ApiError(411, "send the blob as the raw request body with Content-Length or chunked encoding")
+        try:
+            length = int(length_header)
+        except ValueError:
+            raise ApiError(400, f"invalid Content-Length '{length_header}'") from None
         if length > limit:
-            _drain(stream, length)
+            _drain(raw, length)
             raise ApiError(413, f"blob of {length} bytes exceeds the file store limit of {limit} bytes")
 
-        tmp_dir = Path(_conf()["tmp"])
-        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=sha256[:12] + ".")
-        committed = False
+        fd, tmp_name = tempfile.mkstemp(dir=Path(_conf()["tmp"]), prefix=sha256[:12] + ".")
         try:
             digest = hashlib.sha256()
             size = 0
             with os.fdopen(fd, "wb") as out:
-                while True:
-                    chunk = stream.read(CHUNK)
-                    if not chunk:
-                        break
+                while chunk := raw.read(CHUNK):  # HttpRequest.read() is bounded by Content-Length
                     size += len(chunk)
-                    if size > limit:
-                        _drain(stream, length - size if length >= 0 else DRAIN_LIMIT)
-                        raise ApiError(413, f"blob exceeds the file store limit of {limit} bytes")
                     digest.update(chunk)
                     out.write(chunk)
-            if length >= 0 and size != length:
+            if size != length:
                 raise ApiError(400, f"body ended after {size} of {length} bytes")
             actual = digest.hexdigest()
             if actual != sha256:
                 raise ApiError(400, f"sha256 mismatch: the body hashes to {actual}, the URL names {sha256}")
-            final = blob_path(sha256)
-            existed = final.exists()
-            if not existed:
-                final.parent.mkdir(exist_ok=True)
-                # No fsync: blobs are content-addressed and the uploader keeps its copy until the round ends.
-                os.replace(tmp_name, final)
-                committed = True
-                # INSERT OR IGNORE: the first uploader is recorded, as get_or_create would, in one statement.
-                Blob.objects.bulk_create(
-                    [Blob(sha256=sha256, size=size, uploaded_by=request.user.name)], ignore_conflicts=True
-                )
+            created = access.store(sha256, size, tmp_name, request.user.name, readers)
         finally:
-            if not committed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp_name)
-        return Response({"sha256": sha256, "size": size}, status=200 if existed else 201)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)  # moved into blobs/ when stored
+        return Response({"sha256": sha256, "size": size}, status=201 if created else 200)
+
+
+class GrantView(APIView):
+    """`POST /api/v1/blobs/<sha256>/readers` with `{"readers": [...]}`: only an uploader may grant."""
+
+    def post(self, request: Any, sha256: str) -> Response:
+        _check_sha(sha256)
+        raw = request._request
+        try:
+            length = int(raw.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if not 0 < length <= MAX_GRANT_BODY:
+            raise ApiError(400, f'send {{"readers": [...]}} as a JSON body of at most {MAX_GRANT_BODY} bytes')
+        try:
+            body = loads_bounded(raw.read(length), max_bytes=MAX_GRANT_BODY, max_depth=4)
+        except (JSONLimitError, ValueError) as exc:
+            raise ApiError(400, f"invalid JSON body: {str(exc)[:120]}") from None
+        if not isinstance(body, dict) or "readers" not in body:
+            raise ApiError(400, 'send {"readers": [...]}')
+        readers = access.parse_readers(body["readers"])
+        return Response({"sha256": sha256, "readers": access.grant(sha256, request.user.name, readers)})
 
 
 def _drain(stream: Any, remaining: int) -> None:

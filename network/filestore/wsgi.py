@@ -1,4 +1,4 @@
-"""WSGI entry point for gunicorn: `fedsilo.network.filestore.wsgi:create_app('/path/to/netdir')`."""
+"""The WSGI application: `create_app(netdir)`, served by `fedsilo.network.filestore.serve`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ from pathlib import Path
 from typing import Any
 
 
-def create_app(netdir: str | Path) -> Any:
-    """Configure Django from the network directory, apply migrations, return the WSGI application.
-
-    Run once in gunicorn's master (`--preload`), so that migrations never race between workers.
-    """
+def configure(netdir: str | Path) -> None:
+    """Configure Django from the network directory and apply migrations (the store and `network gc`)."""
     import django
     from django.conf import settings
 
@@ -21,15 +18,19 @@ def create_app(netdir: str | Path) -> Any:
     django.setup()
 
     from django.core.management import call_command
-    from django.core.wsgi import get_wsgi_application
-    from django.db import connection, connections
+    from django.db import connection
 
     call_command("migrate", interactive=False, verbosity=0)
-    # Import the URLconf (views, DRF) here too, or every forked worker does it on its first request (0.3 s).
-    from django.urls import get_resolver
-
-    get_resolver().url_patterns  # noqa: B018 - the attribute access does the import
     with connection.cursor() as cur:
         cur.execute("PRAGMA journal_mode=WAL")  # persistent in the database file
-    connections.close_all()  # no SQLite handle may cross gunicorn's fork
+
+
+def create_app(netdir: str | Path) -> Any:
+    """Configure Django, apply migrations, return the WSGI application."""
+    configure(netdir)
+    from django.core.wsgi import get_wsgi_application
+    from django.urls import get_resolver
+
+    # Import the URLconf (views, DRF) now rather than on the first request (0.3 s).
+    get_resolver().url_patterns  # noqa: B018 - the attribute access does the import
     return get_wsgi_application()

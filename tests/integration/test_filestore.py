@@ -1,4 +1,4 @@
-"""The file store under gunicorn, through raw HTTP and through FileStoreClient (no mocks)."""
+"""The file store under waitress, through raw HTTP and through FileStoreClient (no mocks)."""
 
 from __future__ import annotations
 
@@ -69,9 +69,9 @@ def test_roundtrip_multi_mib_streamed(client: FileStoreClient, tmp_path: Path) -
     assert not [p for p in out.parent.iterdir() if p.name != "copy.bin"]  # no temp file left
 
 
-def test_a_node_reads_what_the_researcher_stored(net: NetworkHandle, client: FileStoreClient) -> None:
-    ref = client.upload_bytes(b"global parameters")
+def test_a_node_reads_what_the_researcher_stored_for_it(net: NetworkHandle, client: FileStoreClient) -> None:
     node = net.add_party("fs-node", "node")
+    ref = client.upload_bytes(b"global parameters", readers=["fs-node"])
     with FileStoreClient(node.filestore) as node_client:
         assert node_client.download_bytes(ref) == b"global parameters"
 

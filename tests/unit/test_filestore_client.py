@@ -18,10 +18,14 @@ class Recorder(FileStoreClient):
         self.calls.append("HEAD")
         return self.stored
 
-    def _put(self, ref, body) -> None:
-        self.calls.append("PUT")
+    def _put(self, ref, body, readers=()) -> None:
+        self.calls.append(f"PUT {','.join(readers)}".strip())
         if self.put_error is not None:
             raise BlobTransferError("refused", status=self.put_error)
+
+    def grant(self, ref, readers) -> None:
+        if readers:
+            self.calls.append(f"GRANT {','.join(readers)}")
 
 
 def test_small_blobs_are_sent_without_asking() -> None:
@@ -40,8 +44,17 @@ def test_large_blobs_already_stored_are_not_sent(monkeypatch: pytest.MonkeyPatch
 
 def test_over_the_limit_but_stored_is_fine() -> None:
     client = Recorder(stored=True, put_error=413)
-    client.upload_bytes(b"stored before the limit was lowered")
-    assert client.calls == ["PUT", "HEAD"]
+    client.upload_bytes(b"stored before the limit was lowered", readers=["node-a"])
+    assert client.calls == ["PUT node-a", "HEAD", "GRANT node-a"]
+
+
+def test_a_large_blob_already_readable_is_granted_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    # e.g. the same plan reused by a later round that samples another node
+    monkeypatch.setattr(filestore_client, "SMALL_BLOB", 4)
+    stored, missing = Recorder(stored=True), Recorder(stored=False)
+    stored.upload_bytes(b"large blob", readers=["node-b"])
+    missing.upload_bytes(b"large blob", readers=["node-b"])
+    assert stored.calls == ["HEAD", "GRANT node-b"] and missing.calls == ["HEAD", "PUT node-b"]
 
 
 @pytest.mark.parametrize(("stored", "status"), [(False, 413), (True, 500), (True, 401)])

@@ -1,0 +1,134 @@
+"""Who may read a blob, how much a party may store, when a blob was last used (issue 7 §5).
+
+A party may read a blob it uploaded (sent its bytes, so it knows them) or that an uploader granted
+to it (`X-Fedsilo-Readers` on PUT, or POST .../readers). Anyone else is answered 404, exactly as for
+a blob that does not exist, so a token cannot probe which blobs are stored. Quotas count the blobs a
+party uploaded and that have not expired; every upload, grant and read refreshes `last_used_at`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, Sum
+from django.utils import timezone
+
+from .auth import party_names
+from .errors import ApiError
+from .models import Access, Blob
+
+READERS_HEADER = "HTTP_X_FEDSILO_READERS"
+MAX_READERS = 1000
+"""More readers than any consortium has nodes; bounds the rows one request can add."""
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")  # provision.NAME_PATTERN: party names as registered
+
+
+def _conf() -> dict[str, Any]:
+    return settings.FEDSILO_FILESTORE
+
+
+def blob_path(sha256: str) -> Path:
+    return Path(_conf()["blobs"]) / sha256[:2] / sha256
+
+
+def not_found(sha256: str) -> ApiError:
+    """The one answer for "no such blob" and "not yours to read": the two must look the same."""
+    return ApiError(404, f"no blob {sha256} in the file store that you may read")
+
+
+def parse_readers(value: Any) -> list[str]:
+    """Readers from a header (`a,b`) or a JSON list; each must be a registered party."""
+    if isinstance(value, str):
+        names = [n.strip() for n in value.split(",") if n.strip()]
+    elif isinstance(value, list) and all(isinstance(n, str) for n in value):
+        names = value
+    else:
+        raise ApiError(400, "readers must be a list of party names")
+    if len(names) > MAX_READERS:
+        raise ApiError(400, f"{len(names)} readers named; at most {MAX_READERS}")
+    bad = [n[:70] for n in names if not _NAME.match(n)]
+    if bad:
+        raise ApiError(400, f"not a party name: {bad[0]!r}")
+    unknown = sorted(set(names) - party_names())
+    if unknown:
+        listed = ", ".join(unknown[:10])
+        raise ApiError(400, f"unknown reader(s): {listed}; register them with `fedsilo network party add`")
+    return sorted(set(names))
+
+
+def readable(sha256: str, party: str) -> bool:
+    return Access.objects.filter(blob_id=sha256, party=party).exists()
+
+
+def touch(sha256: str) -> None:
+    Blob.objects.filter(sha256=sha256).update(last_used_at=timezone.now())
+
+
+def usage(party: str) -> tuple[int, int]:
+    """(blobs, bytes) the party uploaded and that are still stored."""
+    got = Access.objects.filter(party=party, uploader=True).aggregate(n=Count("id"), size=Sum("blob__size"))
+    return got["n"] or 0, got["size"] or 0
+
+
+def _check_quota(party: str, size: int) -> None:
+    blobs, used = usage(party)
+    quota_blobs, quota_bytes = _conf()["quota_blobs"], _conf()["quota_bytes"]
+    days = _conf()["retention_s"] / 86400
+    hint = f"blobs expire {days:g} days after their last use, or the operator runs `fedsilo network gc`"
+    if blobs + 1 > quota_blobs:
+        raise ApiError(507, f"quota exceeded: party '{party}' stores {blobs} blobs, its quota is {quota_blobs}; {hint}")
+    if used + size > quota_bytes:
+        raise ApiError(
+            507,
+            f"quota exceeded: party '{party}' stores {used} bytes; {size} more would pass its quota of "
+            f"{quota_bytes} bytes; {hint}",
+        )
+
+
+def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[str]) -> bool:
+    """Record an upload whose verified bytes are in `tmp_name`; True when the blob is new.
+
+    One IMMEDIATE transaction (settings.py) checks the quota, moves the file and writes the rows, so
+    concurrent uploads of one party cannot pass its quota together, and `gc` (which deletes rows and
+    files in its own transaction) never removes a blob between this check and this write.
+    """
+    final = blob_path(sha256)
+    with transaction.atomic():
+        blob = Blob.objects.filter(sha256=sha256).first()
+        created = blob is None
+        mine = blob is not None and Access.objects.filter(blob=blob, party=party, uploader=True).exists()
+        if not mine:
+            _check_quota(party, size)
+        if blob is None or not final.exists():
+            final.parent.mkdir(exist_ok=True)
+            # No fsync: blobs are content-addressed and the uploader keeps its copy until the round ends.
+            os.replace(tmp_name, final)
+        now = timezone.now()
+        if created:
+            blob = Blob.objects.create(sha256=sha256, size=size, uploaded_by=party, last_used_at=now)
+        else:
+            Blob.objects.filter(sha256=sha256).update(last_used_at=now)
+        if not mine:
+            Access.objects.update_or_create(blob=blob, party=party, defaults={"uploader": True})
+        _add_readers(blob, readers)
+    return created
+
+
+def grant(sha256: str, party: str, readers: Iterable[str]) -> list[str]:
+    """Let `readers` read a blob `party` uploaded; 404 when it did not upload it. Returns all readers."""
+    with transaction.atomic():
+        if not Access.objects.filter(blob_id=sha256, party=party, uploader=True).exists():
+            raise not_found(sha256)
+        _add_readers(Blob(sha256=sha256), readers)
+        Blob.objects.filter(sha256=sha256).update(last_used_at=timezone.now())
+        return sorted(Access.objects.filter(blob_id=sha256).values_list("party", flat=True))
+
+
+def _add_readers(blob: Blob, readers: Iterable[str]) -> None:
+    Access.objects.bulk_create([Access(blob=blob, party=r) for r in readers], ignore_conflicts=True)
