@@ -10,6 +10,8 @@ class ErrorCode(StrEnum):
 
     MALFORMED_MESSAGE = "FS100"
     UNSUPPORTED_PROTOCOL = "FS101"
+    SENDER_MISMATCH = "FS102"
+    REQUEST_EXPIRED = "FS103"
     UNKNOWN_DATASET = "FS200"
     DATASET_LOAD_FAILED = "FS201"
     PLAN_NOT_APPROVED = "FS300"
@@ -20,6 +22,7 @@ class ErrorCode(StrEnum):
     TRAINING_FAILED = "FS500"
     WORKER_CRASHED = "FS501"
     TRAINING_ARGS_INVALID = "FS502"
+    NON_FINITE = "FS503"
     TRANSFER_FAILED = "FS600"
     INTERNAL = "FS900"
 
@@ -27,6 +30,8 @@ class ErrorCode(StrEnum):
 ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.MALFORMED_MESSAGE: "the message did not match the protocol schema; check versions on both sides",
     ErrorCode.UNSUPPORTED_PROTOCOL: "upgrade the older side so both speak the same protocol version",
+    ErrorCode.SENDER_MISMATCH: "a message's sender must be the party whose credentials published it",
+    ErrorCode.REQUEST_EXPIRED: "the request is too old or from the future: check both machines' clocks (NTP)",
     ErrorCode.UNKNOWN_DATASET: "list the node's datasets (`fedsilo node dataset list`) and use a registered id",
     ErrorCode.DATASET_LOAD_FAILED: "the node administrator should check the dataset path and format",
     ErrorCode.PLAN_NOT_APPROVED: "ask the node's data manager to review and approve the plan with this hash",
@@ -37,6 +42,8 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.TRAINING_FAILED: "the training plan raised on the node; the node log holds the traceback",
     ErrorCode.WORKER_CRASHED: "the node's training worker died; it has been restarted",
     ErrorCode.TRAINING_ARGS_INVALID: "fix the training arguments named in the message",
+    ErrorCode.NON_FINITE: "training produced NaN or infinity: look for missing values in the dataset's summary "
+    "(fill them in the plan), or lower the learning rate",
     ErrorCode.TRANSFER_FAILED: "the file store could not be reached or refused the transfer",
     ErrorCode.INTERNAL: "an unexpected error; the node log holds the traceback under the request id",
 }
@@ -52,6 +59,10 @@ class ConfigError(FedsiloError):
 
 class SerializationError(FedsiloError):
     """Bytes that should hold parameters do not (not safetensors, wrong shapes, tampered)."""
+
+
+class NonFiniteError(FedsiloError):
+    """Training produced NaN or infinity (a loss, or the parameters); the message names the step."""
 
 
 class PlanSourceError(FedsiloError):

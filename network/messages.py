@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -12,9 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from fedsilo.common import PROTOCOL_VERSION
 from fedsilo.common.errors import ErrorCode
+from fedsilo.common.safejson import JSONLimitError, check_json
 
 MAX_MESSAGE_BYTES = 256 * 1024
 """Messages carry references, never payloads; anything larger is refused before parsing."""
+MAX_MESSAGE_DEPTH = 16
+"""fedsilo's messages nest at most 5 levels; deeper JSON is refused before any parser recurses into it."""
 
 _ID = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 _SHA = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -27,13 +29,15 @@ def new_id() -> str:
 class BlobRef(BaseModel):
     """A file-store object: content-addressed, so its id is its sha256."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     sha256: _SHA
     size: int = Field(ge=0)
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Base of every message; NaN and infinities are refused in every float field (JSON has neither)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     protocol_version: int = PROTOCOL_VERSION
     request_id: _ID = Field(default_factory=new_id)
     sender: _ID
@@ -89,7 +93,7 @@ class PlanStatusRequest(Message):
 class DatasetInfo(BaseModel):
     """What a node tells researchers about a dataset: metadata, never data or paths."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     dataset_id: str
     name: str
     tags: list[str]
@@ -230,33 +234,31 @@ class MessageError(ValueError):
         self.reason, self.sender, self.request_id = reason, sender, request_id
 
 
-def parse_message(payload: bytes | str) -> AnyMessage:
-    """Validate raw bytes into a message; raise `MessageError` with a short reason otherwise."""
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise MessageError(f"message of {len(payload)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+def parse_message(payload: bytes | bytearray | str) -> AnyMessage:
+    """Validate raw bytes into a message; raise `MessageError` with a short reason otherwise.
+
+    Size and nesting depth are bounded before any parser runs; nothing here raises anything else."""
+    try:
+        check_json(payload, max_bytes=MAX_MESSAGE_BYTES, max_depth=MAX_MESSAGE_DEPTH)
+    except JSONLimitError as exc:
+        raise MessageError(f"refused: {exc}", *_salvage_ids(payload)) from None
     try:
         return _ADAPTER.validate_json(payload)
     except ValidationError as exc:
-        sender, request_id = _salvage_ids(payload)
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        raise MessageError(f"invalid message: {where}: {first.get('msg')}", sender, request_id) from None
+        raise MessageError(f"invalid message: {where}: {first.get('msg')}", *_salvage_ids(payload)) from None
 
 
-def _salvage_ids(payload: bytes | str) -> tuple[str, str]:
-    """Best effort: who sent an invalid message, so that it can be answered."""
-    try:
-        raw = json.loads(payload)
-    except ValueError:
-        return "", ""
-    if not isinstance(raw, dict):
-        return "", ""
-    sender, rid = raw.get("sender"), raw.get("request_id")
-    return (sender if _is_id(sender) else ""), (rid if _is_id(rid) else "")
+_SALVAGE = {k: re.compile(rf'"{k}"\s*:\s*"([A-Za-z0-9_.:\-]{{1,128}})"') for k in ("sender", "request_id")}
+_SALVAGE_BYTES = 8192
 
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+def _salvage_ids(payload: bytes | bytearray | str) -> tuple[str, str]:
+    """Best effort, without parsing: the sender and request id of an invalid message, to answer it.
 
-
-def _is_id(value: object) -> bool:
-    return isinstance(value, str) and bool(_ID_RE.match(value))
+    A regular expression over the first 8 KiB: bounded work whatever the payload (bad JSON, huge, deep)."""
+    head = payload[:_SALVAGE_BYTES]
+    text = head if isinstance(head, str) else bytes(head).decode("utf-8", "replace")
+    found = [_SALVAGE[k].search(text) for k in ("sender", "request_id")]
+    return tuple(m.group(1) if m else "" for m in found)  # type: ignore[return-value]

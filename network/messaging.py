@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
@@ -29,8 +30,20 @@ class BrokerUnavailable(FedsiloError):
 class Messaging:
     """One MQTT connection: subscribes on every (re)connect and hands validated messages on.
 
-    Handlers run on paho's network thread: they must be quick (enqueue and return).
+    Handlers run on paho's network thread: they must be quick (enqueue and return). No payload and no
+    handler can stop the receive loop: every exception is caught per message, and a watchdog restarts
+    paho's network thread if it dies anyway (`restarts` counts it; `connected` is False while it is dead).
+
+    Both brokers replace the client id by the username (`use_username_as_clientid`): a party has one
+    connection at a time, and a second one with the same credentials takes the first over.
+
+        m = Messaging(creds.party, creds.mqtt, on_message=print, subscriptions=[topics.PRESENCE_ALL])
+        m.start(timeout=10)
     """
+
+    WATCHDOG_INTERVAL = 0.5
+    TAKEOVER_WINDOW = 5.0
+    """A connection the broker closes this soon after it was made, again and again, was taken over."""
 
     def __init__(
         self,
@@ -52,6 +65,11 @@ class Messaging:
         self._on_connected = on_connected
         self._subscriptions = list(subscriptions)
         self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self._connected_at = 0.0
+        self._quick_drops = 0
+        self.restarts = 0
         self._first_result: str | None = None
         self._first_done = threading.Event()
         self._client = mqtt.Client(
@@ -82,7 +100,10 @@ class Messaging:
             self._client.connect_async(s.host, s.port, keepalive=s.keepalive)
         except (OSError, ValueError) as exc:
             raise BrokerUnavailable(f"cannot reach the broker at {s.host}:{s.port}: {exc}") from exc
+        self._stopping.clear()
         self._client.loop_start()
+        self._watchdog = threading.Thread(target=self._watch, name=f"fedsilo-watchdog-{self.client_id}", daemon=True)
+        self._watchdog.start()
         if not self._first_done.wait(timeout):
             self.stop()
             raise BrokerUnavailable(
@@ -94,6 +115,7 @@ class Messaging:
 
     def stop(self, farewell: tuple[str, Message] | None = None) -> None:
         """Disconnect cleanly; `farewell` is published (retained) first, e.g. an offline presence."""
+        self._stopping.set()
         if farewell is not None and self._connected.is_set():
             topic, msg = farewell
             info = self._client.publish(topic, msg.to_json(), qos=1, retain=True)
@@ -105,7 +127,21 @@ class Messaging:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        """Connected, and paho's network thread alive to read what arrives."""
+        return self._connected.is_set() and self.receiving
+
+    @property
+    def receiving(self) -> bool:
+        return self._client._thread is not None  # paho clears it when its loop ends, however it ends
+
+    def _watch(self) -> None:
+        """Restart paho's network thread whenever it died (it cannot, short of a BaseException)."""
+        while not self._stopping.wait(self.WATCHDOG_INTERVAL):
+            if self._client._thread is None and not self._stopping.is_set():
+                self.restarts += 1
+                log.error("the MQTT network thread of %s died; restarting it (restart %d)", self.client_id,
+                          self.restarts)  # fmt: skip
+                self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -135,6 +171,7 @@ class Messaging:
             return
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
+        self._connected_at = time.monotonic()
         self._connected.set()
         self._first_done.set()
         log.debug("connected to broker as %s", self.client_id)
@@ -146,25 +183,32 @@ class Messaging:
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
-        if reason_code.is_failure:
+        if not reason_code.is_failure:
+            return
+        if self._connected_at and time.monotonic() - self._connected_at < self.TAKEOVER_WINDOW:
+            self._quick_drops += 1
+        else:
+            self._quick_drops = 0
+        if self._quick_drops >= 3:
+            log.error("the broker keeps closing %s's connection right after it is made: another process is "
+                      "probably connected with the same credentials (a party connects once); reconnecting",
+                      self.settings.username)  # fmt: skip
+        else:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        """The one receive path of every party: bounded parse, then the handler; nothing escapes."""
         try:
-            message = parse_message(msg.payload)
-        except MessageError as exc:
-            log.warning("invalid message on %s: %s", msg.topic, exc.reason)
-            if self._on_invalid is not None:
-                self._call(self._on_invalid, exc, msg.topic)
-            return
-        self._call(self._on_message, message, msg.topic)
-
-    @staticmethod
-    def _call(handler: Callable, *args) -> None:
-        try:
-            handler(*args)
-        except Exception:  # never let a handler bug take the network thread down
-            log.exception("message handler failed")
+            try:
+                message = parse_message(msg.payload)
+            except MessageError as exc:
+                log.warning("invalid message on %s: %s", msg.topic, exc.reason)
+                if self._on_invalid is not None:
+                    self._on_invalid(exc, msg.topic)
+                return
+            self._on_message(message, msg.topic)
+        except Exception:  # a handler bug or a payload we did not foresee: log it, keep receiving
+            log.exception("message on %s could not be handled", msg.topic)
 
 
 def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:

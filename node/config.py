@@ -58,6 +58,12 @@ class NodeSection(BaseModel):
     threads: int | None = Field(None, ge=1)
     """CPU threads torch uses in a round; unset = torch's default (every core). Nodes sharing a machine
     should split the cores: oversubscribed OpenMP threads make a round many times slower."""
+    request_max_age_s: float = Field(300.0, gt=0)
+    """A request stamped earlier than this is refused as a replay. Researchers stamp every copy they
+    (re-)send, so this bounds clock skew plus broker delay, not the length of a round."""
+    clock_skew_s: float = Field(60.0, ge=0)
+    """How far ahead of this node's clock a request's timestamp may be (and is added to the maximum age).
+    Keep the parties' clocks in sync with NTP; a minute of slack covers ordinary drift."""
 
 
 class Limits(BaseModel):

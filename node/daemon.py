@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -56,29 +55,6 @@ from .worker import Worker, WorkerCrashed, setup_file_logging
 
 log = logging.getLogger("fedsilo.node.daemon")
 
-_SALVAGE = {k: re.compile(rf'"{k}"\s*:\s*"([A-Za-z0-9_.:\-]{{1,128}})"') for k in ("sender", "request_id")}
-
-
-class _NodeMessaging(Messaging):
-    """Messaging that also recovers the sender of unparseable payloads (bad JSON, oversized) to answer them."""
-
-    def _handle_message(self, client, userdata, msg) -> None:
-        try:
-            message = parse_message(msg.payload)
-        except MessageError as exc:
-            if not exc.sender:
-                head = bytes(msg.payload[:8192]).decode("utf-8", "replace")
-                for key, rx in _SALVAGE.items():
-                    m = rx.search(head)
-                    if m and not getattr(exc, key):
-                        setattr(exc, key, m.group(1))
-            log.warning("invalid message on %s: %s", msg.topic, exc.reason)
-            if self._on_invalid is not None:
-                self._call(self._on_invalid, exc, msg.topic)
-            return
-        self._call(self._on_message, message, msg.topic)
-
-
 class NodeDaemon:
     def __init__(self, config: NodeConfig) -> None:
         self.cfg = config
@@ -97,11 +73,12 @@ class NodeDaemon:
         self._status_lock = threading.Lock()
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._current: dict[str, Any] | None = None
-        self.messaging = _NodeMessaging(
+        self._audit: Any = None
+        self.messaging = Messaging(
             client_id=self.node_id,
             settings=self.creds.mqtt,
             on_message=self._on_message,
-            subscriptions=[topics.BROADCAST, topics.node(self.node_id)],
+            subscriptions=[topics.BROADCAST_ALL, topics.node_inbox(self.node_id)],
             on_invalid=self._on_invalid,
             will=(topics.presence(self.node_id), self._presence(False)),
             on_connected=self._on_connected,
@@ -135,9 +112,22 @@ class NodeDaemon:
         self._runner = threading.Thread(target=self._run_tasks, name="fedsilo-tasks", daemon=True)
         self._runner.start()
         try:
-            self.stop_event.wait()
+            self._watch()
         finally:
             self._shutdown()
+
+    STATUS_EVERY_S = 10.0
+
+    def _watch(self) -> None:
+        """Until stopped: keep status.json true (connection state as it changes, a heartbeat otherwise)."""
+        shown, written = self.messaging.connected, time.monotonic()
+        while not self.stop_event.wait(1.0):
+            now = self.messaging.connected
+            if now != shown or time.monotonic() - written > self.STATUS_EVERY_S:
+                if now != shown:
+                    log.info("broker %s", "connected" if now else "connection lost; reconnecting")
+                shown, written = now, time.monotonic()
+                self._dispatch_safe(self._write_status)
 
     def _shutdown(self) -> None:
         log.info("stopping node '%s'", self.node_id)
@@ -168,6 +158,7 @@ class NodeDaemon:
                 "started_at": self._started_at,
                 "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "broker_connected": self.messaging.connected,
+                "receiver_restarts": self.messaging.restarts,
                 "worker_pid": self.worker.pid,
                 "queued": self.queue.size if self.queue is not None else 0,
                 "current_task": self._current,
@@ -197,38 +188,76 @@ class NodeDaemon:
             log.exception("handler %s failed", getattr(fn, "__name__", fn))
 
     def _on_message(self, message: Message, topic: str) -> None:
-        self._dispatch_safe(self._handle, message)
+        researcher = topics.publisher(topic)
+        if not getattr(message, "kind", "").endswith("_request") or not researcher:
+            log.debug("ignoring %s on %s", getattr(message, "kind", "?"), topic)
+            return
+        self._dispatch_safe(self._handle, message, researcher)
 
     def _on_invalid(self, exc: MessageError, topic: str) -> None:
-        if exc.sender:
+        researcher = topics.publisher(topic)  # the ACL proves who published; the payload may say anything
+        if researcher:
             self._dispatch_safe(
-                self._error, exc.sender, exc.request_id or "unknown", ErrorCode.MALFORMED_MESSAGE, exc.reason, "receive"
+                self._error, researcher, exc.request_id or "unknown", ErrorCode.MALFORMED_MESSAGE, exc.reason, "receive"
             )
 
     def _base(self, message_or_id: Message | str) -> dict[str, Any]:
         rid = message_or_id if isinstance(message_or_id, str) else message_or_id.request_id
         return {"sender": self.node_id, "node_id": self.node_id, "node_name": self.cfg.node.name, "in_reply_to": rid}
 
-    def _reply(self, to: str, message: Message) -> None:
-        self.messaging.publish(topics.researcher(to), message)
+    def _topic(self, researcher: str) -> str:
+        return topics.researcher(researcher, self.node_id)
+
+    def _reply(self, to: str, message: Message | bytes) -> None:
+        self.messaging.publish_raw(self._topic(to), message if isinstance(message, bytes) else message.to_json())
 
     def _error(self, to: str, request_id: str, code: ErrorCode, text: str, stage: str, **extra: Any) -> None:
+        log.info("[%s] refused request from %s: [%s] %s", request_id, to, code, text)
         self._reply(to, ErrorReply(**self._base(request_id), code=code, message=text[:3900], stage=stage, **extra))
 
-    def _handle(self, msg: Message) -> None:
-        kind = getattr(msg, "kind", "")
-        if not kind.endswith("_request"):
-            log.debug("ignoring %s from %s", kind, msg.sender)
-            return
+    def _admissible(self, msg: Message, researcher: str) -> bool:
+        """Checks every request passes: the sender it names is the party that published it, it is fresh,
+        and both sides speak the same protocol. A refusal is answered to the real publisher and logged."""
+        if msg.sender != researcher:
+            log.warning("[%s] %s published a request claiming to come from %r: refused", msg.request_id,
+                        researcher, msg.sender)  # fmt: skip
+            self.audit().record("request_refused", f"researcher:{researcher}", request_id=msg.request_id,
+                                reason=f"sender field says {msg.sender!r}")  # fmt: skip
+            self._error(researcher, msg.request_id, ErrorCode.SENDER_MISMATCH,
+                        f"the request says it comes from {msg.sender!r} but was published by {researcher!r}",
+                        "receive")  # fmt: skip
+            return False
         if msg.protocol_version != PROTOCOL_VERSION:
-            self._error(msg.sender, msg.request_id, ErrorCode.UNSUPPORTED_PROTOCOL,
+            self._error(researcher, msg.request_id, ErrorCode.UNSUPPORTED_PROTOCOL,
                         f"node speaks protocol {PROTOCOL_VERSION}, message has {msg.protocol_version}",
                         "receive")  # fmt: skip
+            return False
+        age, node = time.time() - msg.timestamp, self.cfg.node
+        if age > node.request_max_age_s + node.clock_skew_s or age < -node.clock_skew_s:
+            when = f"{age:.0f}s old" if age > 0 else f"{-age:.0f}s in the future"
+            self._error(researcher, msg.request_id, ErrorCode.REQUEST_EXPIRED,
+                        f"request stamped {when}; this node accepts requests up to {node.request_max_age_s:g}s old "
+                        f"with {node.clock_skew_s:g}s of clock skew", "receive")  # fmt: skip
+            return False
+        return True
+
+    def audit(self) -> Any:
+        if self._audit is None:
+            from .audit import AuditLog
+
+            self._audit = AuditLog(self.cfg.dir)
+        return self._audit
+
+    def _handle(self, msg: Message, researcher: str) -> None:
+        if isinstance(msg, TrainRequest) and self._answer_duplicate(msg, researcher):
+            return  # a re-sent copy: answered with the request's state, before any freshness check
+        if not self._admissible(msg, researcher):
             return
         if isinstance(msg, PingRequest):
             self._reply(msg.sender, PingReply(**self._base(msg), version=__version__, busy=self._current is not None))
         elif isinstance(msg, SearchRequest):
             infos = [self.datasets.info(r) for r in self.datasets.search(msg.tags)]
+            log.info("search %s from %s: %d dataset(s) match", msg.tags, researcher, len(infos))
             self._reply(msg.sender, SearchReply(**self._base(msg), datasets=infos))
         elif isinstance(msg, ListRequest):
             infos = [self.datasets.info(r) for r in self.datasets.list()]
@@ -247,6 +276,21 @@ class NodeDaemon:
             self._handle_approval(msg)
         elif isinstance(msg, TrainRequest):
             self._handle_train(msg)
+
+    def _answer_duplicate(self, msg: TrainRequest, researcher: str) -> bool:
+        """A request id seen before gets its current state again: its ack while it is queued or running,
+        its reply once done. Requesters re-send what they have no answer for (a broker may have lost it)."""
+        assert self.queue is not None
+        state = self.queue.seen(msg.request_id)
+        if state is None or msg.sender != researcher:
+            return False
+        reply = self.queue.reply(msg.request_id) if state == "done" else None
+        log.info("[%s] re-sent request (%s): answering again", msg.request_id, state)
+        if reply is not None:
+            self._reply(researcher, reply)
+        elif state != "done":
+            self._reply(researcher, TaskAck(**self._base(msg), job_id=msg.job_id, round=msg.round))
+        return True
 
     def _handle_approval(self, msg: ApprovalRequest) -> None:
         try:
@@ -268,10 +312,6 @@ class NodeDaemon:
 
     def _handle_train(self, msg: TrainRequest) -> None:
         assert self.queue is not None
-        state = self.queue.seen(msg.request_id)
-        if state is not None:
-            log.info("[%s] duplicate train request ignored (%s)", msg.request_id, state)
-            return
         extra = {"job_id": msg.job_id, "round": msg.round}
         try:
             self.datasets.get(msg.dataset_id)
@@ -284,6 +324,9 @@ class NodeDaemon:
             self._error(msg.sender, msg.request_id, ErrorCode.TRAINING_ARGS_INVALID, str(exc), "arguments", **extra)
             return
         if self.queue.put(msg.request_id, {"request": msg.model_dump_json(), "reply_to": msg.sender}):
+            log.info("[%s] queued: job %s round %d from %s, dataset %s, plan %s (%d in queue)", msg.request_id,
+                     msg.job_id, msg.round, msg.sender, msg.dataset_id, msg.plan.sha256[:12],
+                     self.queue.size)  # fmt: skip
             self._reply(msg.sender, TaskAck(**self._base(msg), job_id=msg.job_id, round=msg.round))
             self._write_status()
 
@@ -322,7 +365,10 @@ class NodeDaemon:
         self._current = {"request_id": rid, "job_id": request.job_id, "round": request.round,
                          "dataset_id": request.dataset_id, "started_at": time.time()}  # fmt: skip
         self._write_status()
-        topic = topics.researcher(reply_to)
+        topic = self._topic(reply_to)
+        started = time.monotonic()
+        log.info("[%s] round started: job %s round %d for %s, dataset %s, plan %s", rid, request.job_id,
+                 request.round, reply_to, request.dataset_id, request.plan.sha256[:12])  # fmt: skip
         try:
             payload = self.worker.run(rid, data["request"], lambda ev: self.messaging.publish_raw(topic, ev))
             reply: Message | bytes = payload
@@ -337,17 +383,20 @@ class NodeDaemon:
                                stage="training", job_id=request.job_id, round=request.round)  # fmt: skip
         finally:
             self._current = None
-        if self._publish_reliably(topic, reply):
-            self.queue.done(item)
+        log.info("[%s] round finished: job %s round %d: %s in %.2fs", rid, request.job_id, request.round,
+                 _outcome(reply), time.monotonic() - started)  # fmt: skip
+        raw = reply if isinstance(reply, bytes) else reply.to_json()
+        if self._publish_reliably(topic, raw):
+            self.queue.done(item, raw)
         else:
             log.error("[%s] reply not acknowledged by the broker; the task stays queued", rid)
         self._write_status()
 
-    def _publish_reliably(self, topic: str, reply: Message | bytes) -> bool:
+    def _publish_reliably(self, topic: str, reply: bytes) -> bool:
         """Publish and wait for the broker's PUBACK; re-send after a reconnect. False if it never came."""
         deadline = time.monotonic() + self.cfg.timeouts.transfer
         while True:
-            info = self.messaging.publish_raw(topic, reply if isinstance(reply, bytes) else reply.to_json())
+            info = self.messaging.publish_raw(topic, reply)
             remaining = deadline - time.monotonic()
             try:
                 info.wait_for_publish(timeout=max(remaining, 0.1))
@@ -359,6 +408,17 @@ class NodeDaemon:
             if remaining <= 0 or not self.messaging.wait_connected(remaining):
                 return False
         return False
+
+
+def _outcome(reply: Message | bytes) -> str:
+    """'ok, N samples' or '[FSxxx] at <stage>: message', for the node's log."""
+    try:
+        msg = parse_message(reply) if isinstance(reply, bytes) else reply
+    except MessageError as exc:
+        return f"unreadable reply ({exc.reason})"
+    if isinstance(msg, ErrorReply):
+        return f"[{msg.code}] at {msg.stage}: {msg.message[:200]}"
+    return f"ok, {getattr(msg, 'sample_size', '?')} samples"
 
 
 def run(config: NodeConfig) -> None:

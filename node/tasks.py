@@ -1,8 +1,9 @@
 """The node's durable task queue (persist-queue SQLiteAckQueue) with de-duplication by request id.
 
 A task is acked only after its reply has been published, so a daemon that stops mid-task runs it again
-on restart (`auto_resume`). QoS 1 may deliver a request twice: the `seen` table ignores the second copy
-and a task already answered is skipped if it was queued twice.
+on restart (`auto_resume`). QoS 1 may deliver a request twice, and researchers re-send requests they have
+no answer for: the `seen` table queues each request id once and keeps its reply, which a re-sent copy gets
+again (a broker restart may have lost the first).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class TaskQueue:
         self._seen.execute(
             "CREATE TABLE IF NOT EXISTS seen (request_id TEXT PRIMARY KEY, at REAL NOT NULL, state TEXT NOT NULL)"
         )
+        columns = {row[1] for row in self._seen.execute("PRAGMA table_info(seen)")}
+        if "reply" not in columns:  # queues made before replies were kept
+            self._seen.execute("ALTER TABLE seen ADD COLUMN reply BLOB")
         self._seen.execute("DELETE FROM seen WHERE at < ?", (time.time() - SEEN_RETENTION_S,))
         if self._q.size:
             self._wake.set()
@@ -42,6 +46,12 @@ class TaskQueue:
         with self._lock:
             row = self._seen.execute("SELECT state FROM seen WHERE request_id = ?", (request_id,)).fetchone()
         return row[0] if row else None
+
+    def reply(self, request_id: str) -> bytes | None:
+        """The reply published for a finished request, if kept."""
+        with self._lock:
+            row = self._seen.execute("SELECT reply FROM seen WHERE request_id = ?", (request_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
 
     def put(self, request_id: str, item: dict[str, Any]) -> bool:
         """Queue a task; False when this request id was already accepted."""
@@ -70,11 +80,12 @@ class TaskQueue:
         """Unblock `get` (used when stopping)."""
         self._wake.set()
 
-    def done(self, item: dict[str, Any]) -> None:
+    def done(self, item: dict[str, Any], reply: bytes | None = None) -> None:
+        """Mark a task answered (keeping `reply` for re-sent copies) and remove it from the queue."""
         with self._lock:
             self._seen.execute(
-                "INSERT OR REPLACE INTO seen (request_id, at, state) VALUES (?, ?, 'done')",
-                (item["data"]["request_id"], time.time()),
+                "INSERT OR REPLACE INTO seen (request_id, at, state, reply) VALUES (?, ?, 'done', ?)",
+                (item["data"]["request_id"], time.time(), reply),
             )
         self._q.ack(id=item["pqid"])
 

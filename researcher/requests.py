@@ -7,9 +7,6 @@ deadlines, so no wait ever sleeps a fixed time and every wait ends.
 from __future__ import annotations
 
 import logging
-import queue
-import secrets
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -35,22 +32,13 @@ from fedsilo.network.messages import (
     PlanStatusRequest,
     Presence,
     Reply,
-    ScalarMessage,
     SearchReply,
     SearchRequest,
 )
-from fedsilo.network.messaging import Messaging
+
+from .connection import Connection, NodeState, Waiter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class NodeState:
-    node_id: str
-    name: str
-    online: bool
-    version: str = ""
-    seen_at: float = 0.0
 
 
 @dataclass
@@ -62,31 +50,15 @@ class Collected:
     missing: list[str]
 
 
-class Waiter:
-    """A queue fed with the replies (and, optionally, presence and scalars) meant for one exchange."""
-
-    def __init__(self, keys: Iterable[str], job_id: str | None, watch_presence: bool) -> None:
-        self.keys = set(keys)
-        self.job_id = job_id
-        self.watch_presence = watch_presence
-        self.queue: queue.Queue[Message] = queue.Queue()
-
-    def get(self, deadline: float) -> Message | None:
-        """The next message, or None once `deadline` (time.monotonic) has passed."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            try:
-                return self.queue.get_nowait()
-            except queue.Empty:
-                return None
-        try:
-            return self.queue.get(timeout=remaining)
-        except queue.Empty:
-            return None
-
-
 class Requests:
-    """A researcher's connection: `start()`, then search/ping/list/approval/status, or `waiter()` for rounds."""
+    """A researcher's handle on its party's shared connection: search/ping/list/approval/status, or
+    `waiter()` + `send()` for rounds.
+
+        req = Requests(credentials)
+        req.start()
+        print(req.ping())
+        req.close()
+    """
 
     def __init__(
         self,
@@ -95,56 +67,50 @@ class Requests:
         on_log: Callable[[LogMessage], None] | None = None,
     ) -> None:
         self.party = credentials.party
-        self.client_id = f"{credentials.party}-{secrets.token_hex(4)}"
+        self.client_id = credentials.party  # both brokers use the username as the client id
         self.timeouts = timeouts or Timeouts()
+        self._credentials = credentials
         self._on_log = on_log
-        self._lock = threading.Lock()
-        self._nodes: dict[str, NodeState] = {}
-        self._presence_seen = threading.Event()
-        self._by_key: dict[str, Waiter] = {}
-        self._by_job: dict[str, list[Waiter]] = {}
-        self._presence_waiters: list[Waiter] = []
-        self._messaging = Messaging(
-            self.client_id,
-            credentials.mqtt,
-            on_message=self._route,
-            subscriptions=[topics.researcher(self.party), topics.PRESENCE_ALL],
-            persistent=False,
-        )
-        self._started = False
+        self._conn: Connection | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Connect to the broker; raises `BrokerUnavailable` with the address when it cannot."""
-        if not self._started:
-            self._messaging.start(self.timeouts.connect)
-            self._started = True
+        """Connect to the broker (or join this process's connection); raises `BrokerUnavailable`."""
+        if self._conn is None:
+            self._conn = Connection.acquire(self._credentials, self.timeouts.connect)
+            if self._on_log is not None:
+                self._conn.log_listeners.append(self._on_log)
 
     def close(self) -> None:
-        if self._started:
-            self._messaging.stop()
-            self._started = False
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if self._on_log in conn.log_listeners:
+                conn.log_listeners.remove(self._on_log)  # type: ignore[arg-type]
+            conn.release()
 
     @property
     def connected(self) -> bool:
-        return self._messaging.connected
+        return self._conn is not None and self._conn.connected
+
+    @property
+    def _c(self) -> Connection:
+        if self._conn is None:
+            raise RuntimeError("Requests.start() was not called")
+        return self._conn
 
     # ------------------------------------------------------------------ presence
     def nodes(self) -> dict[str, NodeState]:
         """Every node whose presence was seen, online or not."""
-        with self._lock:
-            return {k: NodeState(**vars(v)) for k, v in self._nodes.items()}
+        return self._c.nodes()
 
     def online_nodes(self, wait: bool = True) -> list[str]:
         """Node ids currently online. `wait`: give retained presence one request timeout to arrive."""
         if wait:
-            self._presence_seen.wait(self.timeouts.request)
-        with self._lock:
-            return sorted(n for n, s in self._nodes.items() if s.online)
+            self._c.presence_seen.wait(self.timeouts.request)
+        return sorted(n for n, s in self._c.nodes().items() if s.online)
 
     def node_name(self, node_id: str) -> str:
-        with self._lock:
-            state = self._nodes.get(node_id)
+        state = self._c.nodes().get(node_id) if self._conn is not None else None
         return state.name if state is not None and state.name else node_id
 
     # ------------------------------------------------------------------ routing
@@ -153,67 +119,21 @@ class Requests:
         self, keys: Iterable[str] = (), job_id: str | None = None, watch_presence: bool = False
     ) -> Iterator[Waiter]:
         """Register a queue for replies to `keys` (request ids); scalars for `job_id`; presence changes."""
-        w = Waiter(keys, job_id, watch_presence)
-        with self._lock:
-            for key in w.keys:
-                self._by_key[key] = w
-            if job_id:
-                self._by_job.setdefault(job_id, []).append(w)
-            if watch_presence:
-                self._presence_waiters.append(w)
+        w = Waiter(keys, job_id, watch_presence, self._c)
+        self._c.register(w)
         try:
             yield w
         finally:
-            with self._lock:
-                for key in w.keys:
-                    if self._by_key.get(key) is w:
-                        del self._by_key[key]
-                if job_id and w in self._by_job.get(job_id, []):
-                    self._by_job[job_id].remove(w)
-                    if not self._by_job[job_id]:
-                        del self._by_job[job_id]
-                if w in self._presence_waiters:
-                    self._presence_waiters.remove(w)
+            self._c.unregister(w)
 
     def add_keys(self, w: Waiter, keys: Iterable[str]) -> None:
-        with self._lock:
-            for key in keys:
-                w.keys.add(key)
-                self._by_key[key] = w
+        self._c.add_keys(w, keys)
 
-    def publish(self, topic: str, message: Message) -> None:
-        self._messaging.publish(topic, message)
-
-    def _route(self, message: Message, topic: str) -> None:
-        if isinstance(message, Presence):
-            self._on_presence(message)
-            return
-        if isinstance(message, LogMessage):
-            if self._on_log is not None:
-                self._on_log(message)
-            return
-        with self._lock:
-            if isinstance(message, ScalarMessage):
-                targets = list(self._by_job.get(message.job_id, []))
-            elif isinstance(message, Reply):
-                w = self._by_key.get(message.in_reply_to)
-                targets = [w] if w is not None else []
-            else:
-                targets = []
-        if not targets:
-            log.debug("no one waits for %s %s; ignored", message.kind, getattr(message, "in_reply_to", ""))
-        for w in targets:
-            w.queue.put(message)
-
-    def _on_presence(self, msg: Presence) -> None:
-        with self._lock:
-            self._nodes[msg.node_id] = NodeState(
-                msg.node_id, msg.node_name or msg.node_id, msg.online, msg.version, time.time()
-            )
-            waiters = list(self._presence_waiters)
-        self._presence_seen.set()
-        for w in waiters:
-            w.queue.put(msg)
+    def send(self, w: Waiter, node: str | None, message: Message) -> None:
+        """Publish a request to `node` (None: every node) and re-send it from `w.get` until answered."""
+        topic = topics.node(node, self.party) if node is not None else topics.broadcast(self.party)
+        w.track(topic, message, node)
+        self._c.publish(topic, message)
 
     # ------------------------------------------------------------------ request/reply
     def collect(
@@ -238,10 +158,10 @@ class Requests:
             if targeted:
                 expected = set(nodes)  # type: ignore[arg-type]
                 for node_id in sorted(expected):
-                    self.publish(topics.node(node_id), request)
+                    self.send(w, node_id, request)
             else:
                 expected = {n for n in self.online_nodes() if allowed is None or n in allowed}
-                self.publish(topics.BROADCAST, request)
+                self.send(w, None, request)
             deadline = time.monotonic() + timeout
             while expected - replies.keys() - errors.keys():
                 msg = w.get(deadline)

@@ -1,233 +1,42 @@
 """End to end, on each broker: one network, three hospital node daemons (separate processes, data
 registered and plans approved through the node CLI) and a researcher's `Experiment`. No mocks.
 
-The network and the three nodes are shared by the module's tests (one set per broker); the tests
-that kill daemons run last and start them again, so every test finds three nodes running.
+The federation (fixtures in conftest.py) is shared by the e2e modules; the tests that kill daemons
+start them again, so every test finds three nodes running.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import pickle
 import signal
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
-from fedsilo.common.datasets import CsvDataset
 from fedsilo.common.errors import RemoteError
-from fedsilo.common.synthetic import FEATURES, features_and_labels, synthetic_cohort, write_cohort_csv
-from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
 from fedsilo.network.messages import PingRequest
-from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
-from fedsilo.researcher import Experiment, ExperimentError
+from fedsilo.researcher import ExperimentError
+from tests.e2e.federation import (
+    HOSPITALS,
+    MODEL_ARGS,
+    ROWS,
+    SLOW_ARGS,
+    TRAINING_ARGS,
+    Approved,
+    Federation,
+    Trap,
+    Unreviewed,
+    accuracy,
+    fedsilo,
+    import_plan,
+    node_status,
+    wait_for,
+    zero_params,
+)
 from tests.support.client import RawResearcher
-from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network
-
-TAG = "cohort"
-ROWS = 240
-HOSPITALS = {"hospital-a": 0.2, "hospital-b": 0.5, "hospital-c": 0.8}  # share of positive cases: label skew
-MODEL_ARGS = {"n_features": FEATURES}
-TRAINING_ARGS = {"epochs": 1, "batch_size": 16, "optimizer_args": {"lr": 0.2}, "log_interval": 5, "random_seed": 1}
-# Enough single-sample steps that a round lasts seconds: a daemon can be killed while it trains.
-SLOW_ARGS = {**TRAINING_ARGS, "num_updates": 2500, "batch_size": 1, "log_interval": 100}
-
-
-class LogReg(TorchTrainingPlan):
-    """Logistic regression on the cohort's tabular features."""
-
-    def init_model(self, model_args):
-        model = nn.Linear(model_args["n_features"], 2)
-        # A zero start predicts one class for everyone: exactly 50% on a balanced held-out set.
-        nn.init.zeros_(model.weight)
-        nn.init.zeros_(model.bias)
-        return model
-
-    def training_data(self, batch_size):
-        return DataManager(CsvDataset(self.dataset_path), batch_size=batch_size, shuffle=True)
-
-    def training_step(self, data, target):
-        return nn.functional.cross_entropy(self.model()(data), target)
-
-
-class Unreviewed(TorchTrainingPlan):
-    """A plan no data manager has seen."""
-
-    def init_model(self, model_args):
-        return nn.Linear(model_args["n_features"], 2)
-
-    def training_data(self, batch_size):
-        return DataManager(CsvDataset(self.dataset_path), batch_size=batch_size)
-
-    def training_step(self, data, target):
-        return nn.functional.cross_entropy(self.model()(data), target)
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def fedsilo(*args: str) -> str:
-    """One `fedsilo` command, as a node administrator or data manager types it."""
-    done = subprocess.run([*FEDSILO, *args], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"fedsilo {' '.join(args)} exited {done.returncode}: {done.stderr}"
-    return done.stdout
-
-
-def balanced_heldout(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A test set with exactly as many positive as negative cases, from none of the nodes' cohorts."""
-    rng = np.random.default_rng(99)
-    table = np.vstack([synthetic_cohort(rng, rows // 2, 0.0), synthetic_cohort(rng, rows // 2, 1.0)])
-    x, y = features_and_labels(table)
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s"
-        time.sleep(interval)
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model.eval()(x).argmax(1) == y).float().mean().item()
-
-
-def node_status(nodedir: Path) -> dict:
-    """The daemon's status.json (pid, broker connection, worker pid)."""
-    return json.loads((nodedir / "status.json").read_text(encoding="utf-8"))
-
-
-def import_plan(source: str, name: str, folder: Path) -> type:
-    """Import plan source from a real file, as a researcher's own module, so `Experiment` extracts it."""
-    module_name = f"e2e_plan_{abs(hash(source)):x}"
-    path = folder / f"{module_name}.py"
-    path.write_text(source, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # inspect.getsource finds the class's file through sys.modules
-    spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
-class Trap:
-    """Unpickling this creates `marker`: what a hostile parameters file would do, made harmless."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self) -> tuple:
-        return (open, (self.marker, "w"))
-
-
-@dataclass
-class Federation:
-    broker: str
-    root: Path
-    network: NetworkHandle
-    nodes: dict[str, NodeHandle]
-    datasets: dict[str, str]  # node -> dataset id
-    heldout: tuple[torch.Tensor, torch.Tensor]
-
-    @property
-    def netdir(self) -> Path:
-        return self.network.netdir
-
-    def nodedir(self, name: str) -> Path:
-        return self.nodes[name].nodedir
-
-    def experiment(self, folder: Path, plan: type = LogReg, **kw) -> Experiment:
-        return Experiment(
-            tags=kw.pop("tags", [TAG]),
-            training_plan_class=plan,
-            model_args=MODEL_ARGS,
-            training_args=kw.pop("training_args", TRAINING_ARGS),
-            round_limit=kw.pop("round_limit", 3),
-            network=self.netdir,
-            experimentation_folder=folder / "experiments",
-            round_timeout=kw.pop("round_timeout", 120),
-            **kw,
-        )
-
-
-def _register(root: Path, netdir: Path, name: str, csv: Path) -> str:
-    """A node created and its dataset registered through the CLI; returns the dataset id."""
-    nodedir = root / name
-    # --threads 1: three nodes share two cores; torch's default thread count makes rounds much slower.
-    fedsilo("node", "init", "--dir", str(nodedir), "--name", name, "--network", str(netdir),
-            "--data-root", str(csv.parent), "--threads", "1")  # fmt: skip
-    fedsilo("node", "dataset", "add", "--dir", str(nodedir), "--name", f"{name}-cohort", "--tags", f"{TAG},tabular",
-            "--type", "csv", "--path", str(csv), "--target", "label")  # fmt: skip
-    return DatasetStore(nodedir).get(f"{name}-cohort")["dataset_id"]
-
-
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
-def fed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    broker = request.param
-    root = tmp_path_factory.mktemp(f"e2e-{broker}")
-    network = start_network(root, broker=broker)
-    nodes: dict[str, NodeHandle] = {}
-    try:
-        assert network.broker_kind == broker
-        rng = np.random.default_rng(2024)
-        csvs = {}
-        for name, share in HOSPITALS.items():
-            (root / f"data-{name}").mkdir()
-            csvs[name] = root / f"data-{name}" / "cohort.csv"
-            write_cohort_csv(csvs[name], synthetic_cohort(rng, ROWS, share))
-        with ThreadPoolExecutor(len(HOSPITALS)) as pool:  # the CLI runs are independent: overlap them
-            ids = list(pool.map(lambda n: _register(root, network.netdir, n, csvs[n]), HOSPITALS))
-        for name in HOSPITALS:
-            nodes[name] = NodeHandle(nodedir=root / name, log_path=root / name / "logs" / "daemon.out")
-            nodes[name].start(wait=False)
-        for handle in nodes.values():
-            handle.wait_ready()
-        yield Federation(broker, root, network, nodes, dict(zip(HOSPITALS, ids, strict=True)), balanced_heldout(2000))
-    finally:
-        for handle in nodes.values():
-            handle.stop()
-        network.stop()
-
-
-@dataclass
-class Approved:
-    sha256: str
-    source: str
-
-
-@pytest.fixture(scope="module")
-def approved(fed: Federation, tmp_path_factory: pytest.TempPathFactory) -> Approved:
-    """LogReg submitted for review by the researcher, then approved by each data manager with the CLI."""
-    with fed.experiment(tmp_path_factory.mktemp("approve")) as exp:
-        assert exp.training_plan_approve(description="e2e") == dict.fromkeys(HOSPITALS, "pending")
-        sha = exp.training_plan_hash()
-        for name in HOSPITALS:
-            out = fedsilo("node", "plan", "approve", sha, "--dir", str(fed.nodedir(name)), "--note", "reviewed: e2e")
-            assert "approved" in out
-        assert exp.check_training_plan_status() == dict.fromkeys(HOSPITALS, "approved")
-        return Approved(sha, exp.training_plan_file())
-
-
-@pytest.fixture(scope="module")
-def client(fed: Federation) -> Iterator[RawResearcher]:
-    researcher = RawResearcher(fed.network.credentials("researcher"))
-    yield researcher
-    researcher.close()
-
-
-def zero_params() -> dict[str, torch.Tensor]:
-    return {"weight": torch.zeros(2, FEATURES), "bias": torch.zeros(2)}
 
 
 # ------------------------------------------------------------------------------------------ tests

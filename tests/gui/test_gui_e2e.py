@@ -18,7 +18,7 @@ from fedsilo.common.serialization import params_from_bytes, params_to_bytes
 from fedsilo.network import topics
 from fedsilo.network.credentials import Credentials
 from fedsilo.network.filestore_client import FileStoreClient
-from fedsilo.network.messages import ApprovalRequest, Message, PingRequest, TrainRequest, new_id
+from fedsilo.network.messages import ApprovalRequest, Message, PingRequest, TrainRequest
 from fedsilo.network.messaging import Messaging
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
@@ -38,17 +38,17 @@ class Publisher:
         self.creds = creds
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.messaging = Messaging(
-            f"{creds.party}-guitest-{new_id()[:6]}",
+            creds.party,
             creds.mqtt,
             on_message=lambda msg, topic: self.inbox.put(msg),
-            subscriptions=[topics.researcher(creds.party)],
+            subscriptions=[topics.researcher_inbox(creds.party)],
             persistent=False,
         )
         self.messaging.start(timeout=20)
         self.files = FileStoreClient(creds.filestore)
 
     def ask(self, msg: Message, kinds: tuple[str, ...], timeout: float = 180) -> Message:
-        self.messaging.publish(topics.node(NODE), msg).wait_for_publish(10)
+        self.messaging.publish(topics.node(NODE, self.creds.party), msg).wait_for_publish(10)
         deadline = time.monotonic() + timeout
         while True:
             reply = self.inbox.get(timeout=max(deadline - time.monotonic(), 0.01))

@@ -47,7 +47,7 @@ def setup(
                     "--data-root", str(data), "--threads", "1"], check=True, capture_output=True)  # fmt: skip
     ds = DatasetStore(nodedir).add("d", ["demo"], "csv", data / "d.csv", added_by="test")
     node = start_node(nodedir)
-    researcher = RawResearcher(net.credentials("researcher"))
+    researcher = RawResearcher.for_network(net)
     yield researcher, node, ds
     node.stop()
     researcher.close()

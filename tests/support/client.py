@@ -15,13 +15,15 @@ from fedsilo.common.serialization import params_to_bytes
 from fedsilo.network import topics
 from fedsilo.network.credentials import Credentials
 from fedsilo.network.filestore_client import FileStoreClient
-from fedsilo.network.messages import BlobRef, Message, PingRequest, ScalarMessage, TrainRequest, new_id
+from fedsilo.network.launcher import NetworkHandle
+from fedsilo.network.messages import BlobRef, Message, PingRequest, ScalarMessage, TrainRequest
 from fedsilo.network.messaging import Messaging
 
 
 class RawResearcher:
-    """MQTT + file-store client with a researcher's credentials (a fresh client id: it may run beside an
-    `Experiment` of the same party; both receive the replies and each keeps its own)."""
+    """MQTT + file-store client with a researcher's credentials. Brokers bind a client id to its party,
+    so it must not share a party with an `Experiment` that runs meanwhile: use `for_network`, which
+    gives it a researcher party of its own."""
 
     def __init__(self, creds: Credentials, timeout: float = 20.0) -> None:
         self.creds = creds
@@ -30,14 +32,21 @@ class RawResearcher:
         self._kept: list[Message] = []  # received while waiting for something else
         self.scalars: list[ScalarMessage] = []  # training curves streamed by nodes, in arrival order
         self.messaging = Messaging(
-            f"{creds.party}-test-{new_id()[:8]}",
+            creds.party,
             creds.mqtt,
             on_message=self._receive,
-            subscriptions=[topics.researcher(creds.party)],
+            subscriptions=[topics.researcher_inbox(creds.party)],
             persistent=False,
         )
         self.messaging.start(timeout=timeout)
         self.files = FileStoreClient(creds.filestore)
+
+    @classmethod
+    def for_network(cls, network: NetworkHandle, party: str = "raw-researcher") -> RawResearcher:
+        """A client with a researcher party of its own on `network` (registered on first use)."""
+        if not network.credentials_path(party).is_file():
+            network.add_party(party, "researcher")
+        return cls(network.credentials(party))
 
     def _receive(self, msg: Message, topic: str) -> None:
         if isinstance(msg, ScalarMessage):
@@ -51,10 +60,10 @@ class RawResearcher:
 
     # ------------------------------------------------------------------ sending
     def send(self, node_id: str, msg: Message) -> None:
-        self.messaging.publish(topics.node(node_id), msg).wait_for_publish(10)
+        self.messaging.publish(topics.node(node_id, self.party), msg).wait_for_publish(10)
 
     def send_raw(self, node_id: str, payload: bytes) -> None:
-        self.messaging.publish_raw(topics.node(node_id), payload).wait_for_publish(10)
+        self.messaging.publish_raw(topics.node(node_id, self.party), payload).wait_for_publish(10)
 
     # ------------------------------------------------------------------ receiving
     def wait(self, request_id: str, kinds: tuple[str, ...], timeout: float = 120.0) -> Message:
