@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import FedsiloError
 
@@ -15,9 +16,47 @@ class TrainingArgsError(FedsiloError):
 
 _DP_KEYS = {"sigma", "clip", "delta", "type"}
 
+DEFAULT_BATCH_SIZE = 32
+"""The loader's batch size when neither the training arguments nor the plan's DataManager set one."""
+
+# Keys researchers bring from Fed-BioMed (its TrainingArgs, several versions) and other habits:
+# what each one is called here, or why there is no such key.
+FEDBIOMED_ALIASES: dict[str, str] = {
+    "batch_maxnum": "Fed-BioMed's 'batch_maxnum' is 'num_updates' here",
+    "dp": "differential privacy is 'dp_args' here",
+    "lr": "the learning rate goes inside 'optimizer_args', e.g. {'optimizer_args': {'lr': 0.01}}",
+    "learning_rate": "the learning rate goes inside 'optimizer_args', e.g. {'optimizer_args': {'lr': 0.01}}",
+    "seed": "the seed is 'random_seed' here",
+    "gpu": "'use_gpu' asks for a GPU here",
+    "num_epochs": "'epochs' here",
+    "n_epochs": "'epochs' here",
+    "loader_arguments": "'loader_args' here",
+    "optimizer_arguments": "'optimizer_args' here",
+    "test_batch_size": "the test loader uses the training batch size here",
+    "test_on_local_updates": "fedsilo tests after the local updates whenever 'test_ratio' > 0",
+    "test_on_global_updates": "not supported: fedsilo tests after the local updates when 'test_ratio' > 0",
+    "test_metric": "not supported: override testing_step(data, target) in the plan to return your metrics",
+    "test_metric_args": "not supported: override testing_step(data, target) in the plan to return your metrics",
+    "shuffle_testing_dataset": "not supported: the test split is fixed by 'random_seed' so rounds stay comparable",
+    "fedprox_mu": "FedProx is not supported: add the proximal term in the plan's training_step",
+    "share_persistent_buffers": "not needed: the whole state_dict (buffers included) travels every round",
+}
+
 
 class TrainingArgs(BaseModel):
     """What a researcher may ask of a round. `num_updates`, when set, wins over `epochs`.
+
+    Batch size and loader arguments, one rule: a key set in two places must agree, else it is an
+    error naming both; nothing a researcher set is replaced without a report.
+    - `batch_size` and Fed-BioMed's `loader_args={"batch_size": n}` are two spellings of one setting:
+      the latter is moved to `batch_size` at validation (both given and different: error).
+    - The plan's `training_data(batch_size)` receives `batch_size` (or 32 when unset), and the
+      DataManager's own keyword arguments are honoured; `loader_args` add the keys it does not set.
+      A key the DataManager sets to a different value than `batch_size`/`loader_args` ask is an
+      error at the round (TRAINING_ARGS_INVALID), never a silent override either way.
+    - Neither sets a batch size: 32 (`DEFAULT_BATCH_SIZE`).
+    - Last, the node's caps (`[limits] max_batch_size`, ...) lower the result; each change is
+      reported in the reply's `applied_caps` as {"requested", "applied"}.
 
     `dp_args`: None, or {"sigma": noise multiplier > 0, "clip": max grad norm > 0,
     optional "delta" (default 1e-5) used to report epsilon, optional "type": "local"}.
@@ -26,7 +65,7 @@ class TrainingArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(1, ge=1)
     num_updates: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int | None = Field(None, ge=1)
     optimizer_args: dict[str, Any] = Field(default_factory=lambda: {"lr": 0.01})
     loader_args: dict[str, Any] = Field(default_factory=dict)
     test_ratio: float = Field(0.0, ge=0.0, lt=1.0)
@@ -35,6 +74,30 @@ class TrainingArgs(BaseModel):
     dry_run: bool = False
     use_gpu: bool = False
     dp_args: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_loader_batch_size(cls, data: Any) -> Any:
+        """Fed-BioMed's `loader_args.batch_size` becomes `batch_size`, so one value reaches the loader."""
+        if not isinstance(data, dict) or not isinstance(data.get("loader_args"), dict):
+            return data
+        loader = dict(data["loader_args"])
+        if "batch_size" not in loader:
+            return data
+        wanted = loader.pop("batch_size")
+        given = data.get("batch_size")
+        if given is not None and given != wanted:
+            raise ValueError(
+                f"'batch_size' ({given}) and 'loader_args.batch_size' ({wanted}) disagree; give the batch size once"
+            )
+        return {**data, "batch_size": wanted, "loader_args": loader}
+
+    def loader_request(self) -> dict[str, Any]:
+        """What the researcher asked of the data loader: `loader_args`, plus `batch_size` when set."""
+        asked = dict(self.loader_args)
+        if self.batch_size is not None:
+            asked["batch_size"] = self.batch_size
+        return asked
 
     @field_validator("optimizer_args")
     @classmethod
@@ -83,6 +146,23 @@ class TrainingArgs(BaseModel):
         except ValidationError as exc:
             parts = []
             for err in exc.errors():
-                key = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
-                parts.append(f"training_args '{key}': {err['msg']}")
+                loc = err.get("loc", ())
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "extra_forbidden" and len(loc) == 1:
+                    parts.append(unknown_key_message(str(loc[0])))
+                elif loc:
+                    parts.append(f"training_args '{'.'.join(str(p) for p in loc)}': {msg}")
+                else:
+                    parts.append(f"training_args: {msg}")
             raise TrainingArgsError("; ".join(parts)) from None
+
+
+def unknown_key_message(key: str) -> str:
+    """Why `key` is refused: the Fed-BioMed alias or the nearest allowed key, then every allowed key."""
+    allowed = sorted(TrainingArgs.model_fields)
+    if key in FEDBIOMED_ALIASES:
+        hint = FEDBIOMED_ALIASES[key]
+    else:
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "no allowed key is close"
+    return f"training_args '{key}' is not a training argument ({hint}); allowed keys: {', '.join(allowed)}"

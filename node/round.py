@@ -8,15 +8,16 @@ under the request id.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedsilo.common.errors import ErrorCode, PlanSourceError, SerializationError, TransferError
+from fedsilo.common.errors import ErrorCode, NonFiniteError, PlanSourceError, SerializationError, TransferError
 from fedsilo.common.hashing import sha256_bytes
 from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
-from fedsilo.network.messages import ErrorReply, Message, ScalarMessage, TrainReply, TrainRequest
+from fedsilo.network.messages import ErrorReply, LogMessage, Message, ScalarMessage, TrainReply, TrainRequest
 
 from .audit import AuditLog
 from .config import NodeConfig
@@ -65,10 +66,8 @@ def apply_caps(raw: dict[str, Any], cfg: NodeConfig) -> tuple[TrainingArgs, dict
         cap("epochs", ta.epochs, lim.max_epochs)
     if lim.max_num_updates is not None and ta.num_updates is not None and ta.num_updates > lim.max_num_updates:
         cap("num_updates", ta.num_updates, lim.max_num_updates)
-    if lim.max_batch_size is not None and ta.batch_size > lim.max_batch_size:
-        cap("batch_size", ta.batch_size, lim.max_batch_size)
-    if "batch_size" in ta.loader_args and lim.max_batch_size is not None:
-        cap("loader_args", ta.loader_args, {k: v for k, v in ta.loader_args.items() if k != "batch_size"})
+    # max_batch_size is applied where the batch size is final: DataManager.apply_training_args (the plan's
+    # DataManager may set its own).
     if ta.use_gpu and not lim.allow_gpu:
         cap("use_gpu", True, False)
     if dp.required:
@@ -115,6 +114,25 @@ def execute_round(request: TrainRequest, ctx: RoundContext, emit: Callable[[Mess
         log.exception("[%s] could not write the audit entry", request.request_id)
     return ErrorReply(**base, code=code, message=message[:3900], stage=stage, job_id=request.job_id,
                       round=request.round)  # fmt: skip
+
+
+def _finite_metrics(
+    metrics: dict[str, Any], request: TrainRequest, ctx: RoundContext, emit: Callable[[Message], None]
+) -> dict[str, float]:
+    """The metrics a reply can carry: JSON has no NaN or infinity, and a reply holding one is refused whole.
+
+    The loss and the parameters were checked in training; a test metric (or DP's epsilon) that is not
+    finite is left out and the researcher told why, so that the update itself still counts."""
+    kept: dict[str, float] = {}
+    for key, value in metrics.items():
+        number = float(value)
+        if math.isfinite(number):
+            kept[key] = number
+            continue
+        text = f"round {request.round}: metric '{key}' is {number}; left out of the reply"
+        log.warning("[%s] %s", request.request_id, text)
+        emit(LogMessage(sender=ctx.node_id, node_id=ctx.node_id, level="WARNING", text=text, job_id=request.job_id))
+    return kept
 
 
 def _fail(code: ErrorCode, stage: str, exc: BaseException | str) -> RoundFailure:
@@ -221,6 +239,7 @@ def _run(
         plan.round = request.round
         plan.node_id = ctx.node_id
         plan.post_init(request.model_args, ta)
+        plan.optimizer()  # built lazily (the researcher never needs one); a bad init_optimizer fails here
     except Exception as exc:
         raise _fail(ErrorCode.PLAN_INVALID, "model_init", f"{type(exc).__name__}: {exc}") from exc
     try:
@@ -231,10 +250,11 @@ def _run(
 
     try:
         dm = plan.data_manager()
-        dm.loader_args.update(ta.loader_args)
-        dm.loader_args["batch_size"] = ta.batch_size
+        applied.update(dm.apply_training_args(ta, max_batch_size=cfg.limits.max_batch_size))
         train_loader, test_loader = dm.split(ta.test_ratio, seed=ta.random_seed or 0)
         sample_size = len(train_loader.dataset)  # type: ignore[arg-type]
+    except TrainingArgsError as exc:
+        raise _fail(ErrorCode.TRAINING_ARGS_INVALID, "arguments", exc) from exc
     except Exception as exc:
         raise _fail(ErrorCode.DATASET_LOAD_FAILED, "dataset_load", f"{type(exc).__name__}: {exc}") from exc
 
@@ -264,6 +284,8 @@ def _run(
 
     try:
         metrics = plan.training_routine(train_loader, on_scalar=on_scalar)
+    except NonFiniteError as exc:
+        raise _fail(ErrorCode.NON_FINITE, "training", exc) from exc
     except TrainingPlanError as exc:
         raise _fail(ErrorCode.TRAINING_FAILED, "training", exc) from exc
     except Exception as exc:
@@ -279,7 +301,7 @@ def _run(
     # ---- upload
     t0 = time.perf_counter()
     try:
-        ref = ctx.filestore.upload_bytes(params_to_bytes(plan.get_parameters()))
+        ref = ctx.filestore.upload_bytes(params_to_bytes(plan.get_parameters()), readers=[request.sender])
     except TransferError as exc:
         raise _fail(ErrorCode.TRANSFER_FAILED, "upload", exc) from exc
     upload_s = time.perf_counter() - t0
@@ -291,6 +313,6 @@ def _run(
     }
     return TrainReply(
         **base, job_id=request.job_id, round=request.round, dataset_id=request.dataset_id, params=ref,
-        sample_size=sample_size, timings=timings, metrics={k: float(v) for k, v in metrics.items()},
+        sample_size=sample_size, timings=timings, metrics=_finite_metrics(metrics, request, ctx, emit),
         applied_caps=applied,
     )  # fmt: skip

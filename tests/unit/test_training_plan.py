@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,86 @@ def test_image_folder_dataset(tmp_path):
     assert ds.classes == ["cat", "dog"] and len(ds) == 5
     x, y = ds[4]
     assert x.shape == (3, 6, 8) and x.dtype == torch.float32 and y == 1
+
+
+def test_fedbiomed_loader_args_batch_size_becomes_the_batch_size():
+    assert TrainingArgs.parse({"loader_args": {"batch_size": 48, "shuffle": False}}).loader_request() == {
+        "batch_size": 48,
+        "shuffle": False,
+    }
+    assert TrainingArgs.parse({"batch_size": 48, "loader_args": {"batch_size": 48}}).batch_size == 48
+    with pytest.raises(TrainingArgsError, match=re.escape("'batch_size' (32) and 'loader_args.batch_size' (48)")):
+        TrainingArgs.parse({"batch_size": 32, "loader_args": {"batch_size": 48}})
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("batch_maxnum", "'num_updates'"),
+        ("dp", "'dp_args'"),
+        ("lr", "optimizer_args"),
+        ("epoch", "did you mean 'epochs'"),
+    ],
+)
+def test_unknown_training_argument_names_the_right_key(key, hint):
+    with pytest.raises(TrainingArgsError) as info:
+        TrainingArgs.parse({key: 1})
+    message = str(info.value)
+    assert f"'{key}'" in message and hint in message
+    assert "allowed keys: batch_size, dp_args, dry_run, epochs, loader_args" in message
+
+
+def _dm(**own) -> DataManager:
+    return DataManager(torch.utils.data.TensorDataset(torch.zeros(10, 2), torch.zeros(10)), **own)
+
+
+def test_datamanager_merge_rule():
+    dm = _dm(shuffle=True)
+    assert dm.apply_training_args(TrainingArgs.parse({"loader_args": {"batch_size": 5, "drop_last": True}})) == {}
+    assert dm.loader_args == {"shuffle": True, "batch_size": 5, "drop_last": True}
+    own = _dm(batch_size=4)
+    own.apply_training_args(TrainingArgs.parse({}))
+    assert own.loader_args["batch_size"] == 4  # the plan's own value, not the default 32
+    plain = _dm()
+    plain.apply_training_args(TrainingArgs.parse({}))
+    assert plain.loader_args["batch_size"] == 32
+    with pytest.raises(TrainingArgsError, match=re.escape("'loader_args.shuffle' asks shuffle=False")):
+        _dm(shuffle=True).apply_training_args(TrainingArgs.parse({"loader_args": {"shuffle": False}}))
+
+
+def test_datamanager_cap_is_reported_only_when_it_changes_something():
+    dm = _dm(batch_size=100)
+    assert dm.apply_training_args(TrainingArgs.parse({}), max_batch_size=8) == {
+        "batch_size": {"requested": 100, "applied": 8}
+    }
+    assert dm.loader_args["batch_size"] == 8
+    assert _dm().apply_training_args(TrainingArgs.parse({"batch_size": 8}), max_batch_size=8) == {}
+
+
+def test_plan_builds_its_optimizer_only_when_asked(tmp_path):
+    calls = []
+
+    class Counting(MLPPlan):
+        def init_optimizer(self, optimizer_args):
+            calls.append(optimizer_args)
+            return torch.optim.SGD(self.model().parameters(), lr=optimizer_args["lr"])
+
+    plan = Counting()
+    plan.dataset_path = str(write_csv(tmp_path / "d.csv", n=20))
+    plan.post_init({"n_features": 4}, {"optimizer_args": {"lr": 0.5}})
+    assert calls == [] and plan._optimizer is None  # the researcher's local plan never steps
+    assert plan.optimizer() is plan.optimizer() and calls == [{"lr": 0.5}]
+    assert plan.training_routine(plan.data_manager().loader())["steps"] > 0 and len(calls) == 1
+
+
+def test_bad_init_optimizer_is_reported_at_first_use():
+    class Bad(MLPPlan):
+        def init_optimizer(self, optimizer_args):
+            return "adam"
+
+    plan = Bad()
+    plan.post_init({"n_features": 4}, {})
+    with pytest.raises(
+        TrainingPlanError, match=re.escape("init_optimizer must return a torch.optim.Optimizer, got str")
+    ):
+        plan.optimizer()
