@@ -29,11 +29,9 @@ class JSONLimitError(ValueError):
 def json_depth(data: bytes | bytearray | memoryview | str) -> int:
     """The deepest nesting of arrays/objects in `data`, brackets inside strings not counted.
 
-    Linear, no recursion; cheap when the document holds few brackets (counted in C first)."""
+    Linear, no recursion: a Python loop over the bytes (about 40 ms for 256 KiB), so `check_json`
+    calls it only when the bracket count, taken in C, could exceed the limit."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
-    brackets = raw.count(b"[") + raw.count(b"{")
-    if brackets <= MAX_DEPTH:
-        return brackets  # an upper bound, and already within every limit we apply
     depth = deepest = 0
     in_string = escaped = False
     for byte in raw:
@@ -58,7 +56,10 @@ def check_json(data: bytes | bytearray | memoryview | str, *, max_bytes: int, ma
     """Raise `JSONLimitError` if `data` is over `max_bytes` or nested deeper than `max_depth`."""
     if len(data) > max_bytes:
         raise JSONLimitError(f"{len(data)} bytes exceeds the {max_bytes}-byte limit")
-    depth = json_depth(data)
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return  # there cannot be more levels than brackets
+    depth = json_depth(raw)
     if depth > max_depth:
         raise JSONLimitError(f"JSON nested {depth} levels deep exceeds the limit of {max_depth}")
 

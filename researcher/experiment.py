@@ -42,6 +42,7 @@ from .breakpoints import new_experiment_dir, read_breakpoint, save_breakpoint
 from .monitor import Monitor
 from .requests import Requests, remote_error
 from .rounds import ROUNDS_DIR, AggregatedParams, RoundArchive
+from .rounds import ROUNDS_DIR, AggregatedParams, RoundArchive
 from .strategies import DefaultStrategy, Drop, RoundOutcome, Strategy
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,6 @@ class Experiment:
         self._round_timeout: float | None = None
         self._global_params: Params | None = None
         self._params_ref: BlobRef | None = None
-        self._params_blob: bytes | None = None
         self._rounds = RoundArchive()  # the current global model in memory, earlier rounds on disk
         self._replies: dict[int, dict[str, dict[str, Any]]] = {}
         self._round_stats: dict[int, dict[str, float]] = {}
@@ -797,7 +797,6 @@ class Experiment:
     def _set_global(self, params: Params) -> None:
         self._global_params = {k: v.detach().cpu() for k, v in params.items()}
         self._params_ref = None
-        self._params_blob = None
         if self._plan is not None:
             self._plan.set_parameters(self._global_params)
 
@@ -810,12 +809,15 @@ class Experiment:
     def _upload_params(self) -> BlobRef:
         if self._params_ref is None:
             assert self._global_params is not None
-            self._params_blob = params_to_bytes(self._global_params)
-            self._params_ref = self._fs().upload_bytes(self._params_blob)
+            blob = params_to_bytes(self._global_params)  # not kept: one model's bytes a round for nothing
+            self._params_ref = self._fs().upload_bytes(blob)
         return self._params_ref
 
     def _plan_name(self) -> str:
         return self._plan_name_value
+
+    def _rounds_dir(self) -> Path:
+        return self.experimentation_path() / ROUNDS_DIR
 
     def _rounds_dir(self) -> Path:
         return self.experimentation_path() / ROUNDS_DIR
@@ -885,6 +887,11 @@ def _resolve_credentials(network: str | Path | Credentials | None) -> Credential
     if creds.role != "researcher":
         raise ConfigError(f"{path}: credentials of a {creds.role}, not of a researcher")
     return creds
+
+
+def _absolute(folder: str | Path) -> Path:
+    """Experiment paths are absolute, so that what `breakpoint()` returns still works after a `chdir`."""
+    return Path(folder).expanduser().resolve()
 
 
 def _absolute(folder: str | Path) -> Path:
