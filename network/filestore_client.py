@@ -53,6 +53,7 @@ class FileStoreClient:
         session.verify = settings.ca or True
         session.headers["Authorization"] = f"Token {settings.token}"
         self._session = session
+        self._granted: dict[str, set[str]] = {}  # sha256 -> readers named by this client (ensure_readers)
 
     # ------------------------------------------------------------------ public API
     def health(self) -> dict[str, Any]:
@@ -96,6 +97,14 @@ class FileStoreClient:
         if names:
             self._call("POST", f"{self._blob_url(ref.sha256)}/readers", what=f"grant of blob {ref.sha256[:12]}",
                        json={"readers": names})
+            self._granted.setdefault(ref.sha256, set()).update(names)
+
+    def ensure_readers(self, ref: BlobRef, readers: Iterable[str]) -> BlobRef:
+        """Grant `ref` to those of `readers` this client has not granted it to yet (no call when none)."""
+        missing = set(readers) - self._granted.get(ref.sha256, set())
+        if missing:
+            self.grant(ref, missing)
+        return ref
 
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
         """Fetch a blob into memory, refusing it beyond `max_bytes` and checking its size and sha256."""
@@ -172,6 +181,7 @@ class FileStoreClient:
             data=body,
             headers=headers,
         )
+        self._granted.setdefault(ref.sha256, set()).update(readers)
 
     @staticmethod
     def _verify(ref: BlobRef, size: int, sha256: str) -> None:

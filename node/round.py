@@ -279,7 +279,7 @@ def _run(
     # ---- upload
     t0 = time.perf_counter()
     try:
-        ref = ctx.filestore.upload_bytes(params_to_bytes(plan.get_parameters()))
+        ref = ctx.filestore.upload_bytes(params_to_bytes(plan.get_parameters()), readers=[request.sender])
     except TransferError as exc:
         raise _fail(ErrorCode.TRANSFER_FAILED, "upload", exc) from exc
     upload_s = time.perf_counter() - t0

@@ -803,15 +803,15 @@ class Experiment:
     def _upload_plan(self) -> BlobRef:
         if self._plan_ref is None:
             assert self._plan_source is not None
-            self._plan_ref = self._fs().upload_bytes(self._plan_source.encode("utf-8"))
-        return self._plan_ref
+            self._plan_ref = self._fs().upload_bytes(self._plan_source.encode("utf-8"), readers=self._target_nodes())
+        return self._fs().ensure_readers(self._plan_ref, self._target_nodes())  # the store lets only these read it
 
     def _upload_params(self) -> BlobRef:
         if self._params_ref is None:
             assert self._global_params is not None
             blob = params_to_bytes(self._global_params)  # not kept: one model's bytes a round for nothing
-            self._params_ref = self._fs().upload_bytes(blob)
-        return self._params_ref
+            self._params_ref = self._fs().upload_bytes(blob, readers=self._target_nodes())
+        return self._fs().ensure_readers(self._params_ref, self._target_nodes())
 
     def _plan_name(self) -> str:
         return self._plan_name_value

@@ -56,7 +56,7 @@ class Publisher:
                 return reply
 
     def submit(self, source: str, name: str) -> str:
-        ref = self.files.upload_bytes(source.encode())
+        ref = self.files.upload_bytes(source.encode(), readers=[NODE])
         req = ApprovalRequest(sender=self.creds.party, plan=ref, plan_name=name, description="for the GUI test")
         reply = self.ask(req, ("approval_reply",))
         assert reply.status == "pending"
@@ -66,8 +66,8 @@ class Publisher:
         params = {"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}
         req = TrainRequest(
             sender=self.creds.party, job_id="gui-job", round=1, dataset_id=dataset_id,
-            plan=self.files.upload_bytes(source.encode()), plan_name=name,
-            params=self.files.upload_bytes(params_to_bytes(params)),
+            plan=self.files.upload_bytes(source.encode(), readers=[NODE]), plan_name=name,
+            params=self.files.upload_bytes(params_to_bytes(params), readers=[NODE]),
             training_args={"epochs": 1, "batch_size": 16},
         )  # fmt: skip
         return self.ask(req, ("train_reply", "error"))

@@ -6,6 +6,7 @@ and to see every reply, so this client keeps what it has not been asked for yet.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 
@@ -14,7 +15,7 @@ import torch
 from fedsilo.common.serialization import params_to_bytes
 from fedsilo.network import topics
 from fedsilo.network.credentials import Credentials
-from fedsilo.network.filestore_client import FileStoreClient
+from fedsilo.network.filestore_client import BlobTransferError, FileStoreClient
 from fedsilo.network.launcher import NetworkHandle
 from fedsilo.network.messages import BlobRef, Message, PingRequest, ScalarMessage, TrainRequest
 from fedsilo.network.messaging import Messaging
@@ -60,6 +61,10 @@ class RawResearcher:
 
     # ------------------------------------------------------------------ sending
     def send(self, node_id: str, msg: Message) -> None:
+        for ref in (getattr(msg, "plan", None), getattr(msg, "params", None)):
+            if isinstance(ref, BlobRef):  # the file store lets a node read only the blobs granted to it
+                with contextlib.suppress(BlobTransferError):  # a test may name a blob that does not exist
+                    self.files.ensure_readers(ref, [node_id])
         self.messaging.publish(topics.node(node_id, self.party), msg).wait_for_publish(10)
 
     def send_raw(self, node_id: str, payload: bytes) -> None:

@@ -47,10 +47,13 @@ class FakeStore:
         self.blobs: dict[str, bytes] = {}
         self.uploads = 0
 
-    def upload_bytes(self, data: bytes) -> BlobRef:
+    def upload_bytes(self, data: bytes, readers: object = ()) -> BlobRef:
         self.uploads += 1
         ref = BlobRef(sha256=sha256_bytes(data), size=len(data))
         self.blobs[ref.sha256] = data
+        return ref
+
+    def ensure_readers(self, ref: BlobRef, readers: object) -> BlobRef:
         return ref
 
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
