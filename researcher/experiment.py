@@ -42,7 +42,6 @@ from .breakpoints import new_experiment_dir, read_breakpoint, save_breakpoint
 from .monitor import Monitor
 from .requests import Requests, remote_error
 from .rounds import ROUNDS_DIR, AggregatedParams, RoundArchive
-from .rounds import ROUNDS_DIR, AggregatedParams, RoundArchive
 from .strategies import DefaultStrategy, Drop, RoundOutcome, Strategy
 
 log = logging.getLogger(__name__)
@@ -819,9 +818,6 @@ class Experiment:
     def _rounds_dir(self) -> Path:
         return self.experimentation_path() / ROUNDS_DIR
 
-    def _rounds_dir(self) -> Path:
-        return self.experimentation_path() / ROUNDS_DIR
-
     def _name(self, node: str) -> str:
         return self._requests.node_name(node) if self._requests is not None else node
 
@@ -887,11 +883,6 @@ def _resolve_credentials(network: str | Path | Credentials | None) -> Credential
     if creds.role != "researcher":
         raise ConfigError(f"{path}: credentials of a {creds.role}, not of a researcher")
     return creds
-
-
-def _absolute(folder: str | Path) -> Path:
-    """Experiment paths are absolute, so that what `breakpoint()` returns still works after a `chdir`."""
-    return Path(folder).expanduser().resolve()
 
 
 def _absolute(folder: str | Path) -> Path:
