@@ -10,12 +10,9 @@ The workload (data, model, local training, metrics) is the shared `workload.py`,
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +22,8 @@ from statistics import median
 from typing import Any
 
 import numpy as np
+from federation import federation, load_workload
+from machine import CpuMeter, wait_until_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORKLOAD = REPO / ".." / "shared" / "bench"
@@ -43,160 +42,6 @@ COLUMNS = [
     "dispatch median s",
     "final acc",
 ]
-TAG = "peerbench"
-
-
-# ====================================================================== machine load
-def _descendants(root: int) -> list[int]:
-    """`root` and every process below it (from /proc; Linux only)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def _cpu_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-def _busy_ticks() -> int:
-    with open("/proc/stat", encoding="ascii") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
-
-
-class CpuMeter:
-    """Share of the machine's CPU used by processes *outside* this benchmark's process tree."""
-
-    def __init__(self) -> None:
-        self.enabled = Path("/proc/stat").is_file()
-        self._start: tuple[float, int, dict[int, int]] | None = None
-        self.components: dict[str, float] = {}
-
-    def _ours(self) -> dict[int, int]:
-        return {pid: _cpu_ticks(pid) for pid in _descendants(os.getpid())}
-
-    def start(self) -> None:
-        if self.enabled:
-            self._start = (time.monotonic(), _busy_ticks(), self._ours())
-
-    def stop(self) -> float | None:
-        """Foreign CPU since `start`, as a fraction of all cores (0 = nothing else ran, 1 = all cores busy).
-
-        `self.components` then holds the CPU seconds each part of the benchmark used meanwhile."""
-        if not self.enabled or self._start is None:
-            return None
-        t0, busy0, ours0 = self._start
-        ours1 = self._ours()
-        tick = os.sysconf("SC_CLK_TCK")
-        self.components = {}
-        for pid, ticks in ours1.items():
-            part = _component(pid)
-            self.components[part] = self.components.get(part, 0.0) + (ticks - ours0.get(pid, 0)) / tick
-        ours = sum(ours1.values()) - sum(ours0.get(pid, 0) for pid in ours1)
-        foreign = (_busy_ticks() - busy0) - ours
-        total = (time.monotonic() - t0) * tick * (os.cpu_count() or 1)
-        return max(0.0, foreign / total) if total > 0 else None
-
-
-def _component(pid: int) -> str:
-    """Which part of the benchmark a process is, from its command line."""
-    if pid == os.getpid():
-        return "researcher"
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return "other"
-    parts = [
-        ("mosquitto", "broker"),
-        ("gunicorn", "file store"),
-        ("node start", "node daemons"),
-        ("multiprocessing", "node workers"),
-        ("network start", "network process (embedded broker)"),
-    ]
-    for needle, part in parts:
-        if needle in cmd:
-            return part
-    return "other"
-
-
-def wait_until_quiet(threshold: float, max_wait: float, window: float = 5.0) -> float | None:
-    """Wait (up to `max_wait` s) until other processes use less than `threshold` of the CPU; last reading."""
-    meter = CpuMeter()
-    if not meter.enabled or threshold <= 0:
-        return None
-    deadline = time.monotonic() + max_wait
-    while True:
-        meter.start()
-        time.sleep(window)
-        share = meter.stop()
-        if share is None or share < threshold or time.monotonic() >= deadline:
-            return share
-        print(f"  machine busy: other processes use {share:.0%} of the CPU; waiting", flush=True)
-
-
-# ====================================================================== setup
-def load_workload(path: Path) -> Any:
-    """Import `workload.py` from `path`, and put `path` on the PYTHONPATH the node daemons inherit."""
-    path = path.resolve()
-    if not (path / "workload.py").is_file():
-        raise SystemExit(f"--workload {path}: no workload.py there")
-    sys.path.insert(0, str(path))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), os.environ.get("PYTHONPATH")) if p)
-    return importlib.import_module("workload")
-
-
-def fedsilo_cli(*args: str) -> str:
-    """One `fedsilo` command, as an administrator would type it."""
-    from fedsilo.common.processes import FEDSILO
-
-    out = subprocess.run([*FEDSILO, *args], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"fedsilo {' '.join(args)} failed:\n{out.stderr.strip()}")
-    return out.stdout
-
-
-def write_shard(W: Any, path: Path, k: int, num_clients: int) -> None:
-    """Client k's rows as CSV (`%.9g`: every float32 survives the round trip), checked by reading it back."""
-    from fedsilo.common.datasets import CsvDataset
-
-    x, y = W.make_client_data(k, num_clients)
-    header = ",".join([*(f"x{i}" for i in range(x.shape[1])), "label"])
-    np.savetxt(
-        path, np.column_stack([x, y]), fmt=["%.9g"] * x.shape[1] + ["%d"], delimiter=",", header=header, comments=""
-    )
-    back = CsvDataset(path, target="label")
-    if back.x.numpy().tobytes() != x.tobytes() or back.y.numpy().tobytes() != y.tobytes():
-        raise RuntimeError(f"{path}: the CSV does not read back to the workload's exact values")
-
-
-def worker_ready(nodedir: Path) -> bool:
-    """The node's daemon is connected and its warm training worker is up (status.json)."""
-    from fedsilo.node.config import node_paths
-
-    try:
-        status = json.loads(node_paths(nodedir).status.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool(status.get("broker_connected")) and bool(status.get("worker_pid"))
 
 
 # ====================================================================== the compute floor
@@ -237,122 +82,26 @@ def run_reference(workload_dir: Path, num_clients: int, size: str, rounds: int) 
 # ====================================================================== one configuration
 def run_config(W: Any, num_clients: int, size: str, args: argparse.Namespace, quiet: float | None) -> dict[str, Any]:
     """Network, K nodes, approval, R timed rounds; the per-round record and its summary."""
-    from peerbench_plan import PeerbenchPlan
-
-    from fedsilo.common.plan_source import plan_hash, plan_source
-    from fedsilo.common.processes import wait_until
-    from fedsilo.network.launcher import NetworkHandle, start_network
-    from fedsilo.node.launcher import NodeHandle
-    from fedsilo.researcher import DefaultStrategy, Experiment, FedAverage
-
     rounds = args.rounds
-    base = Path(args.dir) / f"k{num_clients}-{size}"
-    shutil.rmtree(base, ignore_errors=True)
-    (base / "data").mkdir(parents=True)
     load_before = os.getloadavg()
-    procs: list[NetworkHandle | NodeHandle] = []
-    t_setup = time.perf_counter()
-    try:
-        network = start_network(base, broker=args.broker)
-        procs.append(network)
-        broker = network.broker_kind
-        nodes: list[NodeHandle] = []
-        for k in range(num_clients):
-            name, nodedir, csv = f"client-{k}", base / f"client-{k}", base / "data" / f"client-{k}.csv"
-            write_shard(W, csv, k, num_clients)
-            fedsilo_cli(
-                "node",
-                "init",
-                "--dir",
-                str(nodedir),
-                "--name",
-                name,
-                "--network",
-                str(network.netdir),
-                "--data-root",
-                str(base / "data"),
-                "--threads",
-                str(args.threads),
-            )
-            fedsilo_cli(
-                "node",
-                "dataset",
-                "add",
-                "--dir",
-                str(nodedir),
-                "--name",
-                f"{PeerbenchPlan.DATASET_PREFIX}{k}",
-                "--tags",
-                TAG,
-                "--type",
-                "csv",
-                "--path",
-                str(csv),
-                "--target",
-                "label",
-                "--description",
-                f"peerbench-v1 client {k} of {num_clients}",
-            )
-            handle = NodeHandle(nodedir=nodedir, log_path=nodedir / "logs" / "daemon.out")
-            handle.start(wait=False)
-            procs.append(handle)
-            nodes.append(handle)
-        for h in nodes:  # untimed: every daemon connected and its worker warm before round 1
-            assert h.proc is not None
-            wait_until(lambda h=h: worker_ready(h.nodedir), h.proc, h.log_path, 180.0, f"node {h.nodedir.name}")
+    base = Path(args.dir) / f"k{num_clients}-{size}"
+    with federation(W, num_clients, size, base, broker=args.broker, threads=args.threads, rounds=rounds) as fed:
+        exp, broker, setup_s = fed.exp, fed.broker, fed.setup_s
+        meter = CpuMeter()
+        meter.start()
+        walls, starts = [], []
+        t_all = time.perf_counter()
+        for _ in range(rounds):
+            starts.append(time.time())
+            t0 = time.perf_counter()
+            exp.run_once()
+            walls.append(time.perf_counter() - t0)
+        total_s = time.perf_counter() - t_all
+        foreign = meter.stop()
+        load_after = os.getloadavg()
 
-        exp = Experiment(
-            tags=[TAG],
-            training_plan_class=PeerbenchPlan,
-            model_args={"size": size},
-            training_args={
-                "epochs": 1,
-                "batch_size": W.BATCH_SIZE,
-                "optimizer_args": {"lr": W.LR},
-                "test_ratio": 0.0,
-                "log_interval": W.LOCAL_STEPS,
-            },
-            round_limit=rounds,
-            aggregator=FedAverage(),
-            node_selection_strategy=DefaultStrategy(min_nodes=num_clients),
-            network=str(network.netdir),
-            experimentation_folder=str(base / "experiments"),
-        )
-        with exp:
-            if len(exp.training_data()) != num_clients:
-                raise RuntimeError(f"{len(exp.training_data())} of {num_clients} nodes offer the '{TAG}' dataset")
-            initial = W.state_to_numpy(W.build_model(size))
-            local = {k: v.numpy() for k, v in exp.training_plan().get_parameters().items()}
-            if local.keys() != initial.keys() or any((local[k] != v).any() for k, v in initial.items()):
-                raise RuntimeError("the experiment's initial model is not workload.build_model(size)")
-            exp.training_plan_approve(description="peerbench-v1 client (bench/run.py)")
-            sha = plan_hash(plan_source(PeerbenchPlan))
-            for h in nodes:
-                fedsilo_cli("node", "plan", "approve", sha[:12], "--dir", str(h.nodedir), "--note", "peerbench")
-            status = exp.check_training_plan_status()
-            if set(status.values()) != {"approved"}:
-                raise RuntimeError(f"plan {sha[:12]} not approved everywhere: {status}")
-            setup_s = time.perf_counter() - t_setup
-
-            meter = CpuMeter()
-            meter.start()
-            walls, starts = [], []
-            t_all = time.perf_counter()
-            for _ in range(rounds):
-                starts.append(time.time())
-                t0 = time.perf_counter()
-                exp.run_once()
-                walls.append(time.perf_counter() - t0)
-            total_s = time.perf_counter() - t_all
-            foreign = meter.stop()
-            load_after = os.getloadavg()
-
-            final = W.evaluate(exp.training_plan().model(), *W.make_test_data())
-            replies, stats = exp.training_replies(), exp.round_stats()
-    finally:
-        for proc in reversed(procs):
-            with contextlib.suppress(Exception):
-                proc.stop()
+        final = W.evaluate(exp.training_plan().model(), *W.make_test_data())
+        replies, stats = exp.training_replies(), exp.round_stats()
 
     per_round = []
     for r in range(rounds):
