@@ -118,17 +118,37 @@ def dataset() -> None:
 @click.option("--path", "path", required=True, type=click.Path(path_type=Path))
 @click.option("--description", default="")
 @click.option("--target", default=None, help="CSV target column (checked to exist).")
+@click.option(
+    "--missing",
+    type=click.Choice(["refuse", "keep"]),
+    default="refuse",
+    show_default=True,
+    help="CSV cells that are empty, NA, NaN or infinite: refuse the file (the error counts them per column), "
+    "or keep them with a warning in the summary researchers see (the training plan must handle them).",
+)
 @friendly_errors
 def dataset_add(
-    nodedir: Path, name: str, tags: str, data_type: str, path: Path, description: str, target: str | None
+    nodedir: Path,
+    name: str,
+    tags: str,
+    data_type: str,
+    path: Path,
+    description: str,
+    target: str | None,
+    missing: str,
 ) -> None:
     """Validate and register a dataset."""
     from .datasets import DatasetStore
 
     cfg = _load(nodedir)
     store = DatasetStore(cfg.dir, data_roots=cfg.node.data_roots)
-    rec = store.add(name, tags.split(","), data_type, path, description=description, added_by=_actor(), target=target)
+    rec = store.add(
+        name, tags.split(","), data_type, path, description=description, added_by=_actor(), target=target,
+        missing=missing,
+    )  # fmt: skip
     click.echo(f"added {rec['dataset_id']} '{rec['name']}' shape {rec['shape']} tags {','.join(rec['tags'])}")
+    for warning in rec["summary"].get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @dataset.command("list")

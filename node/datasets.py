@@ -12,9 +12,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tinydb import Query
 
-from fedsilo.common.dataformats import DatasetFormatError, list_image_folder, load_image_array, read_csv
+from fedsilo.common.dataformats import (
+    DatasetFormatError,
+    list_image_folder,
+    load_image_array,
+    missing_counts,
+    read_csv,
+)
 from fedsilo.common.errors import FedsiloError
 from fedsilo.network.messages import DatasetInfo
 
@@ -24,6 +31,7 @@ from .config import NodeConfig, node_paths
 
 SCHEMA_VERSION = 1
 DATA_TYPES = ("csv", "images")
+MISSING_POLICIES = ("refuse", "keep")
 
 
 class DatasetError(FedsiloError):
@@ -95,7 +103,11 @@ class DatasetStore:
         description: str = "",
         added_by: str = "cli",
         target: str | None = None,
+        missing: str = "refuse",
     ) -> dict[str, Any]:
+        """Validate and register a dataset. `missing`: what to do with a CSV's missing or non-finite cells,
+        "refuse" (the error names the columns and counts) or "keep" (counted in the summary, with a warning
+        that researchers see)."""
         name = (name or "").strip()
         if not name:
             raise DatasetError("dataset name must not be empty")
@@ -103,7 +115,9 @@ class DatasetStore:
         if data_type not in DATA_TYPES:
             raise DatasetError(f"unknown data type '{data_type}'; use one of: {', '.join(DATA_TYPES)}")
         resolved = self.check_path(path)
-        shape, summary, fingerprint = _inspect(resolved, data_type, target, self.data_roots)
+        if missing not in MISSING_POLICIES:
+            raise DatasetError(f"unknown missing-value policy '{missing}'; use one of: {', '.join(MISSING_POLICIES)}")
+        shape, summary, fingerprint = _inspect(resolved, data_type, target, self.data_roots, missing)
         record = {
             "dataset_id": "ds_" + uuid.uuid4().hex[:16],
             "name": name,
@@ -199,9 +213,9 @@ def _clean_tags(tags: list[str] | tuple[str, ...] | None) -> list[str]:
 
 
 def _inspect(
-    path: Path, data_type: str, target: str | None, roots: list[Path]
+    path: Path, data_type: str, target: str | None, roots: list[Path], policy: str
 ) -> tuple[list[int], dict[str, Any], str]:
-    """Check content against the declared type: (shape, summary, fingerprint)."""
+    """Check content against the declared type: (shape, summary, fingerprint); `policy` for missing CSV cells."""
     if data_type == "csv":
         if not path.is_file():
             raise DatasetError(f"'{path}' is a directory but data type 'csv' needs one CSV file")
@@ -211,17 +225,16 @@ def _inspect(
             raise DatasetError(f"not a numeric CSV with a header row: {exc}") from None
         if target is not None and target not in columns:
             raise DatasetError(f"target column '{target}' is not in the CSV; columns: {', '.join(columns)}")
-        summary_cols = {}
-        for i, c in enumerate(columns):
-            col = data[:, i]
-            integral = bool((col == col.round()).all())
-            summary_cols[c] = {
-                "dtype": "int64" if integral else "float64",
-                "min": float(col.min()),
-                "max": float(col.max()),
-                "mean": float(col.mean()),
-            }
-        summary = {"rows": int(data.shape[0]), "columns": summary_cols, "target": target}
+        missing = missing_counts(columns, data)
+        if missing and policy == "refuse":
+            raise DatasetError(
+                f"'{path}' has {_missing_text(missing)}; fix the file, or register it with `--missing keep` "
+                "if the training plan handles missing values"
+            )
+        summary = {"rows": int(data.shape[0]), "columns": _column_summary(columns, data), "target": target}
+        if missing:
+            summary["missing"] = missing
+            summary["warnings"] = [f"kept {_missing_text(missing)}: training fails on them unless the plan fills them"]
         return [int(data.shape[0]), int(data.shape[1])], summary, _file_hash(path)
     if not path.is_dir():
         raise DatasetError(f"'{path}' is a file but data type 'images' needs a folder with one subfolder per class")
@@ -245,6 +258,26 @@ def _inspect(
         raise DatasetError(f"'{samples[0][0]}' is not a readable image: {exc}") from None
     summary = {"classes": counts, "image_shape": first, "images": len(samples)}
     return [len(samples), *first], summary, h.hexdigest()
+
+
+def _column_summary(columns: list[str], data: Any) -> dict[str, dict[str, Any]]:
+    """dtype, min, max and mean of each column over its finite values (None when it has none)."""
+    out = {}
+    for i, c in enumerate(columns):
+        col = data[:, i]
+        col = col[np.isfinite(col)]
+        stats = (float(col.min()), float(col.max()), float(col.mean())) if col.size else (None, None, None)
+        out[c] = {
+            "dtype": "int64" if bool((col == col.round()).all()) else "float64",
+            **dict(zip(("min", "max", "mean"), stats, strict=True)),
+        }
+    return out
+
+
+def _missing_text(missing: dict[str, int]) -> str:
+    """'3 missing or non-finite values: age (2), bmi (1)'."""
+    per_column = ", ".join(f"{c} ({n})" for c, n in missing.items())
+    return f"{sum(missing.values())} missing or non-finite values: {per_column}"
 
 
 def _file_hash(path: Path) -> str:

@@ -8,15 +8,16 @@ under the request id.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedsilo.common.errors import ErrorCode, PlanSourceError, SerializationError, TransferError
+from fedsilo.common.errors import ErrorCode, NonFiniteError, PlanSourceError, SerializationError, TransferError
 from fedsilo.common.hashing import sha256_bytes
 from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
-from fedsilo.network.messages import ErrorReply, Message, ScalarMessage, TrainReply, TrainRequest
+from fedsilo.network.messages import ErrorReply, LogMessage, Message, ScalarMessage, TrainReply, TrainRequest
 
 from .audit import AuditLog
 from .config import NodeConfig
@@ -113,6 +114,25 @@ def execute_round(request: TrainRequest, ctx: RoundContext, emit: Callable[[Mess
         log.exception("[%s] could not write the audit entry", request.request_id)
     return ErrorReply(**base, code=code, message=message[:3900], stage=stage, job_id=request.job_id,
                       round=request.round)  # fmt: skip
+
+
+def _finite_metrics(
+    metrics: dict[str, Any], request: TrainRequest, ctx: RoundContext, emit: Callable[[Message], None]
+) -> dict[str, float]:
+    """The metrics a reply can carry: JSON has no NaN or infinity, and a reply holding one is refused whole.
+
+    The loss and the parameters were checked in training; a test metric (or DP's epsilon) that is not
+    finite is left out and the researcher told why, so that the update itself still counts."""
+    kept: dict[str, float] = {}
+    for key, value in metrics.items():
+        number = float(value)
+        if math.isfinite(number):
+            kept[key] = number
+            continue
+        text = f"round {request.round}: metric '{key}' is {number}; left out of the reply"
+        log.warning("[%s] %s", request.request_id, text)
+        emit(LogMessage(sender=ctx.node_id, node_id=ctx.node_id, level="WARNING", text=text, job_id=request.job_id))
+    return kept
 
 
 def _fail(code: ErrorCode, stage: str, exc: BaseException | str) -> RoundFailure:
@@ -264,6 +284,8 @@ def _run(
 
     try:
         metrics = plan.training_routine(train_loader, on_scalar=on_scalar)
+    except NonFiniteError as exc:
+        raise _fail(ErrorCode.NON_FINITE, "training", exc) from exc
     except TrainingPlanError as exc:
         raise _fail(ErrorCode.TRAINING_FAILED, "training", exc) from exc
     except Exception as exc:
@@ -291,6 +313,6 @@ def _run(
     }
     return TrainReply(
         **base, job_id=request.job_id, round=request.round, dataset_id=request.dataset_id, params=ref,
-        sample_size=sample_size, timings=timings, metrics={k: float(v) for k, v in metrics.items()},
+        sample_size=sample_size, timings=timings, metrics=_finite_metrics(metrics, request, ctx, emit),
         applied_caps=applied,
     )  # fmt: skip

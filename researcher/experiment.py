@@ -43,6 +43,7 @@ from .monitor import Monitor
 from .requests import Requests, remote_error
 from .rounds import ROUNDS_DIR, AggregatedParams, RoundArchive
 from .strategies import DefaultStrategy, Drop, RoundOutcome, Strategy
+from .update_checks import InvalidUpdate, check_params, check_reply
 
 log = logging.getLogger(__name__)
 
@@ -696,10 +697,15 @@ class Experiment:
             outcome.dropped[node] = Drop(node, "invalid", f"replied for job {msg.job_id} round {msg.round}")
             return
         try:
+            check_reply(msg, self._training_data.get(node))
             blob = self._fs().download_bytes(msg.params, max_bytes=max_bytes)
             params = params_from_bytes(blob)
             check_compatible(params, self._global_params or {})
+            check_params(params)
             self._aggregator.add(node, params, msg.sample_size)
+        except InvalidUpdate as exc:
+            outcome.dropped[node] = Drop(node, "invalid", str(exc))
+            return
         except (TransferError, SerializationError, AggregationError) as exc:
             outcome.dropped[node] = Drop(node, "invalid", f"unusable parameters: {exc}")
             return

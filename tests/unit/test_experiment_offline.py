@@ -166,7 +166,10 @@ def creds() -> Credentials:
 
 
 def make(tmp_path: Path, behaviours: dict[str, Behaviour], store: FakeStore, **kw) -> Experiment:
-    data = {n: DatasetInfo(dataset_id=f"ds-{n}", name=f"data-{n}", tags=["t"], data_type="csv") for n in behaviours}
+    data = {  # shape: the sample count a node reports, the bound on the weight it may claim
+        n: DatasetInfo(dataset_id=f"ds-{n}", name=f"data-{n}", tags=["t"], data_type="csv", shape=[100, 2])
+        for n in behaviours
+    }
     exp = Experiment(
         tags=["t"],
         training_plan_class=TinyPlan,
