@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -65,6 +66,9 @@ def worker_main(nodedir: str, conn: Connection) -> None:
     from .round import RoundContext, execute_round
 
     _die_with_parent()
+    # Ctrl-C in the daemon's terminal reaches the whole process group; the daemon decides when the worker ends
+    # (a KeyboardInterrupt here would print a traceback in the middle of a clean stop).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = NodeConfig.load(nodedir)
     setup_file_logging(cfg.paths.log_file)
     _warm_up(cfg.node.threads)
@@ -118,6 +122,7 @@ class Worker:
         self.start_timeout = start_timeout
         self._proc: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self._closing = threading.Event()  # set by terminate(): the daemon is stopping
 
     @property
     def pid(self) -> int | None:
@@ -128,13 +133,21 @@ class Worker:
         return self._proc is not None and self._proc.is_alive()
 
     def start(self) -> None:
-        """Spawn the worker and wait until it has imported torch and opened its stores."""
+        """Spawn the worker and wait until it has imported torch and opened its stores.
+
+        A `terminate()` (the daemon stopping) during start-up is not an error: `start` then returns
+        without a worker, and `alive` stays False.
+        """
+        if self._closing.is_set():
+            return
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=worker_main, args=(str(self.nodedir), child), name="fedsilo-worker", daemon=True)
         proc.start()
         child.close()
         self._proc, self._conn = proc, parent
+        if self._closing.is_set():  # terminate() ran before _proc was set: it could not end this process
+            proc.terminate()
         ready = wait([parent, proc.sentinel], timeout=self.start_timeout)
         if parent in ready:
             try:
@@ -145,6 +158,9 @@ class Worker:
             except (EOFError, OSError):
                 pass
         self.kill()
+        if self._closing.is_set():
+            log.info("worker start-up interrupted: the node is stopping")
+            return
         if not ready:
             raise WorkerCrashed(f"the worker did not become ready within {self.start_timeout:.0f}s")
         raise WorkerCrashed("the worker exited during start-up; see logs/node.log")
@@ -188,7 +204,9 @@ class Worker:
         self.kill()
 
     def terminate(self) -> None:
-        """End the process from another thread; the thread inside `run` then sees WorkerCrashed."""
+        """End the process from another thread (the daemon stopping): the thread inside `run` then sees
+        WorkerCrashed, one inside `start` returns quietly, and no new worker starts."""
+        self._closing.set()
         proc = self._proc
         if proc is not None and proc.is_alive():
             proc.terminate()
