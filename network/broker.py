@@ -7,6 +7,7 @@ password file) and apply the same topic ACL (`provision.acl_rules`). Both speak 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -237,7 +238,9 @@ def _fedsilo_broker_class() -> type:
                 await self._delete_session(session.client_id)
                 session.parent = 0
             elif session.client_id in self._sessions:
-                existing, _ = self._sessions[session.client_id]
+                existing, old_handler = self._sessions[session.client_id]
+                if existing.transitions.is_connected():
+                    await self._take_over(existing, old_handler)
                 for attr in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username",
                              "password"):  # fmt: skip
                     setattr(existing, attr, getattr(session, attr))
@@ -246,6 +249,19 @@ def _fedsilo_broker_class() -> type:
             else:
                 session.parent = 0
             return handler, session
+
+        async def _take_over(self, existing: Any, old_handler: Any) -> None:
+            """A party connects again while its old connection is open (a restarted process, a half-open
+            socket). amqtt closes the old one after attaching the new one, and the old connection's
+            teardown then marks the shared session disconnected: the party stayed deaf for good. Here the
+            old connection is closed, and its teardown awaited, before the new one is attached."""
+            self.logger.warning(f"{existing.client_id} connected again: closing its previous connection")
+            await old_handler.handle_connection_closed()
+            for _ in range(500):
+                if not existing.transitions.is_connected():
+                    return
+                await asyncio.sleep(0.01)
+            existing.transitions.disconnect()
 
         async def _publish_retained_messages_for_subscription(self, subscription: Any, session: Any) -> None:
             subscribers = self._subscriptions.get(subscription[0], [])

@@ -108,7 +108,7 @@ def ping(sender: str) -> PingRequest:
 # ---------------------------------------------------------------------------------------- auth
 def test_auth_accepts_parties_and_refuses_others(net: NetworkHandle) -> None:
     researcher = net.credentials("researcher")
-    assert broker_accepts(researcher.mqtt)
+    assert broker_accepts(net.credentials("_monitor").mqtt)
     assert broker_accepts(net.credentials("n1").mqtt)
     wrong = researcher.mqtt.model_copy(update={"password": "not-the-password"})
     assert not broker_accepts(wrong)
@@ -123,28 +123,29 @@ def test_subscribe_outside_the_acl_is_refused(net: NetworkHandle) -> None:
     if net.broker == "mosquitto":
         pytest.skip("mosquitto 2.0 grants such a SUBACK and filters on delivery (the next test checks that)")
     n1 = net.credentials("n1").mqtt
-    assert suback_codes(n1, topics.node("n1")) == [1]
-    assert suback_codes(n1, topics.node("n2"))[0] >= 0x80
-    assert suback_codes(n1, topics.researcher("researcher"))[0] >= 0x80
+    assert suback_codes(n1, topics.node_inbox("n1")) == [1]
+    assert suback_codes(n1, topics.node_inbox("n2"))[0] >= 0x80
+    assert suback_codes(n1, topics.researcher_inbox("researcher"))[0] >= 0x80
     assert suback_codes(n1, "#")[0] >= 0x80
     assert suback_codes(net.credentials("researcher").mqtt, topics.PRESENCE_ALL) == [1]
 
 
 def test_a_node_reads_neither_another_nodes_topic_nor_researcher_topics(net: NetworkHandle) -> None:
-    researcher, r_inbox = connect(net.credentials("researcher"), [topics.researcher("researcher")])
+    researcher, r_inbox = connect(net.credentials("researcher"), [topics.researcher_inbox("researcher")])
     spy, spy_inbox = connect(
-        net.credentials("n1"), [topics.node("n1"), topics.node("n2"), topics.researcher("researcher")]
+        net.credentials("n1"),
+        [topics.node_inbox("n1"), topics.node_inbox("n2"), topics.researcher_inbox("researcher")],
     )
     try:
         # n1 may write a researcher topic but must not read it back: once the researcher has it, any
         # copy for n1 would have been queued before the barrier below.
-        spy.publish(topics.researcher("researcher"), ping("n1"))
-        assert r_inbox.get()[0] == topics.researcher("researcher")
-        researcher.publish(topics.node("n2"), ping("researcher"))
-        barrier = researcher.publish(topics.node("n1"), ping("researcher"))
+        spy.publish(topics.researcher("researcher", "n1"), ping("n1"))
+        assert r_inbox.get()[0] == topics.researcher("researcher", "n1")
+        researcher.publish(topics.node("n2", "researcher"), ping("researcher"))
+        barrier = researcher.publish(topics.node("n1", "researcher"), ping("researcher"))
         barrier.wait_for_publish(WAIT)
         topic, _ = spy_inbox.get()
-        assert topic == topics.node("n1")
+        assert topic == topics.node("n1", "researcher")
         assert spy_inbox.drain() == []
     finally:
         spy.stop()
@@ -152,12 +153,13 @@ def test_a_node_reads_neither_another_nodes_topic_nor_researcher_topics(net: Net
 
 
 def test_a_node_cannot_write_to_another_node(net: NetworkHandle) -> None:
-    n2, n2_inbox = connect(net.credentials("n2"), [topics.node("n2")])
+    n2, n2_inbox = connect(net.credentials("n2"), [topics.node_inbox("n2")])
     n1, _ = connect(net.credentials("n1"), [])
     researcher, _ = connect(net.credentials("researcher"), [])
     try:
-        n1.publish(topics.node("n2"), ping("n1")).wait_for_publish(WAIT)
-        researcher.publish(topics.node("n2"), ping("researcher")).wait_for_publish(WAIT)
+        n1.publish(topics.node("n2", "n1"), ping("n1")).wait_for_publish(WAIT)
+        n1.publish(topics.node("n2", "researcher"), ping("n1")).wait_for_publish(WAIT)  # a researcher's topic
+        researcher.publish(topics.node("n2", "researcher"), ping("researcher")).wait_for_publish(WAIT)
         # brokers acknowledge a refused publish without delivering it; mosquitto keeps per-subscriber
         # order, so the researcher's message arriving first is not a proof: check the sender.
         _, msg = n2_inbox.get()
@@ -223,7 +225,7 @@ def test_presence_is_retained_and_the_will_fires_on_kill(net: NetworkHandle, tmp
 # ---------------------------------------------------------------------------------------- load
 def test_qos1_burst_is_delivered_completely(net: NetworkHandle) -> None:
     count = 2000
-    node, _ = connect(net.credentials("n2"), [topics.node("n2")])
+    node, _ = connect(net.credentials("n2"), [topics.node_inbox("n2")])
     seen: set[str] = set()
     done = threading.Event()
 
@@ -235,7 +237,7 @@ def test_qos1_burst_is_delivered_completely(net: NetworkHandle) -> None:
     node._on_message = collect
     researcher, _ = connect(net.credentials("researcher"), [])
     try:
-        infos = [researcher.publish(topics.node("n2"), ping("researcher")) for _ in range(count)]
+        infos = [researcher.publish(topics.node("n2", "researcher"), ping("researcher")) for _ in range(count)]
         for info in infos:
             info.wait_for_publish(WAIT)
         assert done.wait(60), f"{len(seen)} of {count} delivered"
@@ -249,12 +251,12 @@ def test_party_added_while_running_can_connect(net: NetworkHandle) -> None:
     name = f"late-{net.broker}"
     creds = net.add_party(name, "node")
     assert broker_accepts(creds.mqtt)
-    node, inbox = connect(creds, [topics.node(name)])
+    node, inbox = connect(creds, [topics.node_inbox(name)])
     researcher, _ = connect(net.credentials("researcher"), [])
     try:
-        researcher.publish(topics.node(name), ping("researcher"))
+        researcher.publish(topics.node(name, "researcher"), ping("researcher"))
         topic, _ = inbox.get()
-        assert topic == topics.node(name)
+        assert topic == topics.node(name, "researcher")
     finally:
         node.stop()
         researcher.stop()
@@ -277,7 +279,7 @@ def test_cli_party_add_reloads_the_running_broker(net: NetworkHandle) -> None:
 # ---------------------------------------------------------------------------------------- restart (last)
 def test_messaging_reconnects_and_resubscribes_after_a_broker_restart(net: NetworkHandle) -> None:
     connected = threading.Semaphore(0)
-    node, inbox = connect(net.credentials("n1"), [topics.node("n1")], persistent=True,
+    node, inbox = connect(net.credentials("n1"), [topics.node_inbox("n1")], persistent=True,
                           on_connected=connected.release)
     assert connected.acquire(timeout=WAIT)
     try:
@@ -285,9 +287,9 @@ def test_messaging_reconnects_and_resubscribes_after_a_broker_restart(net: Netwo
         assert connected.acquire(timeout=60), "no reconnection after the broker restarted"
         researcher, _ = connect(net.credentials("researcher"), [])
         try:
-            researcher.publish(topics.node("n1"), ping("researcher"))
+            researcher.publish(topics.node("n1", "researcher"), ping("researcher"))
             topic, msg = inbox.get()
-            assert topic == topics.node("n1") and msg.sender == "researcher"
+            assert topic == topics.node("n1", "researcher") and msg.sender == "researcher"
         finally:
             researcher.stop()
     finally:
