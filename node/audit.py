@@ -24,6 +24,7 @@ EVENTS = (
     "login",
     "login_failed",
     "round_executed",
+    "request_refused",
 )
 
 
