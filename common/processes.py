@@ -85,8 +85,9 @@ def wait_until(
     log_path: str | Path,
     timeout: float,
     what: str,
+    interval: float = 0.05,
 ) -> None:
-    """Poll `ready()` until true; raise with the log's tail if `proc` exits first or time runs out."""
+    """Poll `ready()` every `interval` s until true; raise with the log tail if `proc` exits first or time is up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -95,7 +96,7 @@ def wait_until(
             )
         if ready():
             return
-        time.sleep(0.05)
+        time.sleep(interval)
     stop_process(proc)
     raise RuntimeError(f"{what} not ready after {timeout:.0f}s; log {log_path}:\n{log_tail(log_path)}")
 

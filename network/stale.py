@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -85,12 +86,28 @@ def describe(proc: psutil.Process) -> str:
 
 def stop_all(procs: list[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
     """SIGTERM each, SIGKILL those still there after `timeout`; return the ones that would not die."""
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    _, alive = psutil.wait_procs(alive, timeout=timeout)
-    return alive
+    for sig_send in (psutil.Process.terminate, psutil.Process.kill):
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                sig_send(proc)
+        procs = _wait_gone(procs, timeout)
+        if not procs:
+            break
+    return procs
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of `procs` still running after up to `timeout` s (a zombie counts as gone: it holds no port)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = [p for p in procs if not _gone(p)]
+        if not procs or time.monotonic() > deadline:
+            return procs
+        time.sleep(0.02)
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
