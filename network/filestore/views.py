@@ -151,8 +151,8 @@ class GrantView(APIView):
             body = loads_bounded(raw.read(length), max_bytes=MAX_GRANT_BODY, max_depth=4)
         except (JSONLimitError, ValueError) as exc:
             raise ApiError(400, f"invalid JSON body: {str(exc)[:120]}") from None
-        if not isinstance(body, dict) or "readers" not in body:
-            raise ApiError(400, 'send {"readers": [...]}')
+        if not isinstance(body, dict) or not isinstance(body.get("readers"), list):
+            raise ApiError(400, 'send {"readers": [...]}, a list of party names')
         readers = access.parse_readers(body["readers"])
         return Response({"sha256": sha256, "readers": access.grant(sha256, request.user.name, readers)})
 
