@@ -139,7 +139,7 @@ def status(netdir: str) -> None:
         ),
         (
             "file store",
-            "gunicorn",
+            "waitress",
             "up" if store_ok else "DOWN",
             state.get("filestore_url"),
             state.get("filestore_pid"),

@@ -1,1 +1,1 @@
-"""The content-addressed blob store: a Django project served by gunicorn."""
+"""The content-addressed blob store: a Django project served by waitress (serve.py)."""
