@@ -20,6 +20,7 @@ from .auth import writer_required
 bp = Blueprint("plans", __name__)
 
 _FORMATTER = HtmlFormatter(linenos="table", cssclass="highlight", lineanchors="L", anchorlinenos=True)
+_VIEWS = ("approved", "previous")
 _DECISIONS = {
     "approve": ("approved", "approve", "Plan {short} approved: it runs at the next round."),
     "reject": ("rejected", "reject", "Plan {short} rejected: rounds using it are refused."),
@@ -47,14 +48,32 @@ def index() -> str:
 
 @bp.route("/plans/<sha>")
 def detail(sha: str) -> str:
+    """The plan's source and its changes: by default since the last version this node approved (so that
+    unreviewed intermediate versions cannot hide a change), or since the previous version (`?diff=previous`)."""
     plan = _get_or_404(sha)
     previous = ctx().plans.previous_version(plan)
+    approved = ctx().plans.last_approved_version(plan)
+    views: dict[str, dict[str, Any]] = {}  # comparison -> baseline plan, in tab order
+    if approved is not None:
+        views["approved"] = approved
+    if previous is not None and (approved is None or previous["sha256"] != approved["sha256"]):
+        views["previous"] = previous  # a second view only when it is another version
+    view = request.args.get("diff", "")
+    if view not in _VIEWS and view:
+        abort(404, f"Unknown comparison '{view}'; use diff=approved or diff=previous.")
+    if view not in views:  # not asked, or the same baseline as the other view
+        view = next(iter(views), "")
+    base = views.get(view)
     return render_template(
         "plans/detail.html",
         plan=plan,
         source_html=Markup(highlight(plan["source"], PythonLexer(), _FORMATTER)),
         previous=previous,
-        diff_html=_diff(previous["source"], plan["source"], previous["sha256"], plan["sha256"]) if previous else None,
+        approved=approved,
+        views=views,
+        view=view,
+        base=base,
+        diff_html=_diff(base["source"], plan["source"], base["sha256"], plan["sha256"], view) if base else None,
     )
 
 
@@ -98,12 +117,12 @@ def _get_or_404(sha: str) -> dict[str, Any]:
         abort(404, str(exc))
 
 
-def _diff(old: str, new: str, old_sha: str, new_sha: str) -> Markup:
+def _diff(old: str, new: str, old_sha: str, new_sha: str, label: str = "previous") -> Markup:
     """A unified diff as escaped HTML lines, added and removed lines marked for the stylesheet."""
     lines = difflib.unified_diff(
         old.splitlines(),
         new.splitlines(),
-        fromfile=f"previous {old_sha[:12]}",
+        fromfile=f"{label} {old_sha[:12]}",
         tofile=f"this plan {new_sha[:12]}",
         lineterm="",
         n=3,

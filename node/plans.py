@@ -123,6 +123,20 @@ class PlanStore:
         ]
         return others[-1] if others else None
 
+    def last_approved_version(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The other plan of the same name that this node approved most recently and still approves.
+
+        The review baseline: a researcher may send several versions before anyone reviews, and only a
+        diff against what the node already accepted shows every unreviewed change. A revoked approval
+        does not count (the node no longer trusts that code). Its `decided_at`/`decided_by` say when and by whom.
+        """
+        approved = [
+            r
+            for r in self.list("approved")
+            if r["name"] == record["name"] and r["sha256"] != record["sha256"] and r.get("decided_at")
+        ]
+        return max(approved, key=lambda r: r["decided_at"]) if approved else None
+
     def _decide(
         self, sha: str, new_status: str, allowed_from: tuple[str, ...], event: str, verb: str, by: str, note: str
     ) -> dict[str, Any]:
