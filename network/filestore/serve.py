@@ -50,7 +50,8 @@ def waitress_options(cfg: NetworkConfig) -> dict[str, Any]:
         # would wait for a slow reader to drain it. The file is sent from disk, so no memory is at stake.
         "outbuf_high_watermark": cfg.max_upload_bytes + BODY_SLACK,
         # waitress reads 8 KiB per recv() by default: a 40 MB upload took 0.36-0.41 s against gunicorn's
-        # 0.25 s. Reading up to 256 KiB per call brings it back (bench/filestore_transfer.py).
+        # 0.25 s. 256 KiB per call: 0.27 s up, 0.13 s down (gunicorn 0.25-0.26 s, 0.12 s); 1 MiB was no
+        # better (0.32 s). Median of 5, bench/filestore_transfer.py, this 2-core VM while quiet.
         "recv_bytes": RECV_BYTES,
         "ident": "fedsilo-filestore",
         "clear_untrusted_proxy_headers": True,
