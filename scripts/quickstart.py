@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,8 @@ from fedsilo.common.datasets import CsvDataset
 from fedsilo.common.plan_source import plan_hash, plan_source
 from fedsilo.common.synthetic import FEATURES, features_and_labels, synthetic_cohort, write_cohort_csv
 from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
-from fedsilo.network.launcher import NetworkHandle, start_network
+from fedsilo.network.launcher import NetworkHandle
+from fedsilo.network.provision import NetworkConfig
 from fedsilo.node.launcher import NodeHandle, start_node
 from fedsilo.researcher import Experiment, FedAverage
 
@@ -62,11 +64,48 @@ def fedsilo(*args: str, quiet: bool = False) -> str:
     return out.stdout
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something listens on host:port (bound the way the broker and the file store bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def choose_port(requested: int | None, name: str) -> int:
+    """The port to give `fedsilo network start` for `name` ("mqtt" or "http"); 0 means a free one.
+
+    Not given: the network's default port (1883, 8800), or a free one with a message when another
+    network or broker already holds it. Given and taken: stop here with what to do instead.
+    """
+    option = f"--{name}-port"
+    if requested == 0:
+        return 0
+    if requested is None:
+        default = NetworkConfig.model_fields[f"{name}_port"].default
+        if not port_in_use(default):
+            return default
+        print(f"   port {default} is in use (another network or broker?): using a free one ({option} chooses)")
+        return 0
+    if port_in_use(requested):
+        raise SystemExit(f"{option} {requested}: the port is in use; choose another, or {option} 0 for a free one")
+    return requested
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", default=str(REPO / "run" / "quickstart"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--broker", default="auto", choices=["auto", "embedded", "mosquitto"])
+    for name, what in (("mqtt", "MQTT broker"), ("http", "file store")):
+        default = NetworkConfig.model_fields[f"{name}_port"].default
+        parser.add_argument(
+            f"--{name}-port", type=int, default=None, metavar="PORT",
+            help=f"{what} port; 0 = a free one (default {default}, or a free one when {default} is in use)",
+        )  # fmt: skip
     parser.add_argument(
         "--keep-running",
         action="store_true",
@@ -81,8 +120,10 @@ def main() -> None:
     procs: list[NetworkHandle | NodeHandle] = []
     try:
         print("1. network: broker + file store")
-        network = start_network(base, broker=args.broker)
+        ports = [choose_port(args.mqtt_port, "mqtt"), choose_port(args.http_port, "http")]
+        network = NetworkHandle(netdir=base / "network", broker=args.broker, log_path=base / "network.log")
         procs.append(network)
+        network.start(extra_args=["--mqtt-port", str(ports[0]), "--http-port", str(ports[1])])
         print(f"   {network.broker_kind} broker on port {network.mqtt_port}, file store at {network.filestore_url}")
 
         print("2. three hospitals register their data and start their node")
