@@ -122,6 +122,7 @@ def spawn(
     env: dict[str, str] | None = None,
     cwd: str | Path | None = None,
     pdeathsig: int | None = None,
+    stdin: int = subprocess.DEVNULL,
 ) -> subprocess.Popen[bytes]:
     """Start `args` in a new session (its own process group) with stdout+stderr appended to `log_path`.
 
@@ -132,7 +133,7 @@ def spawn(
     with open(log_path, "ab") as logf:
         return subprocess.Popen(
             list(args),
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=logf,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -168,8 +169,14 @@ class ChildProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
 
-    def spawn(self, args: Sequence[str], env: dict[str, str] | None = None, pdeathsig: int = signal.SIGTERM) -> None:
-        self._proc = spawn(args, self.log_path, env=env, pdeathsig=pdeathsig)
+    def spawn(
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        pdeathsig: int = signal.SIGTERM,
+        stdin: int = subprocess.DEVNULL,
+    ) -> None:
+        self._proc = spawn(args, self.log_path, env=env, pdeathsig=pdeathsig, stdin=stdin)
         self.pid = self._proc.pid
 
     def alive(self) -> bool:

@@ -1,11 +1,13 @@
 """The embedded MQTT broker (amqtt) as a process of its own, started by `fedsilo network start`:
 
-    python -m fedsilo.network.embedded_broker --dir NETDIR
+    python -m fedsilo.network.embedded_broker --dir NETDIR [--standby]
 
 It used to run on a thread inside `network start`; as a child process it is supervised exactly like
 Mosquitto (a kill -9 of the broker is the same event on both, and is restarted on the same port).
 It authenticates against `parties.json`, re-read whenever the file changes (no reload needed).
-Logs go to stderr, which its parent points at `NETDIR/broker/broker.log`.
+Logs go to stderr, which its parent points at `NETDIR/broker/broker.log`. With `--standby` it waits,
+its imports done, until its stdin says `go` (a spare, ready to replace a crashed broker within
+milliseconds), and exits quietly at end of input (its parent is gone).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +61,11 @@ async def serve(netdir: str | Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedsilo.network.embedded_broker", description=__doc__)
     parser.add_argument("--dir", required=True, help="network directory")
+    parser.add_argument("--standby", action="store_true", help="wait for a line `go` on stdin first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.standby and sys.stdin.readline().strip() != "go":
+        return
     asyncio.run(serve(args.dir))
 
 

@@ -57,6 +57,8 @@ class Supervised:
     label: str
     make: Callable[[], Any]  # a new, unstarted component: start(timeout), alive(), stop(), pid, log_path
     start_timeout: float
+    warm: Callable[[], None] | None = None  # after each start: prepare what makes the next one fast
+    close: Callable[[], None] | None = None  # on stop: release what `warm` prepared
     proc: Any = None
     started_at: float = 0.0
     restarts: int = 0
@@ -70,9 +72,39 @@ class Supervised:
         self.proc = self.make()
         self.proc.start(timeout=self.start_timeout)
         self.started_at = time.monotonic()
+        if self.warm is not None:
+            self.warm()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+        if self.close is not None:
+            self.close()
 
     def record(self) -> dict[str, Any]:
         return {"count": self.restarts, "last_reason": self.last_reason, "last_at": self.last_restart_at}
+
+
+def network_children(paths: provision.NetworkPaths, cfg: provision.NetworkConfig) -> list[Supervised]:
+    """The broker and the file store of the network in `paths`, as supervised children (not started)."""
+    from .broker_process import BrokerFactory
+    from .filestore.server import FileStoreProcess
+
+    sig = signal.SIGTERM if os.environ.get(PDEATHSIG_ENV, "1") != "0" else 0
+    brokers = BrokerFactory(paths.root, cfg, sig)
+    return [
+        Supervised("broker", f"broker ({cfg.broker})", brokers, 15, warm=brokers.warm, close=brokers.close),
+        Supervised("filestore", "file store", lambda: FileStoreProcess(paths.root, cfg, sig), 60),
+    ]
+
+
+def check_probe(paths: provision.NetworkPaths) -> None:
+    """Raise unless the running broker accepts the network's probe party (passwords and ACL loaded)."""
+    from .broker import broker_accepts
+
+    monitor = Credentials.load(paths.credentials(provision.MONITOR))
+    if not broker_accepts(monitor.mqtt, timeout=5):
+        raise ConfigError(f"the broker does not accept the network's probe credentials; see {paths.broker_dir}")
 
 
 class _Stop(Exception):
@@ -82,29 +114,18 @@ class _Stop(Exception):
 class Supervisor:
     """Starts the children, watches them, restarts them, keeps `state.json` current."""
 
-    def __init__(self, paths: provision.NetworkPaths, cfg: provision.NetworkConfig) -> None:
-        from .broker_process import make_broker
-        from .filestore.server import FileStoreProcess
-
+    def __init__(
+        self, paths: provision.NetworkPaths, cfg: provision.NetworkConfig, children: list[Supervised] | None = None
+    ) -> None:
         self.paths = paths
         self.cfg = cfg
-        sig = signal.SIGTERM if os.environ.get(PDEATHSIG_ENV, "1") != "0" else 0
-        self.broker = Supervised("broker", f"broker ({cfg.broker})", lambda: make_broker(paths.root, cfg, sig), 15)
-        self.store = Supervised("filestore", "file store", lambda: FileStoreProcess(paths.root, cfg, sig), 60)
-        self.children = [self.broker, self.store]
+        self.children = network_children(paths, cfg) if children is None else children
         self.started_at = time.time()
 
     def start(self) -> None:
-        from .broker import broker_accepts
-
+        """Start every child (not yet announced: `write_state` says the network is ready)."""
         for child in self.children:
             child.start()
-        monitor = Credentials.load(self.paths.credentials(provision.MONITOR))
-        if not broker_accepts(monitor.mqtt, timeout=5):
-            raise ConfigError(
-                f"the broker does not accept the network's probe credentials; see {self.broker.proc.log_path}"
-            )
-        self.write_state()
 
     def write_state(self) -> None:
         provision.write_state(
@@ -112,8 +133,7 @@ class Supervisor:
             {
                 "pid": os.getpid(),
                 "broker": self.cfg.broker,
-                "broker_pid": self.broker.proc.pid,
-                "filestore_pid": self.store.proc.pid,
+                **{f"{c.key}_pid": c.proc.pid for c in self.children},
                 "host": self.cfg.host,
                 "mqtt_port": self.cfg.mqtt_port,
                 "http_port": self.cfg.http_port,
@@ -138,7 +158,7 @@ class Supervisor:
             pid = child.proc.pid
             child.last_reason = exit_reason(child.proc.returncode)
             child.proc.stop()
-            kill_group(pid)  # what it forked (gunicorn workers) would keep its port
+            kill_group(pid)  # what it forked (e.g. gunicorn's workers) would keep its port
             child.died_at = now
             child.failures = 1 if now - child.started_at >= STABLE_S else child.failures + 1
             child.retry_at = now + backoff(child.failures)
@@ -155,6 +175,8 @@ class Supervisor:
         try:
             child.start()
         except Exception as exc:  # a failed restart is retried with backoff; the network stays up
+            child.proc.stop()  # one that hangs at start-up must not keep the port from the next try
+            kill_group(child.proc.pid)
             child.failures += 1
             child.retry_at = time.monotonic() + backoff(child.failures)
             child.last_reason = f"restart failed: {exc}"
@@ -178,8 +200,7 @@ class Supervisor:
 
     def stop(self) -> None:
         for child in reversed(self.children):
-            if child.proc is not None:
-                child.proc.stop()
+            child.stop()
 
 
 def _when(delay: float) -> str:
@@ -295,6 +316,8 @@ def run(
         cfg = prepare(paths, **options)
         supervisor = Supervisor(paths, cfg)
         supervisor.start()
+        check_probe(paths)
+        supervisor.write_state()
         print(summary(paths, cfg), flush=True)
         supervisor.watch()
     except _Stop:
