@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,12 +22,15 @@ import psutil
 
 
 def belongs(proc: psutil.Process, root: Path) -> bool:
-    """Whether `proc`'s command line names `root`, or one of its open files is inside it."""
-    prefix = str(root)
+    """Whether `proc`'s command line names `root`, or one of its open files is inside it.
+
+    `root` must be a whole path there: `/srv/net` does not name `/srv/net2`, another network's directory.
+    """
+    named = re.compile(re.escape(str(root)) + r"(?![^/'\"\s,)])")  # followed by /, a quote, a space or the end
     try:
-        if any(prefix in arg for arg in proc.cmdline()):
+        if any(named.search(arg) for arg in proc.cmdline()):
             return True
-        return any(f.path == prefix or f.path.startswith(prefix + os.sep) for f in proc.open_files())
+        return any(named.match(f.path) for f in proc.open_files())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 
