@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 RESEND_FIRST_S = 1.0
 """An unacknowledged request is re-sent after 1 s, then 2, 4, 8 s: a node acks within milliseconds."""
 RESEND_MAX_S = 8.0
-RESEND_ACKED_S = 30.0
+RESEND_ACKED_S = 10.0
 """An acknowledged request is re-sent when the researcher reconnected or the node came back online,
-and every 30 s besides (a node answers a copy with its state, at the cost of one small message)."""
+and every 10 s besides (a node answers a copy with its state, at the cost of one small message)."""
 SLICE_S = 0.25
 
 
