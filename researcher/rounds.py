@@ -12,6 +12,8 @@ large-model round that the round itself need not wait for (bench/RESULTS.md).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import re
@@ -65,6 +67,7 @@ class RoundArchive:
     def put(self, round_index: int, params: Params, folder: Path) -> None:
         """Make `params` the current round's model and write it to `folder` (the first call fixes it)."""
         self.flush()  # one write in flight at most: at most one extra serialised model in memory
+        release_free_heap()
         if self._folder is None:
             self._folder = folder
         self._current = (round_index, params)
@@ -181,6 +184,29 @@ class AggregatedParams(Mapping[int, dict[str, Params]]):
             return "AggregatedParams({})"
         where = self._archive.folder or "memory"
         return f"AggregatedParams(rounds {self._rounds[0]}..{self._rounds[-1]}, {len(self._rounds)} in all; {where})"
+
+
+def _load_malloc_trim() -> object | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Give the heap memory freed by the round back to the system (glibc's `malloc_trim`; a no-op elsewhere).
+
+    A round allocates and frees about K+3 models (downloads, parsed updates, float64 sums). glibc raises
+    its mmap threshold to the size of a freed block (up to 32 MiB), so after round 1 the 20 MiB
+    tensors of the 10M-parameter model come from the heap, and freed heap stays resident: with 10
+    nodes RSS went 529 -> 725 MiB over 9 rounds (22 % spread over 30) with nothing referencing it.
+    Trimming once a round (under 1 ms) kept a loop of the same allocations at 499-500 MiB from round 2 on."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _write(folder: Path, round_index: int, params: Params) -> str:
