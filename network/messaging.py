@@ -42,6 +42,8 @@ class Messaging:
     """
 
     WATCHDOG_INTERVAL = 0.5
+    MAX_RESTARTS = 5
+    RESTART_WINDOW = 60.0
     TAKEOVER_WINDOW = 5.0
     """A connection the broker closes this soon after it was made, again and again, was taken over."""
 
@@ -70,6 +72,7 @@ class Messaging:
         self._connected_at = 0.0
         self._quick_drops = 0
         self.restarts = 0
+        self.failed = False
         self._first_result: str | None = None
         self._first_done = threading.Event()
         self._client = mqtt.Client(
@@ -135,13 +138,28 @@ class Messaging:
         return self._client._thread is not None  # paho clears it when its loop ends, however it ends
 
     def _watch(self) -> None:
-        """Restart paho's network thread whenever it died (it cannot, short of a BaseException)."""
+        """Restart paho's network thread whenever it died (it cannot, short of a BaseException in a handler).
+
+        The dead thread may have stopped half-way through a packet, so the connection is made anew (the
+        broker re-delivers what was not acknowledged). A thread that keeps dying (a message that kills it
+        each time it is re-delivered) is given up on: `failed` is set, and a daemon exits non-zero."""
+        recent: list[float] = []
         while not self._stopping.wait(self.WATCHDOG_INTERVAL):
-            if self._client._thread is None and not self._stopping.is_set():
-                self.restarts += 1
-                log.error("the MQTT network thread of %s died; restarting it (restart %d)", self.client_id,
-                          self.restarts)  # fmt: skip
-                self._client.loop_start()
+            if self._client._thread is not None or self._stopping.is_set():
+                continue
+            now = time.monotonic()
+            recent = [t for t in recent if now - t < self.RESTART_WINDOW] + [now]
+            if len(recent) > self.MAX_RESTARTS:
+                self.failed = True
+                log.critical("the MQTT network thread of %s died %d times within %gs; giving up",
+                             self.client_id, len(recent), self.RESTART_WINDOW)  # fmt: skip
+                return
+            self.restarts += 1
+            log.error("the MQTT network thread of %s died; reconnecting (restart %d)", self.client_id, self.restarts)
+            self._connected.clear()
+            with contextlib.suppress(OSError, ValueError):  # the broker may be away: the loop retries
+                self._client.reconnect()
+            self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)

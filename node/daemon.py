@@ -74,6 +74,7 @@ class NodeDaemon:
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._current: dict[str, Any] | None = None
         self._audit: Any = None
+        self.exit_code = 0
         self.messaging = Messaging(
             client_id=self.node_id,
             settings=self.creds.mqtt,
@@ -122,6 +123,10 @@ class NodeDaemon:
         """Until stopped: keep status.json true (connection state as it changes, a heartbeat otherwise)."""
         shown, written = self.messaging.connected, time.monotonic()
         while not self.stop_event.wait(1.0):
+            if self.messaging.failed:  # the receive loop cannot be kept alive: let a supervisor restart us
+                log.critical("the broker connection cannot be kept alive; stopping with exit code 1")
+                self.exit_code = 1
+                return
             now = self.messaging.connected
             if now != shown or time.monotonic() - written > self.STATUS_EVERY_S:
                 if now != shown:
@@ -422,5 +427,8 @@ def _outcome(reply: Message | bytes) -> str:
 
 
 def run(config: NodeConfig) -> None:
-    """`fedsilo node start`: run the daemon in the foreground."""
-    NodeDaemon(config).run()
+    """`fedsilo node start`: run the daemon in the foreground; exits non-zero if it could not go on."""
+    daemon = NodeDaemon(config)
+    daemon.run()
+    if daemon.exit_code:
+        raise SystemExit(daemon.exit_code)

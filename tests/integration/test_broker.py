@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -293,4 +294,64 @@ def test_messaging_reconnects_and_resubscribes_after_a_broker_restart(net: Netwo
         finally:
             researcher.stop()
     finally:
+        node.stop()
+
+
+# ---------------------------------------------------------------------------------------- watchdog
+class _Fatal(BaseException):
+    """Not an Exception: passes every `except Exception` and ends paho's network thread."""
+
+
+def _fatal_node(net: NetworkHandle, inbox: Inbox, times: int) -> Messaging:
+    """n1, whose handler dies (BaseException) on the first `times` deliveries of the request "fatal"."""
+    left = {"n": times}
+
+    def handler(message: Message, topic: str) -> None:
+        if message.request_id == "fatal" and left["n"] > 0:
+            left["n"] -= 1
+            raise _Fatal()
+        inbox(message, topic)
+
+    node = Messaging("n1", net.credentials("n1").mqtt, on_message=handler,
+                     subscriptions=[topics.node_inbox("n1")])  # fmt: skip
+    node.start(timeout=WAIT)
+    return node
+
+
+def _wait(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_watchdog_restarts_a_dead_receive_thread(net: NetworkHandle) -> None:
+    inbox = Inbox()
+    node = _fatal_node(net, inbox, times=1)
+    researcher, _ = connect(net.credentials("researcher"), [])
+    try:
+        researcher.publish(topics.node("n1", "researcher"), PingRequest(sender="researcher", request_id="fatal"))
+        _wait(lambda: node.restarts == 1, "the dead network thread was not restarted")
+        researcher.publish(topics.node("n1", "researcher"), ping("researcher"))
+        got = {inbox.get()[1].request_id for _ in range(2 if net.broker == "mosquitto" else 1)}
+        assert len(got) >= 1 and node.connected and not node.failed
+    finally:
+        researcher.stop()
+        node.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_message_that_always_kills_the_thread_is_given_up_on(net: NetworkHandle) -> None:
+    if net.broker != "mosquitto":
+        pytest.skip("only a broker that re-delivers the unacknowledged message after a reconnect can loop")
+    inbox = Inbox()
+    node = _fatal_node(net, inbox, times=100)
+    researcher, _ = connect(net.credentials("researcher"), [])
+    try:
+        researcher.publish(topics.node("n1", "researcher"), PingRequest(sender="researcher", request_id="fatal"))
+        _wait(lambda: node.failed, "a thread dying on every re-delivery was restarted for ever")
+        assert node.restarts == Messaging.MAX_RESTARTS and not node.connected
+    finally:
+        researcher.stop()
         node.stop()
