@@ -19,7 +19,6 @@ from fedsilo.common.plan_source import load_plan_class, plan_hash, plan_source
 from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_bytes
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.common.training_plan import TorchTrainingPlan, TrainingPlanError
-from fedsilo.network import topics
 from fedsilo.network.credentials import Credentials
 from fedsilo.network.filestore_client import FileStoreClient
 from fedsilo.network.messages import (
@@ -603,7 +602,7 @@ class Experiment:
             with req.waiter(node_of, job_id=self._job_id, watch_presence=True) as waiter:
                 sent_at = time.perf_counter()
                 for node, msg in outgoing.items():
-                    req.publish(topics.node(node), msg)
+                    req.send(waiter, node, msg)  # re-sent until the node answers
                 pending = set(sampled)
                 deadline = time.monotonic() + timeout
                 while pending:

@@ -83,10 +83,10 @@ class FakeRequests:
         finally:
             self.current = None
 
-    def publish(self, topic: str, msg: TrainRequest) -> None:
-        assert self.current is not None
+    def send(self, waiter: Waiter, node: str, msg: TrainRequest) -> None:
+        assert self.current is waiter
         self.sent.append(msg)
-        self.behaviours[topic.rsplit("/", 1)[1]](msg, self.current.queue)
+        self.behaviours[node](msg, waiter.queue)
 
     def node_name(self, node: str) -> str:
         return node
