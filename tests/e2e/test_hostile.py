@@ -151,7 +151,7 @@ def test_fuzzed_payloads_silence_no_party(
             assert status["broker_connected"] and status["receiver_restarts"] == 0
 
 
-def test_the_node_audits_the_party_that_really_sent_a_round(
+def test_the_node_audits_and_logs_the_party_that_really_sent_a_round(
     fed: Federation, approved: Approved, client: RawResearcher
 ) -> None:
     name = "hospital-b"
@@ -162,3 +162,10 @@ def test_the_node_audits_the_party_that_really_sent_a_round(
     rounds = AuditLog(fed.nodedir(name)).list(event="round_executed")
     mine = [e for e in rounds if e["details"].get("request_id") == req.request_id]
     assert mine and all(e["actor"] == f"researcher:{client.party}" for e in mine), rounds[-3:]
+    # what a node admin follows in the daemon's terminal: the request and the round, at INFO
+    terminal = fed.nodes[name].log_path.read_text(encoding="utf-8").splitlines()
+    mine = [line for line in terminal if req.request_id in line]
+    assert any(" INFO " in x and "queued" in x and f"from {client.party}" in x and req.plan.sha256[:12] in x
+               for x in mine), mine  # fmt: skip
+    assert any(" INFO " in x and "round finished" in x and req.job_id in x and ": ok, " in x and x.endswith("s")
+               for x in mine), mine  # fmt: skip
