@@ -197,7 +197,7 @@ def _fedsilo_broker_class() -> type:
     from amqtt.broker import Broker
 
     class FedsiloBroker(Broker):
-        """amqtt 0.12's Broker with two fixes.
+        """amqtt 0.12's Broker with fixes: client ids bound to usernames, takeovers, wills kept retained, and these two.
 
         On every connection it loops over *all* subscription filters of the broker while awaiting, which
         (1) raises "dictionary changed size during iteration" when another client subscribes meanwhile,
@@ -241,8 +241,10 @@ def _fedsilo_broker_class() -> type:
                 existing, old_handler = self._sessions[session.client_id]
                 if existing.transitions.is_connected():
                     await self._take_over(existing, old_handler)
-                for attr in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username",
-                             "password"):  # fmt: skip
+                # amqtt forgot `will_retain`: a session first made by a will-less client (a probe) kept
+                # will_retain False, and the node's retained offline presence was never stored
+                for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                             "username", "password"):  # fmt: skip
                     setattr(existing, attr, getattr(session, attr))
                 session = existing
                 session.parent = 1
