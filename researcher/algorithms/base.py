@@ -1,0 +1,142 @@
+"""The researcher side of a federated algorithm: what each node is sent, and how its replies are folded.
+
+The round loop (`fedsilo.researcher.round`) drives one `FedAlgorithm` per experiment as a template:
+
+    tasks = algorithm.configure_train(round_index, nodes, global_params)   # node -> NodeTask (blobs + config)
+    algorithm.start_round(round_index, global_params)
+    for update in replies_as_they_arrive:                                  # NodeUpdate, checked by the loop
+        algorithm.add(update)
+    global_params = algorithm.result()                                     # ends the round
+
+`state()` returns a JSON part and a tensor part (moments, control variates) that breakpoints save as
+safetensors beside `breakpoint.json`; `load_state()` takes both back.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from fedsilo.common.algorithms import AlgorithmConfig, FedAvgConfig
+from fedsilo.common.errors import FedsiloError
+
+Params = dict[str, torch.Tensor]
+
+
+class AggregationError(FedsiloError):
+    """Updates could not be combined (nothing received, names or shapes differ, a blob is missing)."""
+
+
+@dataclass
+class NodeTask:
+    """What one node is sent for a round: named blobs and the typed node-side configuration.
+
+    `blobs` always holds "params" (the global model); SCAFFOLD adds "control" (the server's variate c).
+    """
+
+    blobs: dict[str, Params]
+    config: AlgorithmConfig = field(default_factory=FedAvgConfig)
+
+
+@dataclass
+class NodeUpdate:
+    """One node's reply as an algorithm sees it: downloaded, parsed, checked finite and compatible by the loop.
+
+    `blobs` always holds "params" (the node's local model); SCAFFOLD adds "control_delta" (c_i+ - c_i).
+    `sample_size` is the node's own count of its training split.
+
+        NodeUpdate("hospital-a", {"params": local_model_state}, sample_size=120, metrics={"loss": 0.3})
+    """
+
+    node_id: str
+    blobs: dict[str, Params]
+    sample_size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def params(self) -> Params:
+        """The node's local model (blob "params")."""
+        return self.blobs["params"]
+
+
+class FedAlgorithm(ABC):
+    """Template: the round loop calls configure_train -> start_round -> add (per reply, as they arrive) -> result.
+
+    A subclass sets `name`, implements the three aggregation steps and, if its node side is not plain local
+    training, overrides `node_config` (and `configure_train` when it sends more than the global model).
+    Settings are the constructor's keyword arguments, returned by `settings()`; `from_state` rebuilds an
+    algorithm from a breakpoint with them.
+
+        algo = FedAverage()                          # any subclass
+        tasks = algo.configure_train(0, ["a", "b"], global_params)
+        algo.start_round(0, global_params)
+        algo.add(NodeUpdate("a", {"params": local_a}, sample_size=10))   # one per reply
+        new_global = algo.result()
+    """
+
+    name: ClassVar[str] = ""
+
+    def node_config(self) -> AlgorithmConfig:
+        """The typed configuration every node gets (plain local training by default)."""
+        return FedAvgConfig()
+
+    def configure_train(self, round_index: int, nodes: Sequence[str], global_params: Params) -> dict[str, NodeTask]:
+        """Each node's task for this round: by default the global model and `node_config()` for all."""
+        config = self.node_config()
+        return {node: NodeTask(blobs={"params": global_params}, config=config) for node in nodes}
+
+    @abstractmethod
+    def start_round(self, round_index: int, global_params: Params) -> None:
+        """Begin a round from `global_params` (the model the nodes were sent)."""
+
+    @abstractmethod
+    def add(self, update: NodeUpdate) -> None:
+        """Fold one node's reply in; raise `AggregationError` on unusable input (the round goes on without it)."""
+
+    @abstractmethod
+    def result(self) -> Params:
+        """The next global model. Ends the round and releases its buffers."""
+
+    def aggregate(
+        self,
+        global_params: Params,
+        updates: Mapping[str, tuple[Params, int]] | Iterable[NodeUpdate],
+        round_index: int = 0,
+    ) -> Params:
+        """One whole round in one call: `{node: (params, sample_size)}` or `NodeUpdate`s, added in node order."""
+        if isinstance(updates, Mapping):
+            updates = [NodeUpdate(n, {"params": p}, w) for n, (p, w) in updates.items()]
+        self.start_round(round_index, global_params)
+        for update in sorted(updates, key=lambda u: u.node_id):
+            self.add(update)
+        return self.result()
+
+    def state(self) -> tuple[dict[str, Any], Params]:
+        """What survives a breakpoint: a JSON-serialisable part and named tensors (saved as safetensors)."""
+        return {}, {}
+
+    def load_state(self, meta: dict[str, Any], tensors: Params) -> None:  # noqa: B027 (optional hook: stateless by default)
+        """Restore what `state()` returned (settings come from the constructor; see `from_state`)."""
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's keyword arguments, JSON-serialisable (shown by `repr`, saved in breakpoints)."""
+        return {}
+
+    @classmethod
+    def from_state(cls, settings: dict[str, Any], meta: dict[str, Any], tensors: Params) -> FedAlgorithm:
+        """An algorithm built with `settings` (as `settings()` returned them) and its saved state loaded."""
+        algorithm = cls(**settings)
+        algorithm.load_state(meta, tensors)
+        return algorithm
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({args})"
+
+
+Aggregator = FedAlgorithm
+"""Fed-BioMed calls the researcher-side algorithm an Aggregator; both names are the same class."""
