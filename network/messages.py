@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from fedsilo.common import PROTOCOL_VERSION
+from fedsilo.common.algorithms import AlgorithmError, AlgorithmSpec
 from fedsilo.common.errors import ErrorCode
 from fedsilo.common.safejson import JSONLimitError, check_json
+from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
 
 MAX_MESSAGE_BYTES = 256 * 1024
 """Messages carry references, never payloads; anything larger is refused before parsing."""
@@ -63,16 +65,56 @@ class ListRequest(Message):
     kind: Literal["list_request"] = "list_request"
 
 
+_BLOB_KEY = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+
+
+def _blobs_with_params(blobs: dict[str, BlobRef]) -> dict[str, BlobRef]:
+    if "params" not in blobs:
+        raise ValueError("blobs must hold 'params'")
+    if len(blobs) > 16:
+        raise ValueError("at most 16 blobs")
+    return blobs
+
+
 class TrainRequest(Message):
+    """Train `dataset_id` with the plan, starting from `blobs["params"]`; an algorithm may add blobs (SCAFFOLD's
+    "control") and its typed node-side config. `training_args` and `algorithm` are validated here, once, on
+    receipt: a bad value is refused before anything is queued, with the key named."""
+
     kind: Literal["train_request"] = "train_request"
     job_id: _ID
     round: int = Field(ge=0)
     dataset_id: _ID
     plan: BlobRef
     plan_name: str = Field(max_length=200)
-    params: BlobRef
-    training_args: dict[str, Any] = Field(default_factory=dict)
+    blobs: dict[_BLOB_KEY, BlobRef]
+    training_args: TrainingArgs = Field(default_factory=TrainingArgs)
     model_args: dict[str, Any] = Field(default_factory=dict)
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+
+    _check_blobs = field_validator("blobs")(_blobs_with_params)
+
+    @field_validator("training_args", mode="before")
+    @classmethod
+    def _training_args(cls, value: Any) -> TrainingArgs:
+        try:  # TrainingArgs.parse names the right key for a Fed-BioMed habit or a typo
+            return TrainingArgs.parse(value)
+        except TrainingArgsError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm(cls, spec: AlgorithmSpec) -> AlgorithmSpec:
+        try:
+            spec.parse()
+        except AlgorithmError as exc:
+            raise ValueError(str(exc)) from None
+        return spec
+
+    @property
+    def params(self) -> BlobRef:
+        """The global model this round starts from."""
+        return self.blobs["params"]
 
 
 class ApprovalRequest(Message):
@@ -104,9 +146,20 @@ class DatasetInfo(BaseModel):
 
 
 class Reply(Message):
+    """Base of every answer; build one with `for_request`, which sets who answers and to what."""
+
     node_id: _ID
     node_name: str = ""
     in_reply_to: _ID
+
+    @classmethod
+    def for_request(cls, request: Message | str, node_id: str, node_name: str = "", **fields: Any) -> Self:
+        """A reply of this kind to `request` (or to a request id), from `node_id`.
+
+            TaskAck.for_request(req, "hospital-a", job_id=req.job_id, round=req.round)
+        """
+        rid = request if isinstance(request, str) else request.request_id
+        return cls(sender=node_id, node_id=node_id, node_name=node_name, in_reply_to=rid, **fields)
 
 
 class SearchReply(Reply):
@@ -134,15 +187,24 @@ class TaskAck(Reply):
 
 
 class TrainReply(Reply):
+    """The node's update: `blobs["params"]` (its local model) and what its algorithm returns besides."""
+
     kind: Literal["train_reply"] = "train_reply"
     job_id: str
     round: int
     dataset_id: str
-    params: BlobRef
+    blobs: dict[_BLOB_KEY, BlobRef]
     sample_size: int = Field(ge=0)
     timings: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     applied_caps: dict[str, Any] = Field(default_factory=dict)
+
+    _check_blobs = field_validator("blobs")(_blobs_with_params)
+
+    @property
+    def params(self) -> BlobRef:
+        """The node's updated model."""
+        return self.blobs["params"]
 
 
 class ApprovalReply(Reply):
@@ -229,9 +291,11 @@ _ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
 class MessageError(ValueError):
     """A received payload is not a valid message; `sender`/`request_id` are filled when readable."""
 
-    def __init__(self, reason: str, sender: str = "", request_id: str = "") -> None:
+    def __init__(self, reason: str, sender: str = "", request_id: str = "", field: str = "") -> None:
         super().__init__(reason)
         self.reason, self.sender, self.request_id = reason, sender, request_id
+        self.field = field
+        """Where validation failed, after the kind: e.g. `training_args` or `algorithm.config`."""
 
 
 def parse_message(payload: bytes | bytearray | str) -> AnyMessage:
@@ -246,8 +310,11 @@ def parse_message(payload: bytes | bytearray | str) -> AnyMessage:
         return _ADAPTER.validate_json(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise MessageError(f"invalid message: {where}: {first.get('msg')}", *_salvage_ids(payload)) from None
+        loc = [str(p) for p in first.get("loc", ())]
+        where = ".".join(loc)
+        raise MessageError(
+            f"invalid message: {where}: {first.get('msg')}", *_salvage_ids(payload), field=".".join(loc[1:])
+        ) from None
 
 
 _SALVAGE = {k: re.compile(rf'"{k}"\s*:\s*"([A-Za-z0-9_.:\-]{{1,128}})"') for k in ("sender", "request_id")}

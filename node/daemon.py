@@ -16,14 +16,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
 from fedsilo.common import PROTOCOL_VERSION, __version__
 from fedsilo.common.errors import ConfigError, ErrorCode, TransferError
 from fedsilo.common.hashing import sha256_bytes
-from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
 from fedsilo.network import topics
 from fedsilo.network.credentials import Credentials
 from fedsilo.network.messages import (
@@ -39,6 +38,7 @@ from fedsilo.network.messages import (
     PlanStatusReply,
     PlanStatusRequest,
     Presence,
+    Reply,
     SearchReply,
     SearchRequest,
     TaskAck,
@@ -54,6 +54,8 @@ from .tasks import TaskQueue
 from .worker import Worker, WorkerCrashed, setup_file_logging
 
 log = logging.getLogger("fedsilo.node.daemon")
+
+R = TypeVar("R", bound=Reply)
 
 class NodeDaemon:
     def __init__(self, config: NodeConfig) -> None:
@@ -201,14 +203,15 @@ class NodeDaemon:
 
     def _on_invalid(self, exc: MessageError, topic: str) -> None:
         researcher = topics.publisher(topic)  # the ACL proves who published; the payload may say anything
-        if researcher:
-            self._dispatch_safe(
-                self._error, researcher, exc.request_id or "unknown", ErrorCode.MALFORMED_MESSAGE, exc.reason, "receive"
-            )
+        if not researcher:
+            return
+        code, stage = ErrorCode.MALFORMED_MESSAGE, "receive"
+        if exc.field.split(".")[0] in ("training_args", "algorithm"):  # validated once, here, on receipt
+            code, stage = ErrorCode.TRAINING_ARGS_INVALID, "arguments"
+        self._dispatch_safe(self._error, researcher, exc.request_id or "unknown", code, exc.reason, stage)
 
-    def _base(self, message_or_id: Message | str) -> dict[str, Any]:
-        rid = message_or_id if isinstance(message_or_id, str) else message_or_id.request_id
-        return {"sender": self.node_id, "node_id": self.node_id, "node_name": self.cfg.node.name, "in_reply_to": rid}
+    def _answer(self, kind: type[R], request: Message | str, **fields: Any) -> R:
+        return kind.for_request(request, self.node_id, self.cfg.node.name, **fields)
 
     def _topic(self, researcher: str) -> str:
         return topics.researcher(researcher, self.node_id)
@@ -218,7 +221,7 @@ class NodeDaemon:
 
     def _error(self, to: str, request_id: str, code: ErrorCode, text: str, stage: str, **extra: Any) -> None:
         log.info("[%s] refused request from %s: [%s] %s", request_id, to, code, text)
-        self._reply(to, ErrorReply(**self._base(request_id), code=code, message=text[:3900], stage=stage, **extra))
+        self._reply(to, self._answer(ErrorReply, request_id, code=code, message=text[:3900], stage=stage, **extra))
 
     def _admissible(self, msg: Message, researcher: str) -> bool:
         """Checks every request passes: the sender it names is the party that published it, it is fresh,
@@ -259,19 +262,20 @@ class NodeDaemon:
         if not self._admissible(msg, researcher):
             return
         if isinstance(msg, PingRequest):
-            self._reply(msg.sender, PingReply(**self._base(msg), version=__version__, busy=self._current is not None))
+            self._reply(msg.sender, self._answer(PingReply, msg, version=__version__, busy=self._current is not None))
         elif isinstance(msg, SearchRequest):
             infos = [self.datasets.info(r) for r in self.datasets.search(msg.tags)]
             log.info("search %s from %s: %d dataset(s) match", msg.tags, researcher, len(infos))
-            self._reply(msg.sender, SearchReply(**self._base(msg), datasets=infos))
+            self._reply(msg.sender, self._answer(SearchReply, msg, datasets=infos))
         elif isinstance(msg, ListRequest):
             infos = [self.datasets.info(r) for r in self.datasets.list()]
-            self._reply(msg.sender, ListReply(**self._base(msg), datasets=infos))
+            self._reply(msg.sender, self._answer(ListReply, msg, datasets=infos))
         elif isinstance(msg, PlanStatusRequest):
             self._reply(
                 msg.sender,
-                PlanStatusReply(
-                    **self._base(msg),
+                self._answer(
+                    PlanStatusReply,
+                    msg,
                     plan_sha256=msg.plan_sha256,
                     status=self.plans.status(msg.plan_sha256),
                     approval_required=self.cfg.node.require_approval,
@@ -294,7 +298,7 @@ class NodeDaemon:
         if reply is not None:
             self._reply(researcher, reply)
         elif state != "done":
-            self._reply(researcher, TaskAck(**self._base(msg), job_id=msg.job_id, round=msg.round))
+            self._reply(researcher, self._answer(TaskAck, msg, job_id=msg.job_id, round=msg.round))
         return True
 
     def _handle_approval(self, msg: ApprovalRequest) -> None:
@@ -313,7 +317,7 @@ class NodeDaemon:
             self._error(msg.sender, msg.request_id, ErrorCode.PLAN_INVALID, "plan source is not UTF-8", "approval")
             return
         rec = self.plans.submit(source, msg.plan_name, msg.sender, msg.description)
-        self._reply(msg.sender, ApprovalReply(**self._base(msg), plan_sha256=rec["sha256"], status=rec["status"]))
+        self._reply(msg.sender, self._answer(ApprovalReply, msg, plan_sha256=rec["sha256"], status=rec["status"]))
 
     def _handle_train(self, msg: TrainRequest) -> None:
         assert self.queue is not None
@@ -323,16 +327,20 @@ class NodeDaemon:
         except UnknownDataset as exc:
             self._error(msg.sender, msg.request_id, ErrorCode.UNKNOWN_DATASET, str(exc), "dataset_lookup", **extra)
             return
-        try:
-            TrainingArgs.parse(msg.training_args)
-        except TrainingArgsError as exc:
-            self._error(msg.sender, msg.request_id, ErrorCode.TRAINING_ARGS_INVALID, str(exc), "arguments", **extra)
+        # Refused now when the store already says no (cheap); an unknown plan goes on to the worker, which
+        # fetches it and records it as pending; the worker checks again (approval may be revoked meanwhile).
+        status = self.plans.status(msg.plan.sha256)
+        if self.cfg.node.require_approval and status in ("pending", "rejected"):
+            code = ErrorCode.PLAN_REJECTED if status == "rejected" else ErrorCode.PLAN_NOT_APPROVED
+            note = f": {self.plans.get(msg.plan.sha256).get('note') or 'no note'}" if status == "rejected" else ""
+            self._error(msg.sender, msg.request_id, code, f"plan {msg.plan.sha256} ('{msg.plan_name}') is {status} "
+                        f"on node '{self.cfg.node.name}'{note}", "plan_check", **extra)  # fmt: skip
             return
         if self.queue.put(msg.request_id, {"request": msg.model_dump_json(), "reply_to": msg.sender}):
             log.info("[%s] queued: job %s round %d from %s, dataset %s, plan %s (%d in queue)", msg.request_id,
                      msg.job_id, msg.round, msg.sender, msg.dataset_id, msg.plan.sha256[:12],
                      self.queue.size)  # fmt: skip
-            self._reply(msg.sender, TaskAck(**self._base(msg), job_id=msg.job_id, round=msg.round))
+            self._reply(msg.sender, self._answer(TaskAck, msg, job_id=msg.job_id, round=msg.round))
             self._write_status()
 
     def _files(self) -> Any:
@@ -383,7 +391,7 @@ class NodeDaemon:
                 return
             log.error("[%s] %s; restarting the worker", rid, exc)
             self.worker.kill()
-            reply = ErrorReply(**self._base(rid), code=ErrorCode.WORKER_CRASHED,
+            reply = self._answer(ErrorReply, rid, code=ErrorCode.WORKER_CRASHED,
                                message=f"the training worker died during this round ({exc})",
                                stage="training", job_id=request.job_id, round=request.round)  # fmt: skip
         finally:

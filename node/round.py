@@ -312,7 +312,7 @@ def _run(
         "total_s": time.perf_counter() - t_start,
     }
     return TrainReply(
-        **base, job_id=request.job_id, round=request.round, dataset_id=request.dataset_id, params=ref,
+        **base, job_id=request.job_id, round=request.round, dataset_id=request.dataset_id, blobs={"params": ref},
         sample_size=sample_size, timings=timings, metrics=_finite_metrics(metrics, request, ctx, emit),
         applied_caps=applied,
     )  # fmt: skip

@@ -224,6 +224,7 @@ class Connection:
 
     # ------------------------------------------------------------------ routing (paho's thread)
     def _on_connected(self) -> None:
+        log.debug("connected to the broker (connection %d)", self.epoch + 1)
         self.epoch += 1
         if self.epoch > 1:
             log.info("reconnected to the broker; unanswered requests will be re-sent")
@@ -259,6 +260,7 @@ class Connection:
             w.queue.put(message)
 
     def _on_presence(self, msg: Presence) -> None:
+        log.debug("presence of %s: %s", msg.node_id, "online" if msg.online else "offline")
         with self._lock:
             before = self._nodes.get(msg.node_id)
             self._nodes[msg.node_id] = NodeState(

@@ -574,7 +574,7 @@ class Experiment:
         online = {n: s.online for n, s in req.nodes().items()}
         sampled, dropped = self._strategy.sample_nodes(self._training_data, round_index, online)
         outcome = RoundOutcome(round_index, list(sampled), [], dict(dropped))
-        args = self._training_args.model_dump(mode="json")
+        args = self._training_args
         outgoing = {
             node: TrainRequest(
                 sender=req.party,
@@ -583,7 +583,7 @@ class Experiment:
                 dataset_id=self._training_data[node].dataset_id,
                 plan=plan_ref,
                 plan_name=self._plan_name(),
-                params=params_ref,
+                blobs={"params": params_ref},
                 training_args=args,
                 model_args=self._model_args,
             )

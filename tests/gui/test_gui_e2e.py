@@ -67,7 +67,7 @@ class Publisher:
         req = TrainRequest(
             sender=self.creds.party, job_id="gui-job", round=1, dataset_id=dataset_id,
             plan=self.files.upload_bytes(source.encode(), readers=[NODE]), plan_name=name,
-            params=self.files.upload_bytes(params_to_bytes(params), readers=[NODE]),
+            blobs={"params": self.files.upload_bytes(params_to_bytes(params), readers=[NODE])},
             training_args={"epochs": 1, "batch_size": 16},
         )  # fmt: skip
         return self.ask(req, ("train_reply", "error"))

@@ -132,7 +132,7 @@ class RawResearcher:
             dataset_id=dataset_id,
             plan=plan_ref,
             plan_name=plan_name,
-            params=params_ref,
+            blobs={"params": params_ref},
             training_args={"epochs": 2, "batch_size": 16, "log_interval": 2, **training_args},
             model_args=dict(model_args or {}),
         )

@@ -91,6 +91,6 @@ class FakeNode:
             payload, samples = self.craft(msg)
             ref = self.files.upload_bytes(payload, readers=[researcher])
             replies.append(TrainReply(**base, job_id=msg.job_id, round=msg.round, dataset_id=msg.dataset_id,
-                                      params=ref, sample_size=samples, metrics={"loss": 0.5}))  # fmt: skip
+                                      blobs={"params": ref}, sample_size=samples, metrics={"loss": 0.5}))  # fmt: skip
         for reply in replies:
             self.messaging.publish(topics.researcher(researcher, self.name), reply)

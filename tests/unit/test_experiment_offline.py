@@ -124,7 +124,7 @@ def trainer(store: FakeStore, node: str, delta: float, samples: int) -> Behaviou
                 job_id=req.job_id,
                 round=req.round,
                 dataset_id=req.dataset_id,
-                params=ref,
+                blobs={"params": ref},
                 sample_size=samples,
                 timings={"total_s": 0.01},
                 metrics={"loss": 1.0 / (req.round + 1)},

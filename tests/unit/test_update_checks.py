@@ -13,7 +13,7 @@ INFO = DatasetInfo(dataset_id="ds_a", name="cohort", tags=["t"], data_type="csv"
 
 def reply(samples: int = 100, dataset_id: str = "ds_a") -> TrainReply:
     return TrainReply(sender="n", node_id="n", in_reply_to="r", job_id="j", round=0, dataset_id=dataset_id,
-                      params=BlobRef(sha256="a" * 64, size=1), sample_size=samples)  # fmt: skip
+                      blobs={"params": BlobRef(sha256="a" * 64, size=1)}, sample_size=samples)  # fmt: skip
 
 
 def test_a_sound_reply_passes() -> None:
