@@ -1,7 +1,9 @@
 """Experiment folders and breakpoints: JSON state + safetensors parameters + the plan source.
 
-Layout: `<root>/Experiment_NNNN/breakpoint_NNNN/{breakpoint.json, params.safetensors, plan.py}`,
-NNNN of a breakpoint being the number of rounds completed. Nothing is pickled.
+Layout: `<root>/Experiment_NNNN/breakpoint_NNNN/{breakpoint.json, params.safetensors, algorithm.safetensors,
+plan.py}`, NNNN of a breakpoint being the number of rounds completed. `algorithm.safetensors` holds the tensor
+part of the algorithm's state (FedAdam's moments, SCAFFOLD's control variate); its JSON part is
+`breakpoint.json`'s `algorithm_state`. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,9 +21,13 @@ from fedsilo.common.hashing import sha256_bytes
 from fedsilo.common.plan_source import plan_hash
 from fedsilo.common.serialization import params_from_bytes, params_to_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 added the algorithm's state (`algorithm.safetensors`, `algorithm_state`); a version 1 breakpoint reads with
+an empty one."""
+_READABLE_VERSIONS = (1, 2)
 STATE_FILE = "breakpoint.json"
 PARAMS_FILE = "params.safetensors"
+ALGORITHM_FILE = "algorithm.safetensors"
 PLAN_FILE = "plan.py"
 _EXPERIMENT_RE = re.compile(r"^Experiment_(\d{4,})$")
 _BREAKPOINT_RE = re.compile(r"^breakpoint_(\d{4,})$")
@@ -45,23 +51,51 @@ def new_experiment_dir(root: str | Path) -> Path:
             n += 1
 
 
+AlgorithmState = tuple[dict[str, Any], dict[str, torch.Tensor]]
+"""What `FedAlgorithm.state()` returns and `load_state()` takes: a JSON part and named tensors."""
+
+
+class Breakpoint(NamedTuple):
+    """A breakpoint as read back: each part checked against the hashes `breakpoint.json` records."""
+
+    folder: Path
+    state: dict[str, Any]
+    params: dict[str, torch.Tensor]
+    source: str
+    algorithm_state: AlgorithmState
+
+
 def save_breakpoint(
-    experiment_dir: Path, rounds_done: int, state: dict[str, Any], params: dict[str, torch.Tensor], source: str
+    experiment_dir: Path,
+    rounds_done: int,
+    state: dict[str, Any],
+    params: dict[str, torch.Tensor],
+    source: str,
+    algorithm_state: AlgorithmState = ({}, {}),
 ) -> Path:
-    """Write a breakpoint atomically (a temporary folder renamed into place); returns its folder."""
+    """Write a breakpoint atomically (a temporary folder renamed into place); returns its folder.
+
+    `algorithm_state` is `algorithm.state()`: its tensors go to `algorithm.safetensors` (bit for bit, in their
+    own dtypes), its JSON part to `breakpoint.json` under `algorithm_state`.
+    """
     final = experiment_dir / f"breakpoint_{rounds_done:04d}"
     tmp = experiment_dir / f".breakpoint_{rounds_done:04d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     blob = params_to_bytes(params)
+    meta, tensors = algorithm_state
+    algorithm_blob = params_to_bytes(tensors)
     full = {
         **state,
         "format_version": FORMAT_VERSION,
         "rounds_done": rounds_done,
         "params_sha256": sha256_bytes(blob),
         "plan_sha256": plan_hash(source),
+        "algorithm_state": meta,
+        "algorithm_sha256": sha256_bytes(algorithm_blob),
     }
     (tmp / PARAMS_FILE).write_bytes(blob)
+    (tmp / ALGORITHM_FILE).write_bytes(algorithm_blob)
     (tmp / PLAN_FILE).write_text(source, encoding="utf-8", newline="")
     (tmp / STATE_FILE).write_text(json.dumps(full, indent=2, sort_keys=True), encoding="utf-8")
     if final.exists():
@@ -89,25 +123,31 @@ def find_breakpoint(path: str | Path) -> Path:
     raise BreakpointError(f"{p}: holds no breakpoint (save_breakpoints=True writes one after each round)")
 
 
-def read_breakpoint(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], str]:
-    """Folder, state, global parameters and plan source of a breakpoint, each checked against the state."""
+def read_breakpoint(path: str | Path) -> Breakpoint:
+    """Folder, state, global parameters, plan source and algorithm state of a breakpoint, each checked."""
     folder = find_breakpoint(path)
     try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        version = state.get("format_version") if isinstance(state, dict) else None
+        if type(version) is not int or version not in _READABLE_VERSIONS:
+            raise BreakpointError(f"{folder}: breakpoint format {version!r}, this fedsilo reads {_READABLE_VERSIONS}")
         blob = (folder / PARAMS_FILE).read_bytes()
         source = (folder / PLAN_FILE).read_text(encoding="utf-8")
+        algorithm_blob = (folder / ALGORITHM_FILE).read_bytes() if version >= 2 else params_to_bytes({})
     except FileNotFoundError as exc:
         raise BreakpointError(f"{folder}: incomplete breakpoint, {Path(exc.filename).name} is missing") from None
     except ValueError as exc:
         raise BreakpointError(f"{folder / STATE_FILE}: not valid JSON ({exc})") from None
-    version = state.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BreakpointError(f"{folder}: breakpoint format {version!r}, this fedsilo reads {FORMAT_VERSION}")
     if sha256_bytes(blob) != state.get("params_sha256"):
         raise BreakpointError(f"{folder / PARAMS_FILE}: contents differ from the recorded sha256")
     if plan_hash(source) != state.get("plan_sha256"):
         raise BreakpointError(f"{folder / PLAN_FILE}: contents differ from the recorded plan hash")
-    return folder, state, params_from_bytes(blob), source
+    if version >= 2 and sha256_bytes(algorithm_blob) != state.get("algorithm_sha256"):
+        raise BreakpointError(f"{folder / ALGORITHM_FILE}: contents differ from the recorded sha256")
+    meta = state.get("algorithm_state", {})
+    if not isinstance(meta, dict):
+        raise BreakpointError(f"{folder / STATE_FILE}: algorithm_state is not a JSON object")
+    return Breakpoint(folder, state, params_from_bytes(blob), source, (meta, params_from_bytes(algorithm_blob)))
 
 
 def _number(path: Path, pattern: re.Pattern[str]) -> int:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedsilo.common.algorithms import AlgorithmConfig, FedAvgConfig
-from fedsilo.common.errors import FedsiloError
+from fedsilo.common.errors import ConfigError, FedsiloError
 
 Params = dict[str, torch.Tensor]
 
@@ -136,6 +136,35 @@ class FedAlgorithm(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
+
+
+def check_tensors(node_id: str, blob: str, tensors: Params, reference: Mapping[str, torch.Tensor]) -> None:
+    """Refuse `tensors` unless they have exactly `reference`'s names and shapes (`AggregationError`).
+
+    The round loop checks parameters already; this keeps an algorithm safe when driven directly (a notebook,
+    a test, another loop) and covers extra blobs such as control variates. It reads shapes only (no data pass).
+    """
+    if tensors.keys() != reference.keys():
+        missing = sorted(reference.keys() - tensors.keys())[:5]
+        extra = sorted(tensors.keys() - reference.keys())[:5]
+        raise AggregationError(f"node '{node_id}': {blob}: names differ (missing {missing}, unexpected {extra})")
+    for k, ref in reference.items():
+        if tensors[k].shape != ref.shape:
+            shape, expected = tuple(tensors[k].shape), tuple(ref.shape)
+            raise AggregationError(f"node '{node_id}': {blob}: '{k}' has shape {shape}, expected {expected}")
+
+
+def check_setting(owner: object, key: str, value: object, valid: bool, expected: str) -> None:
+    """Refuse a bad constructor argument with `ConfigError` naming the algorithm, the key and what is allowed."""
+    if not valid:
+        raise ConfigError(f"{type(owner).__name__}: {key} must be {expected}, got {value!r}")
+
+
+def cast_like(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`value` (float64) in `reference`'s dtype: integer buffers (BatchNorm's batch count) are rounded, not cut."""
+    if reference.is_floating_point():
+        return value.to(reference.dtype)
+    return value.round().to(reference.dtype)
 
 
 Aggregator = FedAlgorithm

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedsilo.researcher.aggregators import FedAverage
+from fedsilo.researcher.aggregators import FedAverage, NodeUpdate
 
 
 def test_a_zero_weight_next_to_positive_ones_is_ignored() -> None:
@@ -26,6 +26,8 @@ def test_all_zero_weights_average_every_update_in_float64() -> None:
 
 def test_no_unweighted_sum_is_kept_when_weights_are_positive() -> None:
     agg = FedAverage()
-    agg.start_round({"w": torch.zeros(1000)})
-    agg.add("a", {"w": torch.ones(1000)}, 5)
-    assert agg._plain == {}
+    agg.start_round(0, {"w": torch.zeros(1000)})
+    agg.add(NodeUpdate("a", {"params": {"w": torch.ones(1000)}}, 5))
+    assert agg._mean is not None and not agg._mean.holds_unweighted_sum
+    agg.add(NodeUpdate("z", {"params": {"w": torch.ones(1000)}}, 0))
+    assert agg._mean.holds_unweighted_sum
