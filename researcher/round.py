@@ -1,0 +1,223 @@
+"""One training round on the researcher's side: the algorithm's tasks out, replies folded in as they arrive.
+
+`TrainingRound` is the round loop that used to live in `Experiment._run_round`: the strategy picks the
+nodes, the algorithm (`FedAlgorithm`) says what each node is sent (`configure_train`) and folds every
+usable reply (`add`, then `result`), and the round policy (`Strategy.check_round`) decides whether the
+round counts. Every reply is checked before the algorithm sees it (`update_checks`): the dataset and the
+sample count against what the node reported, the blobs parsed as safetensors, compatible with the
+model and finite. Anything unusable drops that node for the round, with the reason; the round goes on.
+
+    record, new_global = TrainingRound(context, round_index=3, bar=bar).run()
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedsilo.common.algorithms import AlgorithmSpec
+from fedsilo.common.errors import SerializationError, TransferError
+from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_bytes
+from fedsilo.common.training_args import TrainingArgs
+from fedsilo.network.filestore_client import FileStoreClient
+from fedsilo.network.messages import (
+    BlobRef,
+    DatasetInfo,
+    ErrorReply,
+    Message,
+    Presence,
+    ScalarMessage,
+    TaskAck,
+    TrainReply,
+    TrainRequest,
+)
+
+from .algorithms.base import AggregationError, FedAlgorithm, NodeTask, NodeUpdate, Params
+from .history import NodeResult, RoundRecord
+from .monitor import Monitor
+from .requests import Requests, remote_error
+from .strategies import Drop, RoundOutcome, Strategy
+from .update_checks import InvalidUpdate, check_params, check_reply
+
+log = logging.getLogger(__name__)
+
+BLOB_SLACK = 1 << 16
+"""A node's blob may exceed the global model's size by this much (safetensors header, metadata)."""
+
+
+@dataclass
+class RoundContext:
+    """What a round needs from its experiment (built by `Experiment` for every round)."""
+
+    job_id: str
+    requests: Requests
+    files: FileStoreClient
+    algorithm: FedAlgorithm
+    strategy: Strategy
+    training_data: Mapping[str, DatasetInfo]
+    plan: BlobRef
+    plan_name: str
+    model_args: dict[str, Any]
+    training_args: TrainingArgs
+    global_params: Params
+    timeout: float
+    monitor: Monitor
+    name_of: Callable[[str], str] = str
+    readers: list[str] = field(default_factory=list)
+    """Parties allowed to download what the round uploads (every node of the experiment)."""
+
+
+class TrainingRound:
+    """Runs one round (see the module docstring); `run()` returns its record and the new global model."""
+
+    def __init__(self, ctx: RoundContext, round_index: int, bar: Any = None) -> None:
+        self.ctx = ctx
+        self.index = round_index
+        self.bar = bar
+        self.outcome = RoundOutcome(round_index, [])
+        self.results: dict[str, NodeResult] = {}
+        self._node_of: dict[str, str] = {}
+        self._pending: set[str] = set()
+        self._sent_at = 0.0
+        self._max_bytes = 0
+
+    # ------------------------------------------------------------------ the template
+    def run(self) -> tuple[RoundRecord, Params]:
+        ctx, t_start = self.ctx, time.perf_counter()
+        online = {n: s.online for n, s in ctx.requests.nodes().items()}
+        sampled, dropped = ctx.strategy.sample_nodes(ctx.training_data, self.index, online)
+        self.outcome = RoundOutcome(self.index, list(sampled), [], dict(dropped))
+        tasks = ctx.algorithm.configure_train(self.index, list(sampled), ctx.global_params)
+        outgoing = self._requests(tasks)
+        ctx.algorithm.start_round(self.index, ctx.global_params)
+        if self.bar is not None:
+            self.bar.set_description(f"round {self.index}")
+        stats = {"prepare_s": time.perf_counter() - t_start, "wait_s": 0.0, "handle_s": 0.0}
+        req = ctx.requests
+        with req.waiter(self._node_of, job_id=ctx.job_id, watch_presence=True) as waiter:
+            self._sent_at = time.perf_counter()
+            for node, msg in outgoing.items():
+                req.send(waiter, node, msg)  # re-sent until the node answers
+            self._pending = set(outgoing)
+            deadline = time.monotonic() + ctx.timeout
+            while self._pending:
+                t_wait = time.perf_counter()
+                msg = waiter.get(deadline)
+                t_got = time.perf_counter()
+                stats["wait_s"] += t_got - t_wait
+                if msg is None:
+                    break
+                self._on_message(msg)
+                stats["handle_s"] += time.perf_counter() - t_got
+        for node in sorted(self._pending):
+            self.outcome.dropped[node] = Drop(node, "timeout", f"no reply within {ctx.timeout:g}s (round_timeout)")
+        ctx.strategy.check_round(self.outcome)
+        t_agg = time.perf_counter()
+        new_params = ctx.algorithm.result()
+        stats["aggregate_s"] = time.perf_counter() - t_agg
+        for node, drop in sorted(self.outcome.dropped.items()):
+            log.warning("round %d: node %s dropped: %s", self.index, ctx.name_of(node), drop.reason)
+            self.results[node] = NodeResult(node, ctx.name_of(node), dropped=drop)
+        stats["wall_s"] = time.perf_counter() - t_start
+        return RoundRecord(self.index, dict(sorted(self.results.items())), stats), new_params
+
+    # ------------------------------------------------------------------ requests out
+    def _requests(self, tasks: Mapping[str, NodeTask]) -> dict[str, TrainRequest]:
+        """One TrainRequest per node; each distinct blob is serialised and uploaded once (nodes usually
+        share the global model: one upload, not K)."""
+        ctx = self.ctx
+        uploaded: dict[int, BlobRef] = {}
+        outgoing: dict[str, TrainRequest] = {}
+        for node, task in tasks.items():
+            refs = {}
+            for name, params in task.blobs.items():
+                if id(params) not in uploaded:
+                    uploaded[id(params)] = ctx.files.upload_bytes(params_to_bytes(params), readers=ctx.readers)
+                refs[name] = uploaded[id(params)]
+            outgoing[node] = TrainRequest(
+                sender=ctx.requests.party,
+                job_id=ctx.job_id,
+                round=self.index,
+                dataset_id=ctx.training_data[node].dataset_id,
+                plan=ctx.plan,
+                plan_name=ctx.plan_name,
+                blobs=refs,
+                training_args=ctx.training_args,
+                model_args=ctx.model_args,
+                algorithm=AlgorithmSpec.of(task.config),
+            )
+        self._node_of = {msg.request_id: node for node, msg in outgoing.items()}
+        self._max_bytes = max((r.size for r in uploaded.values()), default=0) * 2 + BLOB_SLACK
+        return outgoing
+
+    # ------------------------------------------------------------------ replies in
+    def _on_message(self, msg: Message) -> None:
+        if isinstance(msg, ScalarMessage):
+            self._on_scalar(msg)
+            return
+        if isinstance(msg, Presence):
+            if msg.node_id in self._pending and not msg.online:
+                self._drop(msg.node_id, "offline", "went offline during the round")
+            return
+        node = self._node_of.get(getattr(msg, "in_reply_to", ""))
+        if node is None or node not in self._pending or getattr(msg, "node_id", node) != node:
+            return  # a duplicate delivery, or a reply forged for another node's request
+        if isinstance(msg, TaskAck):
+            self.results.setdefault(node, NodeResult(node, self.ctx.name_of(node))).ack_s = self._elapsed()
+        elif isinstance(msg, ErrorReply):
+            err = remote_error(msg)
+            self._drop(node, "error", str(err), err)
+        elif isinstance(msg, TrainReply):
+            self._on_train_reply(node, msg)
+
+    def _on_scalar(self, msg: ScalarMessage) -> None:
+        if msg.round != self.index or msg.node_id not in self.outcome.sampled:
+            return
+        self.ctx.monitor.on_scalar(msg)
+        loss = self.ctx.monitor.mean_loss()
+        if loss is not None and self.bar is not None:
+            self.bar.set_postfix_str(f"loss={loss:.4g}", refresh=True)
+
+    def _on_train_reply(self, node: str, msg: TrainReply) -> None:
+        ctx = self.ctx
+        if msg.round != self.index or msg.job_id != ctx.job_id:
+            self._drop(node, "invalid", f"replied for job {msg.job_id} round {msg.round}")
+            return
+        try:
+            check_reply(msg, ctx.training_data.get(node))
+            blobs = {name: self._download(name, ref) for name, ref in msg.blobs.items()}
+            ctx.algorithm.add(NodeUpdate(node, blobs, msg.sample_size, dict(msg.metrics)))
+        except InvalidUpdate as exc:
+            self._drop(node, "invalid", str(exc))
+            return
+        except (TransferError, SerializationError, AggregationError) as exc:
+            self._drop(node, "invalid", f"unusable update: {exc}")
+            return
+        self._pending.discard(node)
+        self.outcome.replied.append(node)
+        result = self.results.setdefault(node, NodeResult(node, msg.node_name or ctx.name_of(node)))
+        result.node_name = msg.node_name or result.node_name
+        result.dataset_id, result.sample_size = msg.dataset_id, msg.sample_size
+        result.timings = {**msg.timings, "researcher_s": self._elapsed()}
+        result.metrics, result.applied_caps = dict(msg.metrics), dict(msg.applied_caps)
+
+    def _download(self, name: str, ref: BlobRef) -> Params:
+        """A reply's blob, parsed and checked: "params" must match the model; every blob must be finite."""
+        params = params_from_bytes(self.ctx.files.download_bytes(ref, max_bytes=self._max_bytes))
+        if name == "params":
+            check_compatible(params, self.ctx.global_params)
+        try:
+            check_params(params)
+        except InvalidUpdate as exc:
+            raise InvalidUpdate(f"blob '{name}': {exc}") from None
+        return params
+
+    def _drop(self, node: str, kind: Any, reason: str, err: Any = None) -> None:
+        self._pending.discard(node)
+        self.outcome.dropped[node] = Drop(node, kind, reason, err)
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._sent_at
