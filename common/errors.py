@@ -18,6 +18,7 @@ class ErrorCode(StrEnum):
     PLAN_REJECTED = "FS301"
     PLAN_HASH_MISMATCH = "FS302"
     PLAN_INVALID = "FS303"
+    CUSTOM_LOOP_REFUSED = "FS304"
     PARAMS_INVALID = "FS400"
     TRAINING_FAILED = "FS500"
     WORKER_CRASHED = "FS501"
@@ -38,6 +39,8 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.PLAN_REJECTED: "the data manager rejected this plan; read their note and submit a revised plan",
     ErrorCode.PLAN_HASH_MISMATCH: "the plan changed in transit; re-send it",
     ErrorCode.PLAN_INVALID: "the plan source could not be loaded; run it locally first",
+    ErrorCode.CUSTOM_LOOP_REFUSED: "the plan defines its own training loop (training_routine or another method the "
+    "node owns): move the loop body into training_step, or ask the data manager to allow it (allow_custom_loop)",
     ErrorCode.PARAMS_INVALID: "parameters must be safetensors produced by fedsilo",
     ErrorCode.TRAINING_FAILED: "the training plan raised on the node; the node log holds the traceback",
     ErrorCode.WORKER_CRASHED: "the node's training worker died; it has been restarted",

@@ -126,6 +126,67 @@ def load_plan_class(source: str, name: str) -> type:
     return cls
 
 
+NODE_OWNED_METHODS = (
+    "training_routine",
+    "testing_routine",
+    "_make_private",
+    "_unwrap_private",
+    "post_init",
+    "model",
+    "optimizer",
+    "get_parameters",
+    "set_parameters",
+    "data_manager",
+    "_plain_model",
+)
+"""Methods the node's trainer owns: the loop (which older plans defined as `training_routine`), DP, and how the
+model, optimizer, parameters and data reach it. A plan that defines one is flagged and refused by default."""
+
+CUSTOM_LOOP_WARNING = "overrides the training loop: node caps and DP cannot be enforced"
+
+
+def node_owned_in_source(source: str, name: str) -> list[str]:
+    """The node-owned methods plan `name` defines in `source`, read from the text without running it.
+
+    For the review page and `fedsilo node plan show`. It looks at the class body and the bodies of its
+    bases defined in the same source, at module-level `Plan.method = ...` assignments and at any
+    `setattr(..., "method", ...)`; the train-time check (`node_owned_overrides`) inspects the loaded class.
+    """
+    tree = _parse_or_none(source)
+    if tree is None:
+        return []
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    found: set[str] = set()
+    pending, seen = [name], set()
+    while pending:
+        current = classes.get(pending.pop())
+        if current is None or current.name in seen:
+            continue
+        seen.add(current.name)
+        for stmt in current.body:
+            if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+                found.add(stmt.name)
+            elif isinstance(stmt, ast.Assign | ast.AnnAssign):
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+                found |= {t.id for t in targets if isinstance(t, ast.Name)}
+        pending += [b.id for b in current.bases if isinstance(b, ast.Name)]
+    for stmt in tree.body:  # `Plan.training_routine = f` after the class (self.x = ... in a method is harmless)
+        if isinstance(stmt, ast.Assign):
+            found |= {t.attr for t in stmt.targets if isinstance(t, ast.Attribute)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
+            found |= {a.value for a in node.args[1:2] if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+    return [m for m in NODE_OWNED_METHODS if m in found]
+
+
+def node_owned_overrides(cls: type) -> list[str]:
+    """The node-owned methods a loaded plan class (or any base other than TorchTrainingPlan) defines."""
+    from .training_plan import TorchTrainingPlan
+
+    owners = [k for k in cls.__mro__ if k not in (TorchTrainingPlan, object)]
+    return [m for m in NODE_OWNED_METHODS if any(m in vars(k) for k in owners)]
+
+
 # --------------------------------------------------------------------------------- finding the code
 def _locate(cls: type) -> tuple[list[str], list[ast.Module], str | None]:
     """The class's source lines, the parsed module-level code to take imports from, and its package."""

@@ -1,11 +1,11 @@
-"""The training-plan API researchers subclass, and the loop the node runs it with."""
+"""The training-plan API researchers subclass. The loop that runs it is the node's (`fedsilo.node.trainer`):
+the plan supplies the model, optimizer, data and `training_step`, never the loop, so that it cannot
+escape the node's caps and DP."""
 
 from __future__ import annotations
 
 import inspect
-import math
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,12 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .errors import FedsiloError, NonFiniteError
-from .serialization import non_finite
+from .errors import FedsiloError
 from .training_args import DEFAULT_BATCH_SIZE, TrainingArgs, TrainingArgsError
-
-ScalarCallback = Callable[[str, float, int, int, int, int], None]
-"""on_scalar(key, value, step, epoch, num_samples, total_samples)."""
 
 
 class TrainingPlanError(FedsiloError):
@@ -98,6 +94,10 @@ def seed_everything(seed: int) -> None:
 
 class TorchTrainingPlan:
     """Subclass it: `init_model`, `training_data` and `training_step` are required.
+
+    The node's trainer runs the loop (epochs, caps, DP, algorithm hooks); a plan that defines one of
+    `fedsilo.common.plan_source.NODE_OWNED_METHODS` (e.g. an old-style `training_routine`) is refused by
+    nodes unless their data manager allows it.
 
     The framework sets `model_args`, `training_args` (TrainingArgs), `dataset_path`, `dataset`
     (metadata dict), `round` and `node_id` before calling `post_init`.
@@ -196,153 +196,9 @@ class TorchTrainingPlan:
             raise TrainingPlanError(f"training_data must return a DataManager, got {type(dm).__name__}")
         return dm
 
-    def _to_device(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(self._device, non_blocking=True)
-        if isinstance(value, list | tuple):
-            return type(value)(self._to_device(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self._to_device(v) for k, v in value.items()}
-        return value
 
-    def training_routine(self, loader: DataLoader, *, on_scalar: ScalarCallback | None = None) -> dict[str, float]:
-        """Run the optimisation loop; metrics: mean `loss`, `last_loss`, `train_s`, `steps`, `epsilon` with DP."""
-        ta = self.training_args
-        if ta.random_seed is not None:
-            seed_everything(ta.random_seed)
-        if len(loader.dataset) == 0:  # type: ignore[arg-type]
-            raise TrainingPlanError("no training samples")
-        engine = None
-        if ta.dp_args:
-            loader, engine = self._make_private(loader, ta.dp_args)
-        model, optimizer = self.model(), self.optimizer()
-        model.train()
-        total = len(loader.dataset)  # type: ignore[arg-type]
-        max_steps = ta.num_updates
-        epochs = ta.epochs if max_steps is None else None
-        cuda = self._device.type == "cuda"
-        step, epoch, train_s, seen_total = 0, 0, 0.0, 0
-        last_loss: torch.Tensor | None = None
-        loss_sum: torch.Tensor | float = 0.0  # stays on the device: no sync per step
-        logged_step = 0
-        done = False
-        while not done:
-            epoch += 1
-            seen = 0
-            batches = 0
-            for data, target in loader:
-                batches += 1
-                data, target = self._to_device(data), self._to_device(target)
-                n = _batch_len(target)
-                if n == 0:  # Poisson sampling under DP can draw an empty batch
-                    continue
-                t0 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                loss = self.training_step(data, target)
-                if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-                    raise TrainingPlanError("training_step must return a scalar loss tensor")
-                # Checked before the step changes the model. One host read per step: about 3 us on CPU
-                # (measured here), and on CUDA the loop already synchronises every step to time it.
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise NonFiniteError(
-                        f"the loss is {loss_value} at step {step + 1} (epoch {epoch}, batch {batches}) on "
-                        f"node '{self.node_id}'; training stopped before that step"
-                    )
-                loss.backward()
-                optimizer.step()
-                if cuda:
-                    torch.cuda.synchronize(self._device)
-                train_s += time.perf_counter() - t0
-                step += 1
-                seen += n
-                seen_total += n
-                last_loss = loss
-                loss_sum = loss_sum + loss.detach() * n
-                if on_scalar is not None and (step == 1 or step % ta.log_interval == 0):
-                    on_scalar("loss", loss_value, step, epoch, seen, total)
-                    logged_step = step
-                if ta.dry_run or (max_steps is not None and step >= max_steps):
-                    done = True
-                    break
-            if batches == 0:
-                raise TrainingPlanError("the data loader produced no batches")
-            if epochs is not None and epoch >= epochs:
-                done = True
-        if last_loss is None:
-            raise TrainingPlanError("no training step ran (every batch was empty)")
-        final_loss = float(last_loss.detach())
-        bad = non_finite(self.get_parameters())
-        if bad:
-            raise NonFiniteError(
-                f"parameters {', '.join(bad[:5])} hold NaN or infinity after step {step} of node '{self.node_id}'"
-            )
-        if on_scalar is not None and logged_step != step:
-            on_scalar("loss", final_loss, step, epoch, seen, total)
-        metrics = {
-            "loss": float(loss_sum) / seen_total,  # the round's mean: smoother than the last batch
-            "last_loss": final_loss,
-            "train_s": train_s,
-            "steps": float(step),
-            "epochs": float(epoch),
-            "samples_seen": float(seen_total),
-        }
-        if engine is not None:
-            metrics["epsilon"] = float(engine.get_epsilon(ta.dp_args["delta"]))  # type: ignore[index]
-            self._unwrap_private()
-        return metrics
-
-    def testing_routine(self, loader: DataLoader) -> dict[str, float]:
-        """Sample-weighted mean of `testing_step` metrics over a loader."""
-        model = self.model()
-        was_training = model.training
-        model.eval()
-        sums: dict[str, float] = {}
-        count = 0
-        with torch.no_grad():
-            for data, target in loader:
-                data, target = self._to_device(data), self._to_device(target)
-                n = _batch_len(target)
-                out = self.testing_step(data, target)
-                if out is None:
-                    continue
-                if not isinstance(out, dict):
-                    raise TrainingPlanError("testing_step must return a dict of metrics or None")
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
-                count += n
-        model.train(was_training)
-        return {k: v / count for k, v in sums.items()} if count else {}
-
-    def _make_private(self, loader: DataLoader, dp: dict[str, Any]) -> tuple[DataLoader, Any]:
-        from opacus import PrivacyEngine
-        from opacus.validators import ModuleValidator
-
-        errors = ModuleValidator.validate(self._plain_model(), strict=False)
-        if errors:
-            raise TrainingPlanError(
-                f"model not compatible with differential privacy: {errors[0]} "
-                "(replace BatchNorm with GroupNorm in init_model)"
-            )
-        engine = PrivacyEngine(accountant="rdp")
-        model, optimizer, private_loader = engine.make_private(
-            module=self.model(),
-            optimizer=self.optimizer(),
-            data_loader=loader,
-            noise_multiplier=dp["sigma"],
-            max_grad_norm=dp["clip"],
-        )
-        self._model, self._optimizer = model, optimizer
-        return private_loader, engine
-
-    def _unwrap_private(self) -> None:
-        model = self.model()
-        if hasattr(model, "_module"):
-            model.remove_hooks()
-            self._model = model._module
-
-
-def _batch_len(target: Any) -> int:
+def batch_len(target: Any) -> int:
+    """Samples in a batch, from its target (a tensor's first dimension, else len(), else 1)."""
     if isinstance(target, torch.Tensor):
         return int(target.shape[0]) if target.ndim > 0 else 1
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -26,6 +26,8 @@ class NodePaths:
     log_file: Path
     status: Path
     lock: Path
+    state: Path
+    """Per-experiment algorithm state kept between rounds (SCAFFOLD's c_i): state/<researcher>/<job_id>/."""
 
 
 def node_paths(nodedir: str | Path) -> NodePaths:
@@ -45,6 +47,7 @@ def node_paths(nodedir: str | Path) -> NodePaths:
         log_file=root / "logs" / "node.log",
         status=root / "status.json",
         lock=root / "node.lock",
+        state=root / "state",
     )
 
 
@@ -64,6 +67,10 @@ class NodeSection(BaseModel):
     clock_skew_s: float = Field(60.0, ge=0)
     """How far ahead of this node's clock a request's timestamp may be (and is added to the maximum age).
     Keep the parties' clocks in sync with NTP; a minute of slack covers ordinary drift."""
+    allow_custom_loop: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=list)
+    """sha256 of plans allowed to run their own `training_routine`: the node cannot enforce its caps, DP,
+    wall-clock limit or batch policy on such a loop (the reply says so in `applied_caps`). Refused under
+    `[dp] required` whatever this list says."""
 
 
 class Limits(BaseModel):
@@ -74,6 +81,12 @@ class Limits(BaseModel):
     max_num_updates: int | None = Field(None, ge=1)
     allow_gpu: bool = False
     max_batch_size: int | None = Field(None, ge=1)
+    max_train_seconds: float | None = Field(None, gt=0)
+    """Wall-clock budget of a round's training loop: the trainer stops after the step that passes it and
+    reports it in `applied_caps`. The step that crosses it runs to its end (a step is not interruptible)."""
+    max_bad_batches: int = Field(0, ge=0)
+    """Batches whose `training_step` raises that a round may skip (counted as `skipped_batches`); one more
+    fails the round. 0 = fail at the first, as before."""
 
 
 class DPPolicy(BaseModel):

@@ -19,10 +19,12 @@ from fedsilo.common.hashing import sha256_bytes
 from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
 from fedsilo.network.messages import ErrorReply, LogMessage, Message, ScalarMessage, TrainReply, TrainRequest
 
+from .algorithms import job_state_dir, make_hooks
 from .audit import AuditLog
 from .config import NodeConfig
 from .datasets import DatasetError, DatasetStore, UnknownDataset
 from .plans import PlanStore
+from .trainer import CustomLoopRefused, Trainer, check_plan_loop
 
 log = logging.getLogger("fedsilo.node.round")
 
@@ -215,6 +217,10 @@ def _run(
         ctx.plan_cache[cache_key] = (source, plan_cls)
     else:
         plan_cls = cached[1]
+    try:  # a plan defining its own loop escapes the node's caps and DP: refused unless allowed (trainer.py)
+        custom_loop = check_plan_loop(plan_cls, sha, cfg.node, cfg.dp)
+    except CustomLoopRefused as exc:
+        raise _fail(ErrorCode.CUSTOM_LOOP_REFUSED, "plan_check", exc) from exc
 
     # ---- parameters (safetensors only)
     t0 = time.perf_counter()
@@ -225,8 +231,12 @@ def _run(
     download_s += time.perf_counter() - t0
     try:
         received = params_from_bytes(payload)
+        extra_blobs = {key: params_from_bytes(ctx.filestore.download_bytes(ref))
+                       for key, ref in request.blobs.items() if key != "params"}  # fmt: skip
     except SerializationError as exc:
         raise _fail(ErrorCode.PARAMS_INVALID, "params", exc) from exc
+    except TransferError as exc:
+        raise _fail(ErrorCode.TRANSFER_FAILED, "params_download", exc) from exc
 
     # ---- instantiate and load
     if ta.random_seed is not None:
@@ -252,7 +262,6 @@ def _run(
         dm = plan.data_manager()
         applied.update(dm.apply_training_args(ta, max_batch_size=cfg.limits.max_batch_size))
         train_loader, test_loader = dm.split(ta.test_ratio, seed=ta.random_seed or 0)
-        sample_size = len(train_loader.dataset)  # type: ignore[arg-type]
     except TrainingArgsError as exc:
         raise _fail(ErrorCode.TRAINING_ARGS_INVALID, "arguments", exc) from exc
     except Exception as exc:
@@ -283,17 +292,25 @@ def _run(
         )
 
     try:
-        metrics = plan.training_routine(train_loader, on_scalar=on_scalar)
+        algorithm = request.algorithm.parse()
+        state_dir = job_state_dir(cfg.paths.state, request.sender, request.job_id)
+        trainer = Trainer(plan, ta, cfg.limits, cfg.dp, algorithm, make_hooks(algorithm, state_dir), on_scalar,
+                          custom_loop)  # fmt: skip
+        result = trainer.train(train_loader, received, extra_blobs)
+    except SerializationError as exc:  # an algorithm's blob does not fit the model
+        raise _fail(ErrorCode.PARAMS_INVALID, "params", exc) from exc
     except NonFiniteError as exc:
         raise _fail(ErrorCode.NON_FINITE, "training", exc) from exc
     except TrainingPlanError as exc:
         raise _fail(ErrorCode.TRAINING_FAILED, "training", exc) from exc
     except Exception as exc:
         raise _fail(ErrorCode.TRAINING_FAILED, "training", f"{type(exc).__name__}: {exc}") from exc
+    metrics, sample_size = result.metrics, result.sample_count
+    applied.update(result.applied_caps)
     train_s = float(metrics.pop("train_s", 0.0))
     if test_loader is not None:
         try:
-            for k, v in plan.testing_routine(test_loader).items():
+            for k, v in trainer.test(test_loader).items():
                 metrics[f"test_{k}"] = v
         except Exception as exc:
             raise _fail(ErrorCode.TRAINING_FAILED, "testing", f"{type(exc).__name__}: {exc}") from exc
@@ -301,9 +318,11 @@ def _run(
     # ---- upload
     t0 = time.perf_counter()
     try:
-        ref = ctx.filestore.upload_bytes(params_to_bytes(plan.get_parameters()), readers=[request.sender])
+        blobs = {key: ctx.filestore.upload_bytes(params_to_bytes(value), readers=[request.sender])
+                 for key, value in {**result.extra_blobs, "params": result.params}.items()}  # fmt: skip
     except TransferError as exc:
         raise _fail(ErrorCode.TRANSFER_FAILED, "upload", exc) from exc
+    trainer.commit()
     upload_s = time.perf_counter() - t0
     timings = {
         "download_s": download_s,
@@ -312,7 +331,7 @@ def _run(
         "total_s": time.perf_counter() - t_start,
     }
     return TrainReply(
-        **base, job_id=request.job_id, round=request.round, dataset_id=request.dataset_id, blobs={"params": ref},
+        **base, job_id=request.job_id, round=request.round, dataset_id=request.dataset_id, blobs=blobs,
         sample_size=sample_size, timings=timings, metrics=_finite_metrics(metrics, request, ctx, emit),
         applied_caps=applied,
     )  # fmt: skip

@@ -21,6 +21,7 @@ from fedsilo.node.cli import node
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.round import _finite_metrics
 from tests.support.creds import offline_credentials
+from tests.support.training import train_metrics
 
 HOLES = "a,b,c,label\n1,2,3,0\n,2,3,1\nNA,2,n/a,0\n4,nan,3,1\n5,2,3,0\n6,2,3,1\n"
 """a: empty + NA (2 missing), b: nan (1), c: n/a (1)."""
@@ -106,7 +107,7 @@ def test_nan_loss_stops_at_the_step_naming_node_and_step(tmp_path: Path) -> None
     before = plan.get_parameters()
     scalars = []
     with pytest.raises(NonFiniteError, match=r"loss is nan at step 1 \(epoch 1, batch 1\) on node 'hospital-x'"):
-        plan.training_routine(plan.data_manager().loader(), on_scalar=lambda *a: scalars.append(a))
+        train_metrics(plan, plan.data_manager().loader(), on_scalar=lambda *a: scalars.append(a))
     assert scalars == []  # no NaN was streamed
     assert all(torch.equal(before[k], v) for k, v in plan.get_parameters().items())  # no step was taken
 
@@ -116,7 +117,7 @@ def test_diverging_parameters_are_refused_after_training(tmp_path: Path) -> None
     csv.write_text("a,b,c,label\n" + "".join(f"{i * 1000},{i},{i},{i % 2}\n" for i in range(1, 9)))
     plan = plan_on(csv, num_updates=1, optimizer_args={"lr": 3e38})  # lr x gradient overflows float32
     with pytest.raises(NonFiniteError, match="hold NaN or infinity after step"):
-        plan.training_routine(plan.data_manager().loader())
+        train_metrics(plan, plan.data_manager().loader())
 
 
 def test_non_finite_metrics_are_left_out_and_reported() -> None:

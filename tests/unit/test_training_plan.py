@@ -17,6 +17,7 @@ from fedsilo.common.errors import SerializationError
 from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_bytes
 from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
 from fedsilo.common.training_plan import DataManager, TorchTrainingPlan, TrainingPlanError
+from tests.support.training import evaluate_metrics, train_metrics
 
 
 class MLPPlan(TorchTrainingPlan):
@@ -52,10 +53,10 @@ def test_mlp_trains_and_loss_decreases(tmp_path):
     dm = plan.data_manager()
     train, test = dm.split(0.2, seed=0)
     assert test is not None and len(train.dataset) == 160
-    before = plan.testing_routine(test)
+    before = evaluate_metrics(plan, test)
     scalars = []
-    metrics = plan.training_routine(train, on_scalar=lambda *a: scalars.append(a))
-    after = plan.testing_routine(test)
+    metrics = train_metrics(plan, train, on_scalar=lambda *a: scalars.append(a))
+    after = evaluate_metrics(plan, test)
     assert after["loss"] < before["loss"]
     assert after["accuracy"] > 0.8
     assert metrics["train_s"] > 0 and metrics["epochs"] == 30
@@ -69,7 +70,7 @@ def test_num_updates_wins_over_epochs(tmp_path):
     csv = write_csv(tmp_path / "d.csv", n=50)
     plan = make_plan(csv, epochs=100, num_updates=9, batch_size=8, log_interval=3)
     scalars = []
-    metrics = plan.training_routine(plan.data_manager().loader(), on_scalar=lambda *a: scalars.append(a))
+    metrics = train_metrics(plan, plan.data_manager().loader(), on_scalar=lambda *a: scalars.append(a))
     assert metrics["steps"] == 9
     assert metrics["epochs"] == 2  # 7 batches per epoch of 50 samples -> stops in the second epoch
     assert [s[2] for s in scalars] == [1, 3, 6, 9]
@@ -77,7 +78,7 @@ def test_num_updates_wins_over_epochs(tmp_path):
 
 def test_dry_run_single_step(tmp_path):
     plan = make_plan(write_csv(tmp_path / "d.csv", n=50), epochs=5, dry_run=True)
-    assert plan.training_routine(plan.data_manager().loader())["steps"] == 1
+    assert train_metrics(plan, plan.data_manager().loader())["steps"] == 1
 
 
 def test_random_seed_makes_rounds_reproducible(tmp_path):
@@ -88,7 +89,7 @@ def test_random_seed_makes_rounds_reproducible(tmp_path):
         torch.manual_seed(0)
         plan.set_parameters(make_plan(csv).get_parameters() if not results else results[0][1])
         ref = plan.get_parameters()
-        plan.training_routine(plan.data_manager().loader())
+        train_metrics(plan, plan.data_manager().loader())
         results.append((plan.get_parameters(), ref))
     for k in results[0][0]:
         assert torch.equal(results[0][0][k], results[1][0][k])
@@ -97,7 +98,7 @@ def test_random_seed_makes_rounds_reproducible(tmp_path):
 def test_dp_runs_and_reports_epsilon(tmp_path):
     plan = make_plan(write_csv(tmp_path / "d.csv"), epochs=2, batch_size=32, dp_args={"sigma": 1.0, "clip": 1.0})
     names = set(plan.get_parameters())
-    metrics = plan.training_routine(plan.data_manager().loader())
+    metrics = train_metrics(plan, plan.data_manager().loader())
     assert metrics["epsilon"] > 0 and np.isfinite(metrics["epsilon"])
     assert set(plan.get_parameters()) == names  # plain names after unwrapping the Opacus module
 
@@ -259,7 +260,7 @@ def test_plan_builds_its_optimizer_only_when_asked(tmp_path):
     plan.post_init({"n_features": 4}, {"optimizer_args": {"lr": 0.5}})
     assert calls == [] and plan._optimizer is None  # the researcher's local plan never steps
     assert plan.optimizer() is plan.optimizer() and calls == [{"lr": 0.5}]
-    assert plan.training_routine(plan.data_manager().loader())["steps"] > 0 and len(calls) == 1
+    assert train_metrics(plan, plan.data_manager().loader())["steps"] > 0 and len(calls) == 1
 
 
 def test_bad_init_optimizer_is_reported_at_first_use():
