@@ -12,7 +12,7 @@ from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
-from fedsilo.node.plans import STATUSES, PlanError, UnknownPlan
+from fedsilo.node.plans import STATUSES, PlanError, UnknownPlan, custom_loop_flag
 
 from .app import ctx, sentence
 from .auth import writer_required
@@ -74,6 +74,7 @@ def detail(sha: str) -> str:
         view=view,
         base=base,
         diff_html=_diff(base["source"], plan["source"], base["sha256"], plan["sha256"], view) if base else None,
+        custom_loop=custom_loop_flag(plan, ctx().config.node.allow_custom_loop),
     )
 
 

@@ -220,11 +220,15 @@ def plan_list(nodedir: Path, status: str | None) -> None:
 @friendly_errors
 def plan_show(nodedir: Path, sha: str) -> None:
     """Print a plan's record and its exact source."""
-    from .plans import PlanStore
+    from .plans import PlanStore, custom_loop_flag
 
-    r = PlanStore(_load(nodedir).dir).get(sha)
+    cfg = _load(nodedir)
+    r = PlanStore(cfg.dir).get(sha)
     for key in ("sha256", "name", "status", "researcher", "description", "first_seen", "decided_by", "note"):
         click.echo(f"{key + ':':13} {r.get(key) or '-'}")
+    flag = custom_loop_flag(r, cfg.node.allow_custom_loop)
+    if flag:
+        click.echo(f"{'warning:':13} {flag}")
     click.echo("-" * 72)
     click.echo(r["source"])
 

@@ -13,6 +13,7 @@ from tinydb import Query
 
 from fedsilo.common.errors import FedsiloError
 from fedsilo.common.hashing import sha256_bytes
+from fedsilo.common.plan_source import CUSTOM_LOOP_WARNING, node_owned_in_source
 
 from ._db import LockedDB, now_iso
 from .audit import AuditLog
@@ -32,6 +33,20 @@ class UnknownPlan(PlanError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown plan"
+
+
+def custom_loop_flag(record: dict[str, Any], allowed: list[str]) -> str | None:
+    """The reviewer's warning for a plan that defines methods the node's trainer owns (read from its source,
+    never run), saying whether this node's `[node] allow_custom_loop` lets it train; None for a normal plan."""
+    methods = node_owned_in_source(record["source"], record["name"])
+    if not methods:
+        return None
+    verdict = (
+        "this node allows it ([node] allow_custom_loop), but never under [dp] required"
+        if record["sha256"] in allowed
+        else "rounds with it are refused unless [node] allow_custom_loop lists its sha256"
+    )
+    return f"defines {', '.join(methods)}: {CUSTOM_LOOP_WARNING}; {verdict}"
 
 
 class PlanStore:
