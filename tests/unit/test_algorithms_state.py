@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsilo.researcher.algorithms import FedAdam, FedAlgorithm, FedAverage, FedYogi, NodeUpdate, Scaffold
+from fedsilo.researcher import Experiment
+from fedsilo.researcher.algorithms import FedAdam, FedAlgorithm, FedAverage, FedProx, FedYogi, NodeUpdate, Scaffold
 from fedsilo.researcher.breakpoints import (
     ALGORITHM_FILE,
     STATE_FILE,
@@ -135,3 +136,25 @@ def test_fedavg_has_no_state_and_its_breakpoint_holds_an_empty_tensor_file(tmp_p
     assert FedAverage().state() == ({}, {})
     folder = save_breakpoint(tmp_path, 0, {}, {"w": torch.ones(2)}, SOURCE, algorithm_state=FedAverage().state())
     assert read_breakpoint(folder).algorithm_state == ({}, {})
+
+
+@pytest.mark.parametrize("make_algorithm", [lambda: FedAdam(eta=0.1), lambda: FedProx(mu=0.05)], ids=["adam", "prox"])
+def test_an_experiment_resumed_from_a_breakpoint_continues_as_if_never_stopped(make_algorithm, tmp_path: Path) -> None:
+    from tests.unit.test_experiment_offline import FakeRequests, FakeStore, creds, make, trainer
+
+    store = FakeStore()
+    nodes = {"a": trainer(store, "a", 1.0, 10), "b": trainer(store, "b", 3.0, 30)}
+    torch.manual_seed(0)  # the plan's model starts from torch's default generator: the same start for both
+    straight = make(tmp_path / "straight", nodes, store, aggregator=make_algorithm(), round_limit=3)
+    assert straight.run() == 3
+    torch.manual_seed(0)
+    stopped = make(tmp_path / "stopped", nodes, store, aggregator=make_algorithm(), save_breakpoints=True)
+    assert stopped.run(rounds=2) == 2
+
+    # no aggregator passed: it is rebuilt from its class and settings, its tensor state from algorithm.safetensors
+    resumed = Experiment.load_breakpoint(tmp_path / "stopped", network=creds())
+    assert repr(resumed.aggregator()) == repr(make_algorithm())
+    resumed._requests = FakeRequests(nodes)  # type: ignore[assignment]
+    resumed._filestore = store  # type: ignore[assignment]
+    assert resumed.run() == 1
+    assert _equal(resumed.training_plan().get_parameters(), straight.training_plan().get_parameters())
