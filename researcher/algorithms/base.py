@@ -79,6 +79,8 @@ class FedAlgorithm(ABC):
     """
 
     name: ClassVar[str] = ""
+    reply_blobs: ClassVar[frozenset[str]] = frozenset({"params"})
+    """The blob names a node's reply may carry: the round loop refuses others before downloading anything."""
 
     def node_config(self) -> AlgorithmConfig:
         """The typed configuration every node gets (plain local training by default)."""
@@ -114,6 +116,14 @@ class FedAlgorithm(ABC):
         for update in sorted(updates, key=lambda u: u.node_id):
             self.add(update)
         return self.result()
+
+    def check_blobs(self, update: NodeUpdate) -> None:
+        """Refuse an update without "params" or with a blob this algorithm does not take (`reply_blobs`)."""
+        if "params" not in update.blobs:
+            raise AggregationError(f"node '{update.node_id}': no 'params' blob")
+        unexpected = sorted(update.blobs.keys() - self.reply_blobs)[:5]
+        if unexpected:
+            raise AggregationError(f"node '{update.node_id}': unexpected blobs {unexpected} for {self.name}")
 
     def state(self) -> tuple[dict[str, Any], Params]:
         """What survives a breakpoint: a JSON-serialisable part and named tensors (saved as safetensors)."""

@@ -91,8 +91,7 @@ class FedAverage(FedAlgorithm):
             raise AggregationError("start_round must be called before add")
         if update.node_id in self._nodes:
             raise AggregationError(f"node '{update.node_id}' already contributed to this round")
-        if "params" not in update.blobs:
-            raise AggregationError(f"node '{update.node_id}': no 'params' blob")
+        self.check_blobs(update)
         self._check_extra(update)  # before anything is folded in: a refused update leaves no trace
         self._mean.add(update.node_id, update.params, update.sample_size)
         self._add_extra(update)

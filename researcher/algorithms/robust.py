@@ -46,8 +46,7 @@ class RobustAggregator(FedAlgorithm):
             raise AggregationError("start_round must be called before add")
         if update.node_id in self._updates:
             raise AggregationError(f"node '{update.node_id}' already contributed to this round")
-        if "params" not in update.blobs:
-            raise AggregationError(f"node '{update.node_id}': no 'params' blob")
+        self.check_blobs(update)
         check_tensors(update.node_id, "params", update.params, self._reference)
         self._updates[update.node_id] = update.params
 

@@ -19,6 +19,9 @@ eta_g = 1 the model step is exactly FedAvg's), while Delta c keeps the paper's p
 of the node list `configure_train` was given for the round unless `num_nodes` is set. c is saved in
 breakpoints (tensor state).
 
+SCAFFOLD is not robust to a hostile node: a finite but huge Delta c_i moves c, which every node's next round
+uses. The round loop checks each blob finite and of the model's names and shapes; nothing bounds its size.
+
     from fedsilo.researcher import Experiment, Scaffold
     exp = Experiment(..., aggregator=Scaffold())          # or Scaffold(num_nodes=10, eta_g=1.0)
 """
@@ -47,6 +50,7 @@ class Scaffold(FedAverage):
     """
 
     name = "scaffold"
+    reply_blobs = frozenset({"params", CONTROL_DELTA})
 
     def __init__(self, num_nodes: int | None = None, eta_g: float = 1.0) -> None:
         super().__init__()

@@ -276,11 +276,20 @@ def test_every_algorithm_refuses_a_second_reply_from_a_node_and_a_foreign_model(
     x = {"w": torch.zeros(2)}
     algo.configure_train(0, ["a"], x)
     algo.start_round(0, x)
-    blobs = {"params": {"w": torch.ones(2)}, "control_delta": {"w": torch.zeros(2)}}
-    algo.add(NodeUpdate("a", blobs, 1))
+    extra = {"control_delta": {"w": torch.zeros(2)}} if isinstance(algo, Scaffold) else {}
+    algo.add(NodeUpdate("a", {"params": {"w": torch.ones(2)}, **extra}, 1))
     with pytest.raises(AggregationError, match="already"):
-        algo.add(NodeUpdate("a", blobs, 1))
+        algo.add(NodeUpdate("a", {"params": {"w": torch.ones(2)}, **extra}, 1))
     with pytest.raises(AggregationError, match="names differ"):
-        algo.add(NodeUpdate("b", {"params": {"v": torch.ones(2)}, "control_delta": {"w": torch.zeros(2)}}, 1))
+        algo.add(NodeUpdate("b", {"params": {"v": torch.ones(2)}, **extra}, 1))
     with pytest.raises(AggregationError, match="no 'params'"):
         algo.add(NodeUpdate("c", {}, 1))
+    # a blob the algorithm does not take is refused (the loop downloads only `reply_blobs`)
+    with pytest.raises(AggregationError, match="unexpected blobs \\['junk'\\]"):
+        algo.add(NodeUpdate("d", {"params": {"w": torch.ones(2)}, "junk": {"w": torch.ones(2)}, **extra}, 1))
+    assert "control_delta" in algo.reply_blobs if isinstance(algo, Scaffold) else algo.reply_blobs == {"params"}
+    twin = make()  # the same round with only a's update: the refused ones left no trace
+    twin.configure_train(0, ["a"], x)
+    twin.start_round(0, x)
+    twin.add(NodeUpdate("a", {"params": {"w": torch.ones(2)}, **extra}, 1))
+    assert torch.equal(algo.result()["w"], twin.result()["w"])

@@ -33,7 +33,8 @@ def _round(algo: FedAlgorithm, r: int, x: dict[str, torch.Tensor]) -> dict[str, 
         delta = {
             k: torch.randn(x[k].shape, generator=gen, dtype=x[k].dtype) for k in sorted(x) if x[k].is_floating_point()
         }
-        algo.add(NodeUpdate(node, {"params": params, "control_delta": delta}, 10 * (i + 1)))
+        blobs = {"params": params, "control_delta": delta}
+        algo.add(NodeUpdate(node, {k: v for k, v in blobs.items() if k in algo.reply_blobs}, 10 * (i + 1)))
     return algo.result()
 
 
