@@ -120,7 +120,7 @@ def run_config(W: Any, num_clients: int, size: str, args: argparse.Namespace, qu
         "workload_rounds": W.ROUNDS,
         "total_wall_s": total_s,
         **summary,
-        "dispatch_median_s": median(r["dispatch_median_s"] for r in per_round),
+        "dispatch_median_s": _median_or_none([r["dispatch_median_s"] for r in per_round]),
         "final": final,
         "rounds": per_round,
         "setup_s": setup_s,
@@ -139,27 +139,32 @@ def _round_record(r: int, wall: float, start: float, nodes: dict[str, Any], stat
     per_node = {}
     for node, v in sorted(nodes.items()):
         t, m = v["timings"], v["metrics"]
-        train_wall = m["wall_end"] - m["wall_start"]
+        # The node's trainer runs the loop now and a plan reports no metrics of its own, so the plan's wall
+        # clock (wall_start/wall_end) is there only in results of the older plan: without it, dispatch and
+        # the node's exit are not measured (None) and the loop's untimed part is folded into before_train_s.
+        clocked = "wall_start" in m
+        train_wall = m["wall_end"] - m["wall_start"] if clocked else t["train_s"]
         before_train = t["total_s"] - train_wall - t["upload_s"]  # handler entered -> local training starts
-        entered = m["wall_start"] - before_train
+        entered = m["wall_start"] - before_train if clocked else None
         per_node[node] = {
             "train_s": t["train_s"],
-            "dispatch_s": entered - start,  # round start -> the node's round handler entered
+            "dispatch_s": entered - start if entered is not None else None,  # round start -> handler entered
             "before_train_s": before_train,
             "download_s": t["download_s"],
-            "train_setup_s": train_wall - t["train_s"],  # inside local_train, outside the timed steps
+            "train_setup_s": train_wall - t["train_s"] if clocked else None,  # in the loop, outside the steps
             "upload_s": t["upload_s"],
             "node_total_s": t["total_s"],
-            "after_node_s": wall - (entered - start) - t["total_s"],  # handler left -> round over
+            "after_node_s": wall - (entered - start) - t["total_s"] if entered is not None else None,
             "ack_s": v.get("ack_s"),
             "researcher_s": t.get("researcher_s"),
         }
-    last = max(per_node.values(), key=lambda p: p["dispatch_s"] + p["node_total_s"])
+    last = max(per_node.values(), key=lambda p: (p["dispatch_s"] or 0.0) + p["node_total_s"])
+    dispatch = [p["dispatch_s"] for p in per_node.values() if p["dispatch_s"] is not None]
     return {
         "round": r + 1,
         "wall_s": wall,
         "client_train_s": [p["train_s"] for p in per_node.values()],
-        "dispatch_median_s": median(p["dispatch_s"] for p in per_node.values()),
+        "dispatch_median_s": median(dispatch) if dispatch else None,
         "researcher": stats,
         "critical_node_after_s": last["after_node_s"],
         "nodes": per_node,
@@ -250,6 +255,11 @@ STAGES = [
 ]
 
 
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return median(known) if known else None
+
+
 def stage_table(res: dict[str, Any]) -> str:
     """Median over rounds 2..R (round 1 is the cold start) of each stage, in milliseconds."""
     warm = res["rounds"][1:] or res["rounds"]
@@ -261,7 +271,8 @@ def stage_table(res: dict[str, Any]) -> str:
             values = [r[key] for r in warm]
         else:
             values = [n[key] for r in warm for n in r["nodes"].values()]
-        rows.append([label, f"{1e3 * median(values):.1f}"])
+        known = [v for v in values if v is not None]
+        rows.append([label, f"{1e3 * median(known):.1f}" if known else "-"])
     return markdown(["stage (rounds 2..R, median; node stages over all nodes)", "ms"], rows)
 
 
