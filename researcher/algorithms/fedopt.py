@@ -13,7 +13,9 @@ pseudo-gradient and takes one adaptive step with it (Algorithm 2 of the paper, p
 
 as written in the paper: no bias correction (Flower's FedAdam adds one). m_{-1} = 0 and v_{-1} = tau^2, the
 smallest value Algorithm 2 allows (its input is v_{-1} >= tau^2; Flower starts from 0, which makes Yogi's
-first step an Adam step). Moments are kept across rounds in the parameters' dtype and saved in breakpoints.
+first step an Adam step). Moments are kept across rounds in the parameters' dtype (float32: half the memory of
+float64; each step is computed in float64) and saved in breakpoints. Measured (10 M float32 parameters in ten
+tensors, 3 nodes, 3 rounds, peak RSS above the models' own): FedAdam +280 MiB, FedAverage +114 MiB.
 Integer buffers (BatchNorm's batch count) are not optimised: they take the FedAvg mean, rounded.
 
 Defaults: beta_1 = 0.9, beta_2 = 0.99, tau = 1e-3 (the paper's); eta = 1e-2 for FedAdam and FedYogi, 1e-1

@@ -10,7 +10,9 @@
   K >= 2f + 3. Distances between models equal distances between updates (x_i - x_t), so models are compared.
 
 Every rule here needs all K updates of a round at once (a median is not a running sum), so a round holds
-K models in memory, unlike FedAvg's single accumulator: that cost is inherent to the rules. Updates are
+K models in memory, unlike FedAvg's single accumulator: that cost is inherent to the rules. They are kept by
+reference (no copy); the combination works one tensor at a time (measured, 10 M float32 parameters in ten
+tensors, 3 nodes: FedMedian +205 MiB peak RSS above the updates themselves, FedAverage +114 MiB). Updates are
 not weighted by sample size: a node's own count is a number a Byzantine node could inflate.
 
     from fedsilo.researcher import Experiment, FedMedian, FedTrimmedAvg, MultiKrum

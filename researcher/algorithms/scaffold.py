@@ -17,7 +17,8 @@ the model (same name and shape; zeros at the start); a node returns "control_del
 when the nodes hold equally many samples: the model mean is weighted by sample size, as FedAvg's (so with
 eta_g = 1 the model step is exactly FedAvg's), while Delta c keeps the paper's plain mean. N is the length
 of the node list `configure_train` was given for the round unless `num_nodes` is set. c is saved in
-breakpoints (tensor state).
+breakpoints (tensor state). Memory: c (the model's size, its dtype) between rounds, and a second float64 sum
+for the control deltas during a round (measured, 10 M float32 parameters, 3 nodes: +260 MiB peak, FedAvg +114 MiB).
 
 SCAFFOLD is not robust to a hostile node: a finite but huge Delta c_i moves c, which every node's next round
 uses. The round loop checks each blob finite and of the model's names and shapes; nothing bounds its size.
