@@ -2,8 +2,9 @@
 
 from .aggregators import AggregationError, Aggregator, FedAverage
 from .breakpoints import BreakpointError
-from .experiment import Experiment, ExperimentError
+from .experiment import Experiment
 from .requests import Requests
+from .settings import ExperimentError
 from .strategies import DefaultStrategy, Drop, RoundFailed, RoundOutcome, Strategy
 
 __all__ = [

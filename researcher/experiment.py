@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +12,9 @@ from tqdm.auto import tqdm
 
 from fedsilo.common.clitools import table
 from fedsilo.common.config import Timeouts
-from fedsilo.common.errors import ConfigError, FedsiloError, PlanSourceError, SerializationError, TransferError
+from fedsilo.common.errors import ConfigError, PlanSourceError, SerializationError
 from fedsilo.common.plan_source import load_plan_class, plan_hash, plan_source
-from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_bytes
+from fedsilo.common.serialization import check_compatible
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.common.training_plan import TorchTrainingPlan, TrainingPlanError
 from fedsilo.network.credentials import Credentials
@@ -25,33 +23,32 @@ from fedsilo.network.messages import (
     ApprovalReply,
     BlobRef,
     DatasetInfo,
-    ErrorReply,
-    Message,
     PlanStatusReply,
-    Presence,
-    ScalarMessage,
-    TaskAck,
-    TrainReply,
-    TrainRequest,
     new_id,
 )
 
-from .aggregators import AggregationError, Aggregator, FedAverage, Params
+from .aggregators import Aggregator, FedAverage, Params
 from .breakpoints import new_experiment_dir, read_breakpoint, save_breakpoint
+from .federation import find_training_data, no_data_message, statuses
+from .history import History
 from .monitor import Monitor
-from .requests import Requests, remote_error
+from .requests import Collected, Requests
+from .round import RoundContext, TrainingRound
 from .rounds import ROUNDS_DIR, AggregatedParams, RoundArchive
-from .strategies import DefaultStrategy, Drop, RoundOutcome, Strategy
-from .update_checks import InvalidUpdate, check_params, check_reply
+from .settings import (
+    EXPERIMENTS_ENV,
+    ExperimentError,
+    absolute,
+    class_path,
+    instance,
+    resolve_credentials,
+    restore,
+    tags_list,
+)
+from .strategies import DefaultStrategy, Strategy
 
 log = logging.getLogger(__name__)
 
-NETWORK_ENV = "FEDSILO_NETWORK"
-EXPERIMENTS_ENV = "FEDSILO_EXPERIMENTS"
-
-
-class ExperimentError(FedsiloError):
-    """The experiment is not ready for what was asked (missing plan, no training data, ...)."""
 
 
 class Experiment:
@@ -79,7 +76,7 @@ class Experiment:
         round_timeout: float | None = None,
         training_data: Mapping[str, DatasetInfo | dict[str, Any]] | None = None,
     ) -> None:
-        self._credentials = _resolve_credentials(network)
+        self._credentials = resolve_credentials(network)
         self._timeouts = Timeouts()
         self._requests: Requests | None = None
         self._filestore: FileStoreClient | None = None
@@ -100,11 +97,9 @@ class Experiment:
         self._strategy: Strategy = DefaultStrategy()
         self._round_timeout: float | None = None
         self._global_params: Params | None = None
-        self._params_ref: BlobRef | None = None
         self._rounds = RoundArchive()  # the current global model in memory, earlier rounds on disk
-        self._replies: dict[int, dict[str, dict[str, Any]]] = {}
-        self._round_stats: dict[int, dict[str, float]] = {}
-        self._root = _absolute(experimentation_folder or os.environ.get(EXPERIMENTS_ENV) or "experiments")
+        self._history = History()
+        self._root = absolute(experimentation_folder or os.environ.get(EXPERIMENTS_ENV) or "experiments")
         self._experiment_dir: Path | None = None
         self._save_breakpoints = bool(save_breakpoints)
         self._tensorboard = False
@@ -121,7 +116,7 @@ class Experiment:
             self.set_training_plan_class(training_plan_class)
         if training_data is not None:
             self.set_training_data(training_data)
-            self._tags = _tags_list(tags)
+            self._tags = tags_list(tags)
         elif tags is not None:
             self.set_tags(tags)
 
@@ -208,13 +203,13 @@ class Experiment:
 
     def training_replies(self) -> dict[int, dict[str, dict[str, Any]]]:
         """Round -> node -> sample_size, timings, metrics, applied_caps, dropped (None or why)."""
-        return {r: {n: dict(v) for n, v in nodes.items()} for r, nodes in self._replies.items()}
+        return {r: {n: dict(v) for n, v in nodes.items()} for r, nodes in self._history.replies.items()}
 
     def round_stats(self) -> dict[int, dict[str, float]]:
         """Round -> researcher-side seconds: `wall_s` (the whole round), `prepare_s` (parameters serialised
         and uploaded, requests built), `wait_s` (waiting for node messages), `handle_s` (replies downloaded,
         checked and added to the aggregator), `aggregate_s` (the aggregator's result)."""
-        return {r: dict(v) for r, v in self._round_stats.items()}
+        return {r: dict(v) for r, v in self._history.stats.items()}
 
     def requests(self) -> Requests:
         """The connection (connected on first use): ping, list_datasets, search by hand."""
@@ -223,7 +218,7 @@ class Experiment:
     # ================================================================== setters
     def set_tags(self, tags: str | list[str] | None) -> list[str] | None:
         """Set the dataset tags and search the online nodes for matching datasets."""
-        self._tags = _tags_list(tags)
+        self._tags = tags_list(tags)
         self._training_data = {}
         if self._tags is not None:
             self._search()
@@ -283,11 +278,11 @@ class Experiment:
         return self.round_timeout()
 
     def set_aggregator(self, aggregator: Aggregator | type[Aggregator]) -> Aggregator:
-        self._aggregator = _instance(aggregator, Aggregator, "aggregator")
+        self._aggregator = instance(aggregator, Aggregator, "aggregator")
         return self._aggregator
 
     def set_strategy(self, node_selection_strategy: Strategy | type[Strategy]) -> Strategy:
-        self._strategy = _instance(node_selection_strategy, Strategy, "node_selection_strategy")
+        self._strategy = instance(node_selection_strategy, Strategy, "node_selection_strategy")
         return self._strategy
 
     set_node_selection_strategy = set_strategy
@@ -304,7 +299,7 @@ class Experiment:
 
     def set_experimentation_folder(self, folder: str | Path) -> Path:
         """Root under which `Experiment_NNNN` folders are made; takes effect for a new experiment folder."""
-        self._root = _absolute(folder)
+        self._root = absolute(folder)
         self._experiment_dir = None
         if self._tensorboard:
             self.set_tensorboard(True)
@@ -382,18 +377,18 @@ class Experiment:
             "training_plan_class": self._plan_name(),
             "model_args": self._model_args,
             "training_args": self._training_args.model_dump(mode="json"),
-            "aggregator": {"class": _class_path(self._aggregator), "state": self._aggregator.state()},
-            "strategy": {"class": _class_path(self._strategy), "state": self._strategy.state()},
+            "aggregator": {"class": class_path(self._aggregator), "settings": self._aggregator.settings()},
+            "strategy": {"class": class_path(self._strategy), "state": self._strategy.state()},
             "tensorboard": self._tensorboard,
             "save_breakpoints": self._save_breakpoints,
             "experimentation_folder": str(self._root),
-            "training_replies": {str(r): v for r, v in self._replies.items()},
-            "round_stats": {str(r): v for r, v in self._round_stats.items()},
+            **self._history.state(),
             "monitor": self._monitor.state(),
             "round_sha256": {str(r): h for r, h in sorted(self._rounds.hashes().items())},
         }
         folder = save_breakpoint(
-            self.experimentation_path(), self._round_current, state, self._global_params, self._plan_source
+            self.experimentation_path(), self._round_current, state, self._global_params, self._plan_source,
+            algorithm_state=self._aggregator.state(),
         )
         log.info("breakpoint saved: %s", folder)
         return folder
@@ -414,7 +409,7 @@ class Experiment:
         """
         if path is None:
             path = Path(os.environ.get(EXPERIMENTS_ENV) or "experiments")
-        folder, state, params, source = read_breakpoint(path)
+        folder, state, params, source, algorithm_state = read_breakpoint(path)
         exp = cls(
             network=network,
             model_args=state["model_args"],
@@ -433,14 +428,14 @@ class Experiment:
         exp._set_global(params)
         exp._round_current = int(state["round_current"])
         exp.set_round_limit(state.get("round_limit"))
-        exp._aggregator = aggregator or _restore(state["aggregator"], Aggregator, "aggregator")
-        exp._strategy = node_selection_strategy or _restore(state["strategy"], Strategy, "node_selection_strategy")
+        settings = state["aggregator"].get("settings", {})
+        exp._aggregator = aggregator or restore(state["aggregator"], Aggregator, "aggregator", **settings)
+        exp._strategy = node_selection_strategy or restore(state["strategy"], Strategy, "node_selection_strategy")
         if aggregator is None:
-            exp._aggregator.load_state(state["aggregator"].get("state", {}))
+            exp._aggregator.load_state(*algorithm_state)
         if node_selection_strategy is None:
             exp._strategy.load_state(state["strategy"].get("state", {}))
-        exp._replies = {int(r): v for r, v in state.get("training_replies", {}).items()}
-        exp._round_stats = {int(r): v for r, v in state.get("round_stats", {}).items()}
+        exp._history.load_state(state)
         if exp._round_current > 0:
             hashes = {int(r): h for r, h in state.get("round_sha256", {}).items()}
             current = (exp._round_current - 1, exp._global_params or {})
@@ -480,69 +475,11 @@ class Experiment:
         """Metrics as a text table: per round and node (status, samples, metrics, node and researcher
         timings), or with `per="round"` one line a round with sample-weighted means over the nodes.
         `metrics` picks and orders the metric columns (default: all, loss first)."""
-        if per not in ("node", "round"):
-            raise ValueError("per must be 'node' or 'round'")
-        keys = list(metrics) if metrics is not None else self._metric_keys()
-        if per == "round":
-            return self._round_table(keys)
-        headers = ["round", "node", "status", "samples", *keys, "node_total_s", "researcher_s"]
-        rows = []
-        for r in sorted(self._replies):
-            for node, v in sorted(self._replies[r].items()):
-                dropped = v.get("dropped")
-                status = f"dropped: {dropped['reason']}" if dropped else "ok"
-                values = v.get("metrics", {})
-                rows.append(
-                    [
-                        r,
-                        v.get("node_name") or node,
-                        status,
-                        v.get("sample_size"),
-                        *[values.get(k) for k in keys],
-                        v.get("timings", {}).get("total_s"),
-                        v.get("timings", {}).get("researcher_s"),
-                    ]
-                )
-        return table(headers, rows, max_width=70)
-
-    def _metric_keys(self) -> list[str]:
-        keys = sorted({k for nodes in self._replies.values() for v in nodes.values() for k in v.get("metrics", {})})
-        return ["loss", *[k for k in keys if k != "loss"]] if "loss" in keys else keys
-
-    def _round_table(self, keys: list[str]) -> str:
-        rows = []
-        for r in sorted(self._replies):
-            replies = [v for v in self._replies[r].values() if not v.get("dropped")]
-            samples = sum(v.get("sample_size") or 0 for v in replies)
-            means = []
-            for k in keys:
-                pairs = [(v["metrics"][k], v.get("sample_size") or 0) for v in replies if k in v.get("metrics", {})]
-                weight = sum(n for _, n in pairs)
-                means.append(sum(m * n for m, n in pairs) / weight if weight else None)
-            slowest = max((v.get("timings", {}).get("researcher_s") or 0.0 for v in replies), default=None)
-            rows.append([r, f"{len(replies)}/{len(self._replies[r])}", samples, *means, slowest])
-        return table(["round", "nodes ok", "samples", *keys, "slowest_node_s"], rows, max_width=70)
+        return self._history.metrics_table(metrics, per)
 
     def metrics_frame(self) -> Any:
         """The metrics table as a pandas DataFrame (needs pandas)."""
-        try:
-            import pandas as pd
-        except ImportError:
-            raise ImportError("metrics_frame() needs pandas (`pip install pandas`); metrics_table() does not") from None
-        records = []
-        for r, nodes in sorted(self._replies.items()):
-            for node, v in sorted(nodes.items()):
-                records.append(
-                    {
-                        "round": r,
-                        "node": node,
-                        "dropped": (v.get("dropped") or {}).get("reason"),
-                        "sample_size": v.get("sample_size"),
-                        **{f"metric_{k}": m for k, m in v.get("metrics", {}).items()},
-                        **{f"time_{k}": t for k, t in v.get("timings", {}).items()},
-                    }
-                )
-        return pd.DataFrame.from_records(records)
+        return self._history.metrics_frame()
 
     def close(self) -> None:
         """Disconnect and flush TensorBoard files; the experiment's state stays readable."""
@@ -565,160 +502,47 @@ class Experiment:
 
     # ================================================================== one round
     def _run_round(self, bar: tqdm) -> None:
-        round_index = self._round_current
-        t_start = time.perf_counter()
-        req = self._connect()
         assert self._plan_source is not None and self._global_params is not None
-        plan_ref = self._upload_plan()
-        params_ref = self._upload_params()
-        online = {n: s.online for n, s in req.nodes().items()}
-        sampled, dropped = self._strategy.sample_nodes(self._training_data, round_index, online)
-        outcome = RoundOutcome(round_index, list(sampled), [], dict(dropped))
-        args = self._training_args
-        outgoing = {
-            node: TrainRequest(
-                sender=req.party,
-                job_id=self._job_id,
-                round=round_index,
-                dataset_id=self._training_data[node].dataset_id,
-                plan=plan_ref,
-                plan_name=self._plan_name(),
-                blobs={"params": params_ref},
-                training_args=args,
-                model_args=self._model_args,
-            )
-            for node in sampled
-        }
-        node_of = {msg.request_id: node for node, msg in outgoing.items()}
-        results: dict[str, dict[str, Any]] = {}
-        max_bytes = 2 * params_ref.size + (1 << 16)
-        timeout = self.round_timeout()
-        self._aggregator.start_round(self._global_params)
-        bar.set_description(f"round {round_index}")
-        prepare_s = time.perf_counter() - t_start
-        wait_s = 0.0
-        handle_s = 0.0
+        ctx = RoundContext(
+            job_id=self._job_id,
+            requests=self._connect(),
+            files=self._fs(),
+            algorithm=self._aggregator,
+            strategy=self._strategy,
+            training_data=self._training_data,
+            plan=self._upload_plan(),
+            plan_name=self._plan_name(),
+            model_args=self._model_args,
+            training_args=self._training_args,
+            global_params=self._global_params,
+            timeout=self.round_timeout(),
+            monitor=self._monitor,
+            name_of=self._name,
+            readers=self._target_nodes(),
+        )
         try:
-            with req.waiter(node_of, job_id=self._job_id, watch_presence=True) as waiter:
-                sent_at = time.perf_counter()
-                for node, msg in outgoing.items():
-                    req.send(waiter, node, msg)  # re-sent until the node answers
-                pending = set(sampled)
-                deadline = time.monotonic() + timeout
-                while pending:
-                    t_wait = time.perf_counter()
-                    msg = waiter.get(deadline)
-                    t_got = time.perf_counter()
-                    wait_s += t_got - t_wait
-                    if msg is None:
-                        break
-                    self._on_round_message(
-                        msg, round_index, node_of, pending, outcome, results, sent_at, max_bytes, bar
-                    )
-                    handle_s += time.perf_counter() - t_got
-            for node in sorted(pending):
-                outcome.dropped[node] = Drop(node, "timeout", f"no reply within {timeout:g}s (round_timeout)")
-            self._strategy.check_round(outcome)
-            t_agg = time.perf_counter()
-            new_params = self._aggregator.result()
-            aggregate_s = time.perf_counter() - t_agg
+            record, new_params = TrainingRound(ctx, self._round_current, bar).run()
         except KeyboardInterrupt:
             self._monitor.discard_round()
-            log.warning("round %d cancelled: the experiment is as it was before it; run again to redo it", round_index)
+            log.warning("round %d cancelled: the experiment is as it was before it; run again to redo it",
+                        self._round_current)  # fmt: skip
             raise
         except BaseException:
             self._monitor.discard_round()
             raise
-
-        for node, drop in sorted(outcome.dropped.items()):
-            log.warning("round %d: node %s dropped: %s", round_index, self._name(node), drop.reason)
-            results[node] = {"node_name": self._name(node), "dropped": drop.as_dict()}
         self._set_global(new_params)
-        self._rounds.put(round_index, self._global_params or {}, self._rounds.folder or self._rounds_dir())
-        self._replies[round_index] = results
+        self._rounds.put(record.index, self._global_params or {}, self._rounds.folder or self._rounds_dir())
+        self._history.add(record)
         self._round_current += 1
         self._monitor.end_round()
-        wall = time.perf_counter() - t_start
-        self._round_stats[round_index] = {
-            "wall_s": wall,
-            "prepare_s": prepare_s,
-            "wait_s": wait_s,
-            "handle_s": handle_s,
-            "aggregate_s": aggregate_s,
-        }
         if self._save_breakpoints:
             self.breakpoint()
-        losses = [v["metrics"]["loss"] for v in results.values() if "loss" in v.get("metrics", {})]
-        postfix = {"nodes": f"{len(outcome.replied)}/{len(outcome.sampled) + len(dropped)}"}
-        if losses:
-            postfix["loss"] = f"{sum(losses) / len(losses):.4g}"
+        ok = sum(1 for r in record.nodes.values() if r.dropped is None)
+        postfix = {"nodes": f"{ok}/{len(record.nodes)}"}
+        loss = self._history.mean_loss(record.index)
+        if loss is not None:
+            postfix["loss"] = f"{loss:.4g}"
         bar.set_postfix(postfix, refresh=False)
-
-    def _on_round_message(
-        self,
-        msg: Message,
-        round_index: int,
-        node_of: dict[str, str],
-        pending: set[str],
-        outcome: RoundOutcome,
-        results: dict[str, dict[str, Any]],
-        sent_at: float,
-        max_bytes: int,
-        bar: tqdm,
-    ) -> None:
-        if isinstance(msg, ScalarMessage):
-            if msg.round == round_index and msg.node_id in outcome.sampled:
-                self._monitor.on_scalar(msg)
-                loss = self._monitor.mean_loss()
-                if loss is not None:
-                    bar.set_postfix_str(f"loss={loss:.4g}", refresh=True)
-            return
-        if isinstance(msg, Presence):
-            if msg.node_id in pending and not msg.online:
-                pending.discard(msg.node_id)
-                outcome.dropped[msg.node_id] = Drop(msg.node_id, "offline", "went offline during the round")
-            return
-        node = node_of.get(getattr(msg, "in_reply_to", ""))
-        if node is None or node not in pending or getattr(msg, "node_id", node) != node:
-            return  # a duplicate delivery, or a reply forged for another node's request
-        if isinstance(msg, TaskAck):
-            results.setdefault(node, {})["ack_s"] = time.perf_counter() - sent_at
-            return
-        if isinstance(msg, ErrorReply):
-            pending.discard(node)
-            err = remote_error(msg)
-            outcome.dropped[node] = Drop(node, "error", str(err), err)
-            return
-        if not isinstance(msg, TrainReply):
-            return
-        pending.discard(node)
-        if msg.round != round_index or msg.job_id != self._job_id:
-            outcome.dropped[node] = Drop(node, "invalid", f"replied for job {msg.job_id} round {msg.round}")
-            return
-        try:
-            check_reply(msg, self._training_data.get(node))
-            blob = self._fs().download_bytes(msg.params, max_bytes=max_bytes)
-            params = params_from_bytes(blob)
-            check_compatible(params, self._global_params or {})
-            check_params(params)
-            self._aggregator.add(node, params, msg.sample_size)
-        except InvalidUpdate as exc:
-            outcome.dropped[node] = Drop(node, "invalid", str(exc))
-            return
-        except (TransferError, SerializationError, AggregationError) as exc:
-            outcome.dropped[node] = Drop(node, "invalid", f"unusable parameters: {exc}")
-            return
-        outcome.replied.append(node)
-        results[node] = {
-            **results.get(node, {}),
-            "node_name": msg.node_name or node,
-            "dataset_id": msg.dataset_id,
-            "sample_size": msg.sample_size,
-            "timings": {**msg.timings, "researcher_s": time.perf_counter() - sent_at},
-            "metrics": dict(msg.metrics),
-            "applied_caps": dict(msg.applied_caps),
-            "dropped": None,
-        }
 
     # ================================================================== helpers
     def _connect(self) -> Requests:
@@ -735,37 +559,7 @@ class Experiment:
 
     def _search(self) -> None:
         assert self._tags is not None
-        got = self._connect().search(self._tags, nodes=self._nodes)
-        data: dict[str, DatasetInfo] = {}
-        for node, reply in sorted(got.replies.items()):
-            datasets = getattr(reply, "datasets", [])
-            if len(datasets) > 1:
-                names = ", ".join(d.name for d in datasets)
-                raise ExperimentError(
-                    f"node {self._name(node)} holds {len(datasets)} datasets tagged {self._tags} ({names}); "
-                    "add a tag that tells them apart"
-                )
-            if datasets:
-                data[node] = datasets[0]
-        for _node, err in sorted(got.errors.items()):
-            log.warning("search: %s", err)
-        if got.missing:
-            log.warning("search: no reply from %s within %gs", ", ".join(got.missing), self._timeouts.request)
-        self._training_data = data
-        if data:
-            log.info(
-                "tags %s: found on %s", self._tags, ", ".join(f"{self._name(n)}:{d.name}" for n, d in data.items())
-            )
-        else:
-            log.warning("%s", self._no_data_message(len(got.replies)))
-
-    def _no_data_message(self, searched: int) -> str:
-        online = self._connect().online_nodes(wait=False)
-        where = f"{searched} node(s) answered ({', '.join(online) or 'none online'})"
-        return (
-            f"no node holds a dataset with all the tags {self._tags}: {where}; check the tags with "
-            "exp.requests().list_datasets(), or start the nodes that hold the data"
-        )
+        self._training_data = find_training_data(self._connect(), self._tags, self._nodes, self._name)
 
     def _use_plan_source(self, source: str, name: str) -> None:
         self._plan_source = source
@@ -800,7 +594,6 @@ class Experiment:
 
     def _set_global(self, params: Params) -> None:
         self._global_params = {k: v.detach().cpu() for k, v in params.items()}
-        self._params_ref = None
         if self._plan is not None:
             self._plan.set_parameters(self._global_params)
 
@@ -809,13 +602,6 @@ class Experiment:
             assert self._plan_source is not None
             self._plan_ref = self._fs().upload_bytes(self._plan_source.encode("utf-8"), readers=self._target_nodes())
         return self._fs().ensure_readers(self._plan_ref, self._target_nodes())  # the store lets only these read it
-
-    def _upload_params(self) -> BlobRef:
-        if self._params_ref is None:
-            assert self._global_params is not None
-            blob = params_to_bytes(self._global_params)  # not kept: one model's bytes a round for nothing
-            self._params_ref = self._fs().upload_bytes(blob, readers=self._target_nodes())
-        return self._fs().ensure_readers(self._params_ref, self._target_nodes())
 
     def _plan_name(self) -> str:
         return self._plan_name_value
@@ -842,7 +628,7 @@ class Experiment:
                 raise ExperimentError("no training data: pass tags= or call set_tags() / set_training_data()")
             self._search()  # nodes may have come online since the last search
             if not self._training_data:
-                raise ExperimentError(self._no_data_message(len(self._connect().online_nodes(wait=False))))
+                raise ExperimentError(no_data_message(self._tags, 0, self._connect().online_nodes(wait=False)))
 
     def _require_plan(self) -> None:
         if self._plan_source is None:
@@ -858,78 +644,5 @@ class Experiment:
             raise ExperimentError("no node is online and no training data is set")
         return nodes
 
-    def _statuses(self, got: Any, kind: type) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for node, reply in got.replies.items():
-            if isinstance(reply, kind):
-                status = reply.status
-                if isinstance(reply, PlanStatusReply) and not reply.approval_required:
-                    status = f"not required ({status})"
-                out[node] = status
-        for node, err in got.errors.items():
-            out[node] = f"error: {err}"
-        for node in got.missing:
-            out[node] = f"no reply within {self._timeouts.request:g}s"
-        return dict(sorted(out.items()))
-
-
-# ====================================================================== module helpers
-def _resolve_credentials(network: str | Path | Credentials | None) -> Credentials:
-    if isinstance(network, Credentials):
-        return network
-    if network is None:
-        network = os.environ.get(NETWORK_ENV)
-    if not network:
-        raise ConfigError(f"no network given: pass network=<network folder or credentials file>, or set ${NETWORK_ENV}")
-    path = Path(network).expanduser()
-    if path.is_dir():
-        path = path / "credentials" / "researcher.json"
-    creds = Credentials.load(path)
-    if creds.role != "researcher":
-        raise ConfigError(f"{path}: credentials of a {creds.role}, not of a researcher")
-    return creds
-
-
-def _absolute(folder: str | Path) -> Path:
-    """Experiment paths are absolute, so that what `breakpoint()` returns still works after a `chdir`."""
-    return Path(folder).expanduser().resolve()
-
-
-def _tags_list(tags: str | list[str] | None) -> list[str] | None:
-    if tags is None:
-        return None
-    out = [tags] if isinstance(tags, str) else [str(t) for t in tags]
-    if not out or any(not t for t in out):
-        raise ConfigError(f"tags must be a non-empty string or list of non-empty strings, got {tags!r}")
-    return out
-
-
-def _instance(value: Any, base: type, what: str) -> Any:
-    if isinstance(value, type) and issubclass(value, base):
-        return value()
-    if isinstance(value, base):
-        return value
-    raise ConfigError(f"{what} must be a {base.__name__} instance or subclass, got {value!r}")
-
-
-def _class_path(obj: object) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def _restore(entry: dict[str, Any], base: type, what: str) -> Any:
-    path = entry.get("class", "")
-    module_name, _, qualname = path.partition(":")
-    try:
-        if module_name == "__main__":
-            raise ImportError("defined in a notebook or script")
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"cannot re-create the {what} {path!r} ({exc}); pass {what}=... to Experiment.load_breakpoint"
-        ) from None
-    if not (isinstance(obj, type) and issubclass(obj, base)):
-        raise ConfigError(f"{path!r} is not a {base.__name__}")
-    return obj()
+    def _statuses(self, got: Collected, kind: type) -> dict[str, str]:
+        return statuses(got, kind, self._timeouts.request)

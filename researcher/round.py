@@ -188,6 +188,9 @@ class TrainingRound:
             return
         try:
             check_reply(msg, ctx.training_data.get(node))
+            unexpected = sorted(msg.blobs.keys() - ctx.algorithm.reply_blobs)
+            if unexpected:  # refused before anything is downloaded
+                raise InvalidUpdate(f"sent blobs {unexpected} that {ctx.algorithm!r} does not take")
             blobs = {name: self._download(name, ref) for name, ref in msg.blobs.items()}
             ctx.algorithm.add(NodeUpdate(node, blobs, msg.sample_size, dict(msg.metrics)))
         except InvalidUpdate as exc:

@@ -269,6 +269,7 @@ def test_breakpoint_round_trip_resumes_rounds(tmp_path: Path) -> None:
     assert folder.name == "Experiment_0000"
     assert sorted(p.name for p in folder.iterdir()) == ["breakpoint_0001", "breakpoint_0002", "rounds"]
     assert sorted(p.name for p in (folder / "breakpoint_0002").iterdir()) == [
+        "algorithm.safetensors",
         "breakpoint.json",
         "params.safetensors",
         "plan.py",

@@ -122,7 +122,7 @@ def test_diverging_parameters_are_refused_after_training(tmp_path: Path) -> None
 
 def test_non_finite_metrics_are_left_out_and_reported() -> None:
     request = TrainRequest(sender="r", job_id="j", round=3, dataset_id="d", plan={"sha256": "a" * 64, "size": 1},
-                           plan_name="P", params={"sha256": "b" * 64, "size": 1})  # fmt: skip
+                           plan_name="P", blobs={"params": {"sha256": "b" * 64, "size": 1}})  # fmt: skip
 
     class Ctx:
         node_id = "hospital-x"
@@ -136,4 +136,4 @@ def test_non_finite_metrics_are_left_out_and_reported() -> None:
         "round 3: metric 'epsilon' is inf; left out of the reply",
     ]
     TrainReply(sender="n", node_id="n", in_reply_to="x", job_id="j", round=3, dataset_id="d",
-               params={"sha256": "a" * 64, "size": 1}, sample_size=1, metrics=kept).to_json()  # fmt: skip
+               blobs={"params": {"sha256": "a" * 64, "size": 1}}, sample_size=1, metrics=kept).to_json()  # fmt: skip
