@@ -46,6 +46,8 @@ FEDBIOMED_ALIASES: dict[str, str] = {
 class TrainingArgs(BaseModel):
     """What a researcher may ask of a round. `num_updates`, when set, wins over `epochs`.
 
+        TrainingArgs.parse({"epochs": 2, "optimizer_args": {"lr": 1e-3}, "loader_args": {"batch_size": 48}})
+
     Batch size and loader arguments, one rule: a key set in two places must agree, else it is an
     error naming both; nothing a researcher set is replaced without a report.
     - `batch_size` and Fed-BioMed's `loader_args={"batch_size": n}` are two spellings of one setting:

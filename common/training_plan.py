@@ -24,7 +24,10 @@ class TrainingPlanError(FedsiloError):
 
 class DataManager:
     """Wraps a torch Dataset plus DataLoader arguments; the round's arguments are merged in by
-    `apply_training_args` under the rule written in `TrainingArgs`."""
+    `apply_training_args` under the rule written in `TrainingArgs`.
+
+        DataManager(CsvDataset(self.dataset_path), batch_size=batch_size, shuffle=True)
+    """
 
     def __init__(self, dataset: Dataset, **loader_args: Any) -> None:
         if not isinstance(dataset, Dataset):
@@ -101,6 +104,14 @@ class TorchTrainingPlan:
 
     The framework sets `model_args`, `training_args` (TrainingArgs), `dataset_path`, `dataset`
     (metadata dict), `round` and `node_id` before calling `post_init`.
+
+        class HeartPlan(TorchTrainingPlan):
+            def init_model(self, model_args):
+                return nn.Linear(model_args["in_features"], 2)
+            def training_data(self, batch_size):
+                return DataManager(CsvDataset(self.dataset_path), batch_size=batch_size, shuffle=True)
+            def training_step(self, data, target):
+                return nn.functional.cross_entropy(self.model()(data), target)
     """
 
     def __init__(self) -> None:

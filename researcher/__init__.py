@@ -1,8 +1,47 @@
-"""The researcher SDK: Experiment, aggregators, node selection, monitoring, breakpoints."""
+"""The researcher SDK: everything a notebook needs, from one import.
 
-from .aggregators import AggregationError, Aggregator, FedAverage
+    from fedsilo.researcher import DataManager, Experiment, FedProx, TorchTrainingPlan, CsvDataset
+
+    class MyPlan(TorchTrainingPlan):
+        def init_model(self, model_args):
+            return torch.nn.Linear(model_args["in_features"], 2)
+        def training_data(self, batch_size):
+            return DataManager(CsvDataset(self.dataset_path), batch_size=batch_size, shuffle=True)
+        def training_step(self, data, target):
+            return torch.nn.functional.cross_entropy(self.model()(data), target)
+
+    exp = Experiment(tags=["diabetes"], training_plan_class=MyPlan, model_args={"in_features": 16},
+                     round_limit=5, aggregator=FedProx(mu=0.01), network="run/quickstart/network")
+"""
+
+from fedsilo.common.algorithms import AlgorithmConfig, FedAvgConfig, FedProxConfig, ScaffoldConfig
+from fedsilo.common.datasets import CsvDataset, ImageFolderDataset
+from fedsilo.common.errors import FedsiloError, RemoteError
+from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
+from fedsilo.common.training_plan import DataManager, TorchTrainingPlan, TrainingPlanError
+
+from .algorithms import (
+    AggregationError,
+    Aggregator,
+    FedAdagrad,
+    FedAdam,
+    FedAlgorithm,
+    FedAverage,
+    FedMedian,
+    FedOpt,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    NodeTask,
+    NodeUpdate,
+    RobustAggregator,
+    Scaffold,
+)
 from .breakpoints import BreakpointError
 from .experiment import Experiment
+from .history import History, NodeResult, RoundRecord
 from .requests import Requests
 from .settings import ExperimentError
 from .strategies import DefaultStrategy, Drop, RoundFailed, RoundOutcome, Strategy
@@ -10,14 +49,44 @@ from .strategies import DefaultStrategy, Drop, RoundFailed, RoundOutcome, Strate
 __all__ = [
     "AggregationError",
     "Aggregator",
+    "AlgorithmConfig",
     "BreakpointError",
+    "CsvDataset",
+    "DataManager",
     "DefaultStrategy",
     "Drop",
     "Experiment",
     "ExperimentError",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAlgorithm",
     "FedAverage",
+    "FedAvgConfig",
+    "FedMedian",
+    "FedOpt",
+    "FedProx",
+    "FedProxConfig",
+    "FedTrimmedAvg",
+    "FedYogi",
+    "FedsiloError",
+    "History",
+    "ImageFolderDataset",
+    "Krum",
+    "MultiKrum",
+    "NodeResult",
+    "NodeTask",
+    "NodeUpdate",
+    "RemoteError",
     "Requests",
+    "RobustAggregator",
     "RoundFailed",
     "RoundOutcome",
+    "RoundRecord",
+    "Scaffold",
+    "ScaffoldConfig",
     "Strategy",
+    "TorchTrainingPlan",
+    "TrainingArgs",
+    "TrainingArgsError",
+    "TrainingPlanError",
 ]

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from fedsilo.common.clitools import table
 from fedsilo.common.config import Timeouts
 from fedsilo.common.errors import ConfigError, PlanSourceError, SerializationError
-from fedsilo.common.plan_source import load_plan_class, plan_hash, plan_source
+from fedsilo.common.plan_source import load_plan_class, plan_source
 from fedsilo.common.serialization import check_compatible
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.common.training_plan import TorchTrainingPlan, TrainingPlanError
@@ -28,21 +28,20 @@ from fedsilo.network.messages import (
 )
 
 from .aggregators import Aggregator, FedAverage, Params
-from .breakpoints import new_experiment_dir, read_breakpoint, save_breakpoint
+from .experiment_breakpoints import ExperimentBreakpoints
+from .experiment_views import ExperimentViews
 from .federation import find_training_data, no_data_message, statuses
 from .history import History
 from .monitor import Monitor
 from .requests import Collected, Requests
 from .round import RoundContext, TrainingRound
-from .rounds import ROUNDS_DIR, AggregatedParams, RoundArchive
+from .rounds import ROUNDS_DIR, RoundArchive
 from .settings import (
     EXPERIMENTS_ENV,
     ExperimentError,
     absolute,
-    class_path,
     instance,
     resolve_credentials,
-    restore,
     tags_list,
 )
 from .strategies import DefaultStrategy, Strategy
@@ -51,12 +50,20 @@ log = logging.getLogger(__name__)
 
 
 
-class Experiment:
+class Experiment(ExperimentViews, ExperimentBreakpoints):
     """A federated training: which data (tags), which code (training plan), how (args, aggregator).
 
     Every argument can be changed between rounds with its `set_*` method and read back with the
-    method of the same name. Rounds run synchronously; Ctrl-C cancels the current round and leaves
-    the experiment as it was before that round.
+    method of the same name (`experiment_views.py`). Rounds run synchronously; Ctrl-C cancels the
+    current round and leaves the experiment as it was before that round. Breakpoints:
+    `experiment_breakpoints.py`.
+
+        exp = Experiment(tags=["diabetes"], training_plan_class=MyPlan, model_args={"in_features": 16},
+                         training_args={"epochs": 1}, round_limit=5, aggregator=FedProx(mu=0.01),
+                         network="run/quickstart/network")
+        exp.training_plan_approve()     # each node's data manager reviews the plan's sha256
+        exp.run()
+        print(exp.metrics_table(per="round"))
     """
 
     def __init__(
@@ -119,101 +126,6 @@ class Experiment:
             self._tags = tags_list(tags)
         elif tags is not None:
             self.set_tags(tags)
-
-    # ================================================================== getters
-    def tags(self) -> list[str] | None:
-        return None if self._tags is None else list(self._tags)
-
-    def nodes(self) -> list[str] | None:
-        return None if self._nodes is None else list(self._nodes)
-
-    def training_data(self) -> dict[str, DatasetInfo]:
-        """Node id -> the dataset it trains on."""
-        return dict(self._training_data)
-
-    def training_plan_class(self) -> type[TorchTrainingPlan] | None:
-        return self._plan_class
-
-    def training_plan_file(self) -> str | None:
-        """The exact source shipped to the nodes."""
-        return self._plan_source
-
-    def training_plan_hash(self) -> str | None:
-        return plan_hash(self._plan_source) if self._plan_source is not None else None
-
-    def training_plan(self) -> TorchTrainingPlan | None:
-        """The local plan instance; after rounds, it holds the latest global model."""
-        return self._plan
-
-    def model_args(self) -> dict[str, Any]:
-        return dict(self._model_args)
-
-    def training_args(self) -> TrainingArgs:
-        return self._training_args.model_copy(deep=True)
-
-    def round_limit(self) -> int | None:
-        return self._round_limit
-
-    def round_current(self) -> int:
-        """Rounds completed so far."""
-        return self._round_current
-
-    def round_timeout(self) -> float:
-        return self._round_timeout if self._round_timeout is not None else self._timeouts.round
-
-    def aggregator(self) -> Aggregator:
-        return self._aggregator
-
-    def strategy(self) -> Strategy:
-        return self._strategy
-
-    node_selection_strategy = strategy
-
-    def monitor(self) -> Monitor:
-        return self._monitor
-
-    def save_breakpoints(self) -> bool:
-        return self._save_breakpoints
-
-    def tensorboard(self) -> bool:
-        return self._tensorboard
-
-    def experimentation_folder(self) -> Path:
-        return self._root
-
-    def tensorboard_dir(self) -> Path | None:
-        """The folder to give `tensorboard --logdir`; None while TensorBoard is off."""
-        return self.experimentation_path() / "tensorboard" if self._tensorboard else None
-
-    def experimentation_path(self) -> Path:
-        """This experiment's own folder (`Experiment_NNNN`), created on first use."""
-        if self._experiment_dir is None:
-            self._experiment_dir = new_experiment_dir(self._root)
-        return self._experiment_dir
-
-    def job_id(self) -> str:
-        return self._job_id
-
-    def aggregated_params(self) -> AggregatedParams:
-        """Round -> {"params": global parameters after that round}: a read-only Mapping.
-
-        Only the latest round is held in memory; earlier rounds are read from
-        `<experiment folder>/rounds/round_NNNN.safetensors` each time one is indexed."""
-        return self._rounds.view()
-
-    def training_replies(self) -> dict[int, dict[str, dict[str, Any]]]:
-        """Round -> node -> sample_size, timings, metrics, applied_caps, dropped (None or why)."""
-        return {r: {n: dict(v) for n, v in nodes.items()} for r, nodes in self._history.replies.items()}
-
-    def round_stats(self) -> dict[int, dict[str, float]]:
-        """Round -> researcher-side seconds: `wall_s` (the whole round), `prepare_s` (parameters serialised
-        and uploaded, requests built), `wait_s` (waiting for node messages), `handle_s` (replies downloaded,
-        checked and added to the aggregator), `aggregate_s` (the aggregator's result)."""
-        return {r: dict(v) for r, v in self._history.stats.items()}
-
-    def requests(self) -> Requests:
-        """The connection (connected on first use): ping, list_datasets, search by hand."""
-        return self._connect()
 
     # ================================================================== setters
     def set_tags(self, tags: str | list[str] | None) -> list[str] | None:
@@ -360,90 +272,6 @@ class Experiment:
         self._require_plan()
         got = self._connect().plan_status(self._target_nodes(), self.training_plan_hash() or "")
         return self._statuses(got, PlanStatusReply)
-
-    def breakpoint(self) -> Path:
-        """Save the state after the last completed round; returns the breakpoint folder."""
-        self._require_plan()
-        if self._global_params is None or self._plan_source is None:
-            raise ExperimentError("nothing to save: the training plan is not built")
-        state = {
-            "job_id": self._job_id,
-            "round_current": self._round_current,
-            "round_limit": self._round_limit,
-            "round_timeout": self._round_timeout,
-            "tags": self._tags,
-            "nodes": self._nodes,
-            "training_data": {n: d.model_dump(mode="json") for n, d in sorted(self._training_data.items())},
-            "training_plan_class": self._plan_name(),
-            "model_args": self._model_args,
-            "training_args": self._training_args.model_dump(mode="json"),
-            "aggregator": {"class": class_path(self._aggregator), "settings": self._aggregator.settings()},
-            "strategy": {"class": class_path(self._strategy), "state": self._strategy.state()},
-            "tensorboard": self._tensorboard,
-            "save_breakpoints": self._save_breakpoints,
-            "experimentation_folder": str(self._root),
-            **self._history.state(),
-            "monitor": self._monitor.state(),
-            "round_sha256": {str(r): h for r, h in sorted(self._rounds.hashes().items())},
-        }
-        folder = save_breakpoint(
-            self.experimentation_path(), self._round_current, state, self._global_params, self._plan_source,
-            algorithm_state=self._aggregator.state(),
-        )
-        log.info("breakpoint saved: %s", folder)
-        return folder
-
-    @classmethod
-    def load_breakpoint(
-        cls,
-        path: str | Path | None = None,
-        *,
-        network: str | Path | Credentials | None = None,
-        aggregator: Aggregator | None = None,
-        node_selection_strategy: Strategy | None = None,
-    ) -> Experiment:
-        """Resume from a breakpoint folder, an experiment folder or a root (default: the latest one).
-
-        The plan is rebuilt from the saved source, so its hash (and the nodes' approval) is unchanged.
-        An aggregator or strategy defined in a notebook cannot be re-imported: pass it again here.
-        """
-        if path is None:
-            path = Path(os.environ.get(EXPERIMENTS_ENV) or "experiments")
-        folder, state, params, source, algorithm_state = read_breakpoint(path)
-        exp = cls(
-            network=network,
-            model_args=state["model_args"],
-            training_args=state["training_args"],
-            round_timeout=state.get("round_timeout"),
-            experimentation_folder=folder.parent.parent,
-            save_breakpoints=state.get("save_breakpoints", True),
-            training_data=state["training_data"],
-            tags=state.get("tags"),
-            nodes=state.get("nodes"),
-        )
-        exp._experiment_dir = folder.parent
-        exp._job_id = state["job_id"]
-        exp._use_plan_source(source, state["training_plan_class"])
-        check_compatible(params, exp._global_params or {})
-        exp._set_global(params)
-        exp._round_current = int(state["round_current"])
-        exp.set_round_limit(state.get("round_limit"))
-        settings = state["aggregator"].get("settings", {})
-        exp._aggregator = aggregator or restore(state["aggregator"], Aggregator, "aggregator", **settings)
-        exp._strategy = node_selection_strategy or restore(state["strategy"], Strategy, "node_selection_strategy")
-        if aggregator is None:
-            exp._aggregator.load_state(*algorithm_state)
-        if node_selection_strategy is None:
-            exp._strategy.load_state(state["strategy"].get("state", {}))
-        exp._history.load_state(state)
-        if exp._round_current > 0:
-            hashes = {int(r): h for r, h in state.get("round_sha256", {}).items()}
-            current = (exp._round_current - 1, exp._global_params or {})
-            exp._rounds = RoundArchive(folder.parent / ROUNDS_DIR, current, hashes)
-        exp.set_tensorboard(bool(state.get("tensorboard")))
-        exp._monitor.load_state(state.get("monitor", {}))
-        log.info("resumed %s after round %d", folder, exp._round_current)
-        return exp
 
     def info(self) -> dict[str, Any]:
         """Print the experiment's settings and what is still missing before it can run; returns them."""
