@@ -148,6 +148,7 @@ class Connection:
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeState] = {}
         self.presence_seen = threading.Event()
+        self._presence_at = 0.0
         self._by_key: dict[str, Waiter] = {}
         self._by_job: dict[str, list[Waiter]] = {}
         self._waiters: list[Waiter] = []
@@ -218,6 +219,22 @@ class Connection:
                 self._waiters.remove(w)
 
     # ------------------------------------------------------------------ presence
+    PRESENCE_SETTLE_S = 0.25
+    """Retained presence arrives as a burst after subscribing, behind whatever the broker queued for this
+    session while it was away (a node's offline then online, say): the view is complete once the burst is
+    over, not at its first message. Seen: the first message alone gave one node of three, or none."""
+
+    def wait_presence(self, timeout: float) -> None:
+        """Wait until some presence arrived and none for `PRESENCE_SETTLE_S` (at most `timeout`)."""
+        deadline = time.monotonic() + timeout
+        if not self.presence_seen.wait(timeout):
+            return
+        while (quiet := time.monotonic() - self._presence_at) < self.PRESENCE_SETTLE_S:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(self.PRESENCE_SETTLE_S - quiet, remaining))
+
     def nodes(self) -> dict[str, NodeState]:
         with self._lock:
             return {k: NodeState(**vars(v)) for k, v in self._nodes.items()}
@@ -261,6 +278,7 @@ class Connection:
 
     def _on_presence(self, msg: Presence) -> None:
         log.debug("presence of %s: %s", msg.node_id, "online" if msg.online else "offline")
+        self._presence_at = time.monotonic()
         with self._lock:
             before = self._nodes.get(msg.node_id)
             self._nodes[msg.node_id] = NodeState(

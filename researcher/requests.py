@@ -104,9 +104,9 @@ class Requests:
         return self._c.nodes()
 
     def online_nodes(self, wait: bool = True) -> list[str]:
-        """Node ids currently online. `wait`: give retained presence one request timeout to arrive."""
+        """Node ids currently online. `wait`: let the retained presence burst arrive (at most a request timeout)."""
         if wait:
-            self._c.presence_seen.wait(self.timeouts.request)
+            self._c.wait_presence(self.timeouts.request)
         return sorted(n for n, s in self._c.nodes().items() if s.online)
 
     def node_name(self, node_id: str) -> str:

@@ -183,3 +183,30 @@ def test_two_experiments_in_one_process_share_the_researchers_connection(net: Ne
         assert b.connected
     finally:
         b.close()
+
+
+def test_a_new_connection_sees_every_online_node_not_just_the_first_presence(net: NetworkHandle) -> None:
+    """The retained presence arrives as a burst, behind what the broker queued for the researcher's
+    session while it was away (here n1 going offline and back): `online_nodes()` waits for the burst to end.
+    Answering at its first message gave one node of three, or none (n1's queued offline first)."""
+    for name in ("n3", "n4"):
+        if not net.credentials_path(name).is_file():
+            net.add_party(name, "node")
+    nodes = {}
+    for name in ("n1", "n3", "n4"):
+        m = Messaging(name, net.credentials(name).mqtt, on_message=lambda *_: None)
+        m.start(WAIT)
+        m.publish(topics.presence(name), Presence(sender=name, node_id=name, online=True), retain=True)
+        nodes[name] = m
+    try:
+        for attempt in range(8):
+            req = Requests(net.credentials("researcher"))
+            req.start()
+            assert req.online_nodes() == ["n1", "n3", "n4"], f"attempt {attempt}"
+            req.close()
+            for online in (False, True):  # queued for the researcher's persistent session while it is away
+                nodes["n1"].publish(topics.presence("n1"), Presence(sender="n1", node_id="n1", online=online),
+                                    retain=True).wait_for_publish(WAIT)  # fmt: skip
+    finally:
+        for m in nodes.values():
+            m.stop()
