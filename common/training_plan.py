@@ -114,6 +114,11 @@ class TorchTrainingPlan:
                 return nn.functional.cross_entropy(self.model()(data), target)
     """
 
+    local_parameters: tuple[str, ...] = ()
+    """Personalised layers (FedPer; Fed-BioMed's local layers): parameter names, or prefixes ending in ".",
+    that never leave a node. Each node keeps its own between the rounds of one experiment; the researcher's
+    global model holds the other parameters only. E.g. `local_parameters = ("head.",)`."""
+
     def __init__(self) -> None:
         self.model_args: dict[str, Any] = {}
         self.training_args: TrainingArgs = TrainingArgs()
@@ -198,7 +203,28 @@ class TorchTrainingPlan:
         return {k: v.detach().cpu().clone() for k, v in self._plain_model().state_dict().items()}
 
     def set_parameters(self, params: dict[str, torch.Tensor]) -> None:
-        self._plain_model().load_state_dict(params, strict=True)
+        """Load `params`: every parameter, or every shared one (the local ones are then left as they are)."""
+        model = self._plain_model()
+        if set(params) == set(model.state_dict()):
+            model.load_state_dict(params, strict=True)
+            return
+        shared = set(self.shared_parameters())
+        if set(params) != shared:
+            missing, extra = sorted(shared - set(params))[:5], sorted(set(params) - shared)[:5]
+            raise TrainingPlanError(f"parameters do not fit the model: missing {missing}, unexpected {extra}")
+        model.load_state_dict(params, strict=False)
+
+    def is_local(self, name: str) -> bool:
+        """Whether parameter `name` stays on the node (see `local_parameters`)."""
+        return any(name == p or (p.endswith(".") and name.startswith(p)) for p in self.local_parameters)
+
+    def shared_parameters(self) -> dict[str, torch.Tensor]:
+        """What travels: every parameter that is not local."""
+        return {k: v for k, v in self.get_parameters().items() if not self.is_local(k)}
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """What stays on the node: the local parameters."""
+        return {k: v for k, v in self.get_parameters().items() if self.is_local(k)}
 
     def data_manager(self) -> DataManager:
         """Call `training_data` with the round's batch size and check what it returns."""

@@ -402,7 +402,7 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
         try:
             plan = cls()
             plan.post_init(self._model_args, self._training_args)
-            fresh = plan.get_parameters()
+            fresh = plan.shared_parameters()  # the global model: personalised layers stay on the nodes
         except (TrainingPlanError, PlanSourceError):
             raise
         except Exception as exc:

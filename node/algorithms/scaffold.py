@@ -11,14 +11,14 @@ round that fails after training does not move c_i without the server hearing of 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from fedsilo.common.algorithms import ScaffoldConfig
 
+from ..personal import save_tensors_atomic
 from .base import NodeHooks, Params, matching_blob, trainable, zeros_like
 
 log = logging.getLogger("fedsilo.node.algorithms.scaffold")
@@ -60,11 +60,7 @@ class ScaffoldHooks(NodeHooks):
     def commit(self) -> None:
         if self._staged is None or self.state_dir is None:
             return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        path = self.state_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self._staged.items()}, str(tmp))
-        os.replace(tmp, path)  # atomic: a crash leaves the previous c_i, never half a file
+        save_tensors_atomic(self.state_dir / STATE_FILE, self._staged)  # a crash leaves the previous c_i
         self._staged = None
 
     def _load_c_i(self) -> Params:
