@@ -33,8 +33,6 @@ FEDBIOMED_ALIASES: dict[str, str] = {
     "loader_arguments": "'loader_args' here",
     "optimizer_arguments": "'optimizer_args' here",
     "test_batch_size": "the test loader uses the training batch size here",
-    "test_on_local_updates": "fedsilo tests after the local updates whenever 'test_ratio' > 0",
-    "test_on_global_updates": "not supported: fedsilo tests after the local updates when 'test_ratio' > 0",
     "test_metric": "not supported: override testing_step(data, target) in the plan to return your metrics",
     "test_metric_args": "not supported: override testing_step(data, target) in the plan to return your metrics",
     "shuffle_testing_dataset": "not supported: the test split is fixed by 'random_seed' so rounds stay comparable",
@@ -62,6 +60,12 @@ class TrainingArgs(BaseModel):
 
     `dp_args`: None, or {"sigma": noise multiplier > 0, "clip": max grad norm > 0,
     optional "delta" (default 1e-5) used to report epsilon, optional "type": "local"}.
+
+    Evaluation (Fed-BioMed's names), on the held-out `test_ratio` of the node's data with the plan's
+    `testing_step`: `test_on_global_updates` tests the received global model before local training (reply
+    metrics `global_<name>`), `test_on_local_updates` (default on) tests the local update after it
+    (`test_<name>`). Either needs a test split: `test_on_global_updates=True` with `test_ratio` 0 is refused;
+    `test_on_local_updates` is simply idle then (it is on by default).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -71,6 +75,8 @@ class TrainingArgs(BaseModel):
     optimizer_args: dict[str, Any] = Field(default_factory=lambda: {"lr": 0.01})
     loader_args: dict[str, Any] = Field(default_factory=dict)
     test_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    test_on_local_updates: bool = True
+    test_on_global_updates: bool = False
     log_interval: int = Field(10, ge=1)
     random_seed: int | None = None
     dry_run: bool = False
@@ -93,6 +99,22 @@ class TrainingArgs(BaseModel):
                 f"'batch_size' ({given}) and 'loader_args.batch_size' ({wanted}) disagree; give the batch size once"
             )
         return {**data, "batch_size": wanted, "loader_args": loader}
+
+    @model_validator(mode="after")
+    def _global_tests_need_a_split(self) -> TrainingArgs:
+        if self.test_on_global_updates and self.test_ratio == 0:
+            raise ValueError("'test_on_global_updates' needs a test split: set 'test_ratio' > 0 (e.g. 0.2)")
+        return self
+
+    @property
+    def tests_global(self) -> bool:
+        """The node tests the received global model before training (needs a test split)."""
+        return self.test_on_global_updates and self.test_ratio > 0
+
+    @property
+    def tests_local(self) -> bool:
+        """The node tests its local update after training (today's behaviour whenever `test_ratio` > 0)."""
+        return self.test_on_local_updates and self.test_ratio > 0
 
     def loader_request(self) -> dict[str, Any]:
         """What the researcher asked of the data loader: `loader_args`, plus `batch_size` when set."""

@@ -76,12 +76,12 @@ def _blobs_with_params(blobs: dict[str, BlobRef]) -> dict[str, BlobRef]:
     return blobs
 
 
-class TrainRequest(Message):
-    """Train `dataset_id` with the plan, starting from `blobs["params"]`; an algorithm may add blobs (SCAFFOLD's
-    "control") and its typed node-side config. `training_args` and `algorithm` are validated here, once, on
+class TaskRequest(Message):
+    """What the node's worker runs from its durable queue: a training round (`TrainRequest`) or an
+    evaluation (`EvaluateRequest`). Both start from `blobs["params"]` with the plan on `dataset_id`; the
+    daemon checks, queues, acks and re-answers both alike. `training_args` is validated here, once, on
     receipt: a bad value is refused before anything is queued, with the key named."""
 
-    kind: Literal["train_request"] = "train_request"
     job_id: _ID
     round: int = Field(ge=0)
     dataset_id: _ID
@@ -90,9 +90,6 @@ class TrainRequest(Message):
     blobs: dict[_BLOB_KEY, BlobRef]
     training_args: TrainingArgs = Field(default_factory=TrainingArgs)
     model_args: dict[str, Any] = Field(default_factory=dict)
-    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
-
-    _check_blobs = field_validator("blobs")(_blobs_with_params)
 
     @field_validator("training_args", mode="before")
     @classmethod
@@ -101,6 +98,21 @@ class TrainRequest(Message):
             return TrainingArgs.parse(value)
         except TrainingArgsError as exc:
             raise ValueError(str(exc)) from None
+
+    @property
+    def params(self) -> BlobRef:
+        """The global model this task starts from."""
+        return self.blobs["params"]
+
+
+class TrainRequest(TaskRequest):
+    """Train `dataset_id` with the plan, starting from `blobs["params"]`; an algorithm may add blobs (SCAFFOLD's
+    "control") and its typed node-side config, validated here like `training_args`."""
+
+    kind: Literal["train_request"] = "train_request"
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+
+    _check_blobs = field_validator("blobs")(_blobs_with_params)
 
     @field_validator("algorithm")
     @classmethod
@@ -111,10 +123,21 @@ class TrainRequest(Message):
             raise ValueError(str(exc)) from None
         return spec
 
-    @property
-    def params(self) -> BlobRef:
-        """The global model this round starts from."""
-        return self.blobs["params"]
+
+class EvaluateRequest(TaskRequest):
+    """Evaluate the global model `blobs["params"]` (its only blob) with the plan's `testing_step` on the node's
+    test split of `dataset_id` (`training_args.test_ratio` and `random_seed`, the split training rounds use;
+    the whole dataset when `test_ratio` is 0). No training, and no update leaves the node: the answer is an
+    `EvaluateReply`, which has no blob. Approval and dataset checks are those of a training round."""
+
+    kind: Literal["evaluate_request"] = "evaluate_request"
+
+    @field_validator("blobs")
+    @classmethod
+    def _only_params(cls, blobs: dict[str, BlobRef]) -> dict[str, BlobRef]:
+        if set(blobs) != {"params"}:
+            raise ValueError("an evaluation takes exactly one blob, 'params'")
+        return blobs
 
 
 class ApprovalRequest(Message):
@@ -198,6 +221,9 @@ class TrainReply(Reply):
     timings: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     applied_caps: dict[str, Any] = Field(default_factory=dict)
+    test_samples: int = Field(0, ge=0)
+    """The size of the test split that `test_*` (local update) and `global_*` (received model) metrics were
+    computed on: their weight in the researcher's means (0: no test metric)."""
 
     _check_blobs = field_validator("blobs")(_blobs_with_params)
 
@@ -205,6 +231,18 @@ class TrainReply(Reply):
     def params(self) -> BlobRef:
         """The node's updated model."""
         return self.blobs["params"]
+
+
+class EvaluateReply(Reply):
+    """The metrics of the received model on the node's test split (`sample_size` samples); numbers only."""
+
+    kind: Literal["evaluate_reply"] = "evaluate_reply"
+    job_id: str
+    round: int
+    dataset_id: str
+    sample_size: int = Field(ge=0)
+    timings: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
 
 
 class ApprovalReply(Reply):
@@ -270,6 +308,7 @@ AnyMessage = Annotated[
     | PingRequest
     | ListRequest
     | TrainRequest
+    | EvaluateRequest
     | ApprovalRequest
     | PlanStatusRequest
     | SearchReply
@@ -277,6 +316,7 @@ AnyMessage = Annotated[
     | ListReply
     | TaskAck
     | TrainReply
+    | EvaluateReply
     | ApprovalReply
     | PlanStatusReply
     | ErrorReply
@@ -286,6 +326,14 @@ AnyMessage = Annotated[
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
+_TASK_ADAPTER: TypeAdapter[TrainRequest | EvaluateRequest] = TypeAdapter(
+    Annotated[TrainRequest | EvaluateRequest, Field(discriminator="kind")]
+)
+
+
+def parse_task(payload: bytes | str) -> TrainRequest | EvaluateRequest:
+    """A queued task back from its JSON (written by the daemon after `parse_message` accepted it)."""
+    return _TASK_ADAPTER.validate_json(payload)
 
 
 class MessageError(ValueError):

@@ -34,12 +34,14 @@ from .algorithms import (
     FedYogi,
     Krum,
     MultiKrum,
+    NodeEvaluation,
     NodeTask,
     NodeUpdate,
     RobustAggregator,
     Scaffold,
 )
 from .breakpoints import BreakpointError
+from .evaluation import EvaluationFailed, EvaluationReport
 from .experiment import Experiment
 from .history import History, NodeResult, RoundRecord
 from .requests import Requests
@@ -55,6 +57,8 @@ __all__ = [
     "DataManager",
     "DefaultStrategy",
     "Drop",
+    "EvaluationFailed",
+    "EvaluationReport",
     "Experiment",
     "ExperimentError",
     "FedAdagrad",
@@ -73,6 +77,7 @@ __all__ = [
     "ImageFolderDataset",
     "Krum",
     "MultiKrum",
+    "NodeEvaluation",
     "NodeResult",
     "NodeTask",
     "NodeUpdate",

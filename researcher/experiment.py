@@ -28,6 +28,7 @@ from fedsilo.network.messages import (
 )
 
 from .aggregators import Aggregator, FedAverage, Params
+from .evaluation import EvaluationJob, EvaluationReport, round_evaluation
 from .experiment_breakpoints import ExperimentBreakpoints
 from .experiment_views import ExperimentViews
 from .federation import find_training_data, no_data_message, statuses
@@ -258,6 +259,17 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
             bar.update(1)
         return 1
 
+    def evaluate(self) -> EvaluationReport:
+        """Test the current global model on every node of the experiment (its test split, or its whole
+        dataset when `test_ratio` is 0) with the plan's `testing_step`: no training, no update leaves a node.
+        Returns node -> metrics and the federation's (`aggregate_evaluate`: the sample-weighted mean);
+        kept in the history and TensorBoard (`EVALUATION/<name>`) under the rounds done. `evaluation.py`."""
+        self._check_ready()
+        report = EvaluationJob(self._round_context(), self._round_current).run()
+        self._history.evaluations[report.round] = report.as_dict()
+        self._monitor.federation_scalars("EVALUATION", report.metrics, report.round)
+        return report
+
     def training_plan_approve(self, description: str = "") -> dict[str, str]:
         """Send the plan to each node for review; node -> status there (pending, approved, rejected)."""
         self._require_plan()
@@ -329,9 +341,9 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
         return f"<Experiment {self._job_id} plan={name} tags={self._tags} rounds={rounds}>"
 
     # ================================================================== one round
-    def _run_round(self, bar: tqdm) -> None:
+    def _round_context(self) -> RoundContext:
         assert self._plan_source is not None and self._global_params is not None
-        ctx = RoundContext(
+        return RoundContext(
             job_id=self._job_id,
             requests=self._connect(),
             files=self._fs(),
@@ -348,8 +360,10 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
             name_of=self._name,
             readers=self._target_nodes(),
         )
+
+    def _run_round(self, bar: tqdm) -> None:
         try:
-            record, new_params = TrainingRound(ctx, self._round_current, bar).run()
+            record, new_params = TrainingRound(self._round_context(), self._round_current, bar).run()
         except KeyboardInterrupt:
             self._monitor.discard_round()
             log.warning("round %d cancelled: the experiment is as it was before it; run again to redo it",
@@ -360,7 +374,8 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
             raise
         self._set_global(new_params)
         self._rounds.put(record.index, self._global_params or {}, self._rounds.folder or self._rounds_dir())
-        self._history.add(record)
+        self._history.add(record, round_evaluation(record, self._aggregator))
+        self._monitor.federation_scalars("ROUND", self._history.round_metrics[record.index], record.index)
         self._round_current += 1
         self._monitor.end_round()
         if self._save_breakpoints:

@@ -17,6 +17,10 @@ from fedsilo.common.clitools import table
 
 from .strategies import Drop
 
+EVALUATION_PREFIXES = ("global_", "test_")
+"""Reply metrics of evaluations: `global_<name>` tests the received global model before local training,
+`test_<name>` the local update after it (both on the node's test split)."""
+
 
 @dataclass
 class NodeResult:
@@ -31,6 +35,8 @@ class NodeResult:
     applied_caps: dict[str, Any] = field(default_factory=dict)
     ack_s: float | None = None
     dropped: Drop | None = None
+    test_samples: int = 0
+    """The node's test split: the weight of its `test_*` and `global_*` metrics."""
 
     def as_dict(self) -> dict[str, Any]:
         """The plain form of `training_replies()` and breakpoints."""
@@ -43,6 +49,7 @@ class NodeResult:
             "timings": dict(self.timings),
             "metrics": dict(self.metrics),
             "applied_caps": dict(self.applied_caps),
+            "test_samples": self.test_samples,
             "dropped": None,
         }
         if self.ack_s is not None:
@@ -61,25 +68,37 @@ class RoundRecord:
 
 
 class History:
-    """Every finished round of an experiment, kept as the plain dicts breakpoints store."""
+    """Every finished round of an experiment, kept as the plain dicts breakpoints store.
+
+    `round_metrics[r]`: the federation's evaluation metrics of round r, `global_<name>` (the model the nodes
+    received) and `test_<name>` (their local updates), each the algorithm's `aggregate_evaluate` (by default
+    the mean weighted by the nodes' test splits). `evaluations[r]`: what `Experiment.evaluate()` reported
+    of the global model after r rounds (`EvaluationReport.as_dict()`)."""
 
     def __init__(self) -> None:
         self.replies: dict[int, dict[str, dict[str, Any]]] = {}
         self.stats: dict[int, dict[str, float]] = {}
+        self.round_metrics: dict[int, dict[str, float]] = {}
+        self.evaluations: dict[int, dict[str, Any]] = {}
 
-    def add(self, record: RoundRecord) -> None:
+    def add(self, record: RoundRecord, round_metrics: dict[str, float] | None = None) -> None:
         self.replies[record.index] = {n: r.as_dict() for n, r in record.nodes.items()}
         self.stats[record.index] = dict(record.stats)
+        self.round_metrics[record.index] = dict(round_metrics or {})
 
     def state(self) -> dict[str, Any]:
         return {
             "training_replies": {str(r): v for r, v in self.replies.items()},
             "round_stats": {str(r): v for r, v in self.stats.items()},
+            "round_metrics": {str(r): v for r, v in self.round_metrics.items()},
+            "evaluations": {str(r): v for r, v in self.evaluations.items()},
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.replies = {int(r): v for r, v in state.get("training_replies", {}).items()}
         self.stats = {int(r): v for r, v in state.get("round_stats", {}).items()}
+        self.round_metrics = {int(r): v for r, v in state.get("round_metrics", {}).items()}
+        self.evaluations = {int(r): v for r, v in state.get("evaluations", {}).items()}
 
     def mean_loss(self, round_index: int) -> float | None:
         losses = [v["metrics"]["loss"] for v in self.replies.get(round_index, {}).values()
@@ -111,12 +130,18 @@ class History:
         return table(headers, rows, max_width=70)
 
     def _round_table(self, keys: list[str]) -> str:
+        """Training metrics weighted by the training samples; evaluation metrics (`global_*`, `test_*`) are
+        the round's recorded `round_metrics` (weighted by the test splits), when the round has them."""
         rows = []
         for r in sorted(self.replies):
             replies = [v for v in self.replies[r].values() if not v.get("dropped")]
             samples = sum(v.get("sample_size") or 0 for v in replies)
+            recorded = self.round_metrics.get(r) or {}
             means = []
             for k in keys:
+                if k in recorded or (recorded and k.startswith(EVALUATION_PREFIXES)):
+                    means.append(recorded.get(k))
+                    continue
                 pairs = [(v["metrics"][k], v.get("sample_size") or 0) for v in replies if k in v.get("metrics", {})]
                 weight = sum(n for _, n in pairs)
                 means.append(sum(m * n for m, n in pairs) / weight if weight else None)

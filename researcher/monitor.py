@@ -18,9 +18,14 @@ class Monitor:
     """Collects what nodes stream during rounds.
 
     With `tensorboard_dir`, one SummaryWriter per node writes `TRAINING/<key>` (and
-    `VALIDATION/<key>`) with a step that keeps counting across rounds. Existing event files are
-    kept: a resumed experiment appends to its curves.
+    `VALIDATION/<key>`) with a step that keeps counting across rounds. The federation's metrics go to
+    the run `all nodes` (a name no node id can take: ids have no space) with the round as the step:
+    `ROUND/global_<name>` and `ROUND/test_<name>` per training round, `EVALUATION/<name>` per
+    `Experiment.evaluate()` (step: the rounds done). Existing event files are kept: a resumed
+    experiment appends to its curves.
     """
+
+    FEDERATION_RUN = "all nodes"
 
     def __init__(self, tensorboard_dir: Path | None = None, keep_logs: int = 500) -> None:
         self.tensorboard_dir = tensorboard_dir
@@ -42,6 +47,15 @@ class Monitor:
     def on_log(self, msg: LogMessage) -> None:
         self.logs.append(msg)
         log.log(_LEVELS.get(msg.level, logging.INFO), "node %s: %s", msg.node_id, msg.text)
+
+    def federation_scalars(self, section: str, metrics: dict[str, float], step: int) -> None:
+        """The federation's metrics (`ROUND` or `EVALUATION`) at `step`; nothing while TensorBoard is off."""
+        if self.tensorboard_dir is None or not metrics:
+            return
+        writer = self._writer(self.FEDERATION_RUN)
+        for key, value in sorted(metrics.items()):
+            writer.add_scalar(f"{section}/{key}", value, step)
+        writer.flush()
 
     def end_round(self) -> None:
         """Steps of the next round continue after the last step of this one."""

@@ -206,6 +206,7 @@ class TrainingRound:
         result.dataset_id, result.sample_size = msg.dataset_id, msg.sample_size
         result.timings = {**msg.timings, "researcher_s": self._elapsed()}
         result.metrics, result.applied_caps = dict(msg.metrics), dict(msg.applied_caps)
+        result.test_samples = msg.test_samples  # the weight of its test_*/global_* metrics
 
     def _download(self, name: str, ref: BlobRef) -> Params:
         """A reply's blob, parsed and checked: "params" must match the model; every blob must be finite."""

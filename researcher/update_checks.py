@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fedsilo.common.errors import FedsiloError
 from fedsilo.common.serialization import non_finite
-from fedsilo.network.messages import DatasetInfo, TrainReply
+from fedsilo.network.messages import DatasetInfo, EvaluateReply, TrainReply
 
 from .aggregators import Params
 
@@ -20,8 +20,9 @@ class InvalidUpdate(FedsiloError):
     """A node's update is not averaged in; the message says why."""
 
 
-def check_reply(reply: TrainReply, info: DatasetInfo | None) -> None:
-    """Before downloading the parameters: the dataset and the sample count are the ones the node reported."""
+def check_reply(reply: TrainReply | EvaluateReply, info: DatasetInfo | None) -> None:
+    """Before downloading the parameters: the dataset and the sample counts are the ones the node reported
+    (training and test splits are disjoint: together at most the dataset; an evaluation's count alone)."""
     if info is None:
         raise InvalidUpdate(f"replied for dataset {reply.dataset_id}, which was not asked of this node")
     if reply.dataset_id != info.dataset_id:
@@ -31,11 +32,13 @@ def check_reply(reply: TrainReply, info: DatasetInfo | None) -> None:
             f"dataset '{info.name}' ({info.dataset_id}) was reported without a sample count, so the weight "
             f"this node claims ({reply.sample_size} samples) cannot be checked"
         )
-    if reply.sample_size > info.shape[0]:
-        raise InvalidUpdate(
-            f"claims {reply.sample_size} training samples but reported {info.shape[0]} in dataset "
-            f"'{info.name}' ({info.dataset_id})"
-        )
+    if isinstance(reply, EvaluateReply):
+        claimed, what = reply.sample_size, f"{reply.sample_size} test samples"
+    else:
+        claimed, what = reply.sample_size + reply.test_samples, f"{reply.sample_size} training samples"
+        what += f" and {reply.test_samples} test samples" if reply.test_samples else ""
+    if claimed > info.shape[0]:
+        raise InvalidUpdate(f"claims {what} but reported {info.shape[0]} in dataset '{info.name}' ({info.dataset_id})")
 
 
 def check_params(params: Params) -> None:

@@ -8,7 +8,16 @@ coordinate-wise median, trimmed mean, Krum and Multi-Krum (`robust`).
     exp = Experiment(..., aggregator=FedProx(mu=0.01))
 """
 
-from .base import AggregationError, Aggregator, FedAlgorithm, NodeTask, NodeUpdate, Params
+from .base import (
+    AggregationError,
+    Aggregator,
+    FedAlgorithm,
+    NodeEvaluation,
+    NodeTask,
+    NodeUpdate,
+    Params,
+    weighted_means,
+)
 from .fedavg import FedAverage, WeightedMean
 from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 from .fedprox import FedProx
@@ -29,10 +38,12 @@ __all__ = [
     "FedYogi",
     "Krum",
     "MultiKrum",
+    "NodeEvaluation",
     "NodeTask",
     "NodeUpdate",
     "Params",
     "RobustAggregator",
     "Scaffold",
     "WeightedMean",
+    "weighted_means",
 ]

@@ -8,12 +8,18 @@ The round loop (`fedsilo.researcher.round`) drives one `FedAlgorithm` per experi
         algorithm.add(update)
     global_params = algorithm.result()                                     # ends the round
 
+Evaluation has the same shape: `configure_evaluate(round_index, nodes, global_params)` says which model each
+node evaluates (the global model by default), and `aggregate_evaluate(results)` folds the nodes' metrics into
+the federation's (the sample-weighted mean by default): for evaluation-only jobs (`Experiment.evaluate()`)
+and for each training round's `global_*` / `test_*` metrics.
+
 `state()` returns a JSON part and a tensor part (moments, control variates) that breakpoints save as
 safetensors beside `breakpoint.json`; `load_state()` takes both back.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +69,35 @@ class NodeUpdate:
         return self.blobs["params"]
 
 
+@dataclass
+class NodeEvaluation:
+    """One node's evaluation of one model: the plan's `testing_step` metrics (sample-weighted over its test
+    split) and `sample_size`, the node's own count of that split (the weight of its metrics).
+
+        NodeEvaluation("hospital-a", sample_size=40, metrics={"accuracy": 0.9, "loss": 0.3})
+    """
+
+    node_id: str
+    sample_size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def weighted_means(results: Iterable[NodeEvaluation]) -> dict[str, float]:
+    """Per metric, the mean over every node that reported it, each weighted by its `sample_size`: the value
+    the metric would have on the union of the nodes' test splits (for per-sample means such as accuracy and
+    a mean loss). A metric reported only by nodes with no sample is left out (0/0 has no value)."""
+    sums: dict[str, list[float]] = {}
+    weights: dict[str, int] = {}
+    for result in results:
+        if result.sample_size <= 0:
+            continue
+        for key, value in result.metrics.items():
+            if math.isfinite(value):
+                sums.setdefault(key, []).append(float(value) * result.sample_size)
+                weights[key] = weights.get(key, 0) + result.sample_size
+    return {key: math.fsum(parts) / weights[key] for key, parts in sorted(sums.items())}
+
+
 class FedAlgorithm(ABC):
     """Template: the round loop calls configure_train -> start_round -> add (per reply, as they arrive) -> result.
 
@@ -90,6 +125,15 @@ class FedAlgorithm(ABC):
         """Each node's task for this round: by default the global model and `node_config()` for all."""
         config = self.node_config()
         return {node: NodeTask(blobs={"params": global_params}, config=config) for node in nodes}
+
+    def configure_evaluate(self, round_index: int, nodes: Sequence[str], global_params: Params) -> dict[str, NodeTask]:
+        """Which model each node evaluates (`blobs["params"]`, the only blob an evaluation sends): by default
+        the global model for all. `round_index` is the number of rounds done (the model after them)."""
+        return {node: NodeTask(blobs={"params": global_params}) for node in nodes}
+
+    def aggregate_evaluate(self, results: Sequence[NodeEvaluation]) -> dict[str, float]:
+        """The federation's metrics from the nodes' (`weighted_means` by default: the sample-weighted mean)."""
+        return weighted_means(results)
 
     @abstractmethod
     def start_round(self, round_index: int, global_params: Params) -> None:
