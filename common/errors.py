@@ -88,3 +88,29 @@ class RemoteError(FedsiloError):
         if hint:
             text += f" -> {hint}"
         super().__init__(text)
+
+
+class PlanHashMismatch(FedsiloError):
+    """A plan's bytes do not hash to the sha256 it was sent under."""
+
+
+class PlanNotText(PlanSourceError):
+    """A plan's bytes are not UTF-8 text."""
+
+
+class PlanNotApproved(FedsiloError):
+    """The plan is not approved on this node (unknown plans are recorded as pending)."""
+
+
+class PlanRejected(FedsiloError):
+    """The node's data manager rejected (or revoked) the plan."""
+
+
+class UpdateRefused(SerializationError):
+    """The update a worker returned failed the daemon's checks (not safetensors, or not the received model's
+    names, shapes and dtypes)."""
+
+
+class WorkerProtocolError(FedsiloError):
+    """The training worker sent something that is not a frame of the daemon-worker protocol: it runs plan
+    code, so the daemon treats it as untrusted and restarts it."""

@@ -96,11 +96,20 @@ class DPPolicy(BaseModel):
     required: bool = False
     sigma: float | None = Field(None, gt=0)
     clip: float | None = Field(None, gt=0)
+    update_clip: float | None = Field(None, gt=0)
+    """Local DP on the update, applied by the daemon after the worker returns and whatever loop ran (as
+    Flower's LocalDpMod): the L2 norm of (update - received global parameters), over every floating-point
+    tensor, is clipped to this. Unset = no clipping."""
+    update_noise: float | None = Field(None, ge=0)
+    """Noise multiplier: Gaussian noise of std `update_noise * update_clip` is added to every floating-point
+    entry of the clipped update. Requires `update_clip`. Unset = no noise."""
 
     @model_validator(mode="after")
     def _complete(self) -> DPPolicy:
         if self.required and (self.sigma is None or self.clip is None):
             raise ValueError("with required = true, both sigma and clip must be set")
+        if self.update_noise is not None and self.update_clip is None:
+            raise ValueError("update_noise is a multiplier of update_clip: set update_clip too")
         return self
 
 

@@ -43,7 +43,6 @@ from fedsilo.network.messages import (
     SearchRequest,
     TaskAck,
     TrainRequest,
-    parse_message,
 )
 from fedsilo.network.messaging import Messaging
 
@@ -51,7 +50,7 @@ from .config import NodeConfig
 from .datasets import DatasetStore, UnknownDataset
 from .plans import PlanStore
 from .tasks import TaskQueue
-from .worker import Worker, WorkerCrashed, setup_file_logging
+from .worker import Worker, setup_file_logging
 
 log = logging.getLogger("fedsilo.node.daemon")
 
@@ -352,86 +351,10 @@ class NodeDaemon:
 
     # ------------------------------------------------------------------ task runner
     def _run_tasks(self) -> None:
-        assert self.queue is not None
-        while not self.stop_event.is_set():
-            if not self.worker.alive:
-                try:
-                    self.worker.start()
-                    self._write_status()
-                except WorkerCrashed as exc:
-                    log.error("worker start failed: %s; retrying", exc)
-                    self.stop_event.wait(5.0)  # back-off only on this failure path
-                    continue
-            item = self.queue.get(self.stop_event)
-            if item is None:
-                break
-            self._run_one(item)
+        """The `fedsilo-tasks` thread (runner.py); torch is imported here, not at the daemon's start-up."""
+        from .runner import TaskRunner
 
-    def _run_one(self, item: dict[str, Any]) -> None:
-        assert self.queue is not None
-        data = item["data"]
-        rid, reply_to = data["request_id"], data["reply_to"]
-        request = TrainRequest.model_validate_json(data["request"])
-        if self.queue.seen(rid) == "done":  # queued twice by a redelivery; answered already
-            self.queue.done(item)
-            return
-        self._current = {"request_id": rid, "job_id": request.job_id, "round": request.round,
-                         "dataset_id": request.dataset_id, "started_at": time.time()}  # fmt: skip
-        self._write_status()
-        topic = self._topic(reply_to)
-        started = time.monotonic()
-        log.info("[%s] round started: job %s round %d for %s, dataset %s, plan %s", rid, request.job_id,
-                 request.round, reply_to, request.dataset_id, request.plan.sha256[:12])  # fmt: skip
-        try:
-            payload = self.worker.run(rid, data["request"], lambda ev: self.messaging.publish_raw(topic, ev))
-            reply: Message | bytes = payload
-        except WorkerCrashed as exc:
-            if self._stopping:
-                log.info("[%s] interrupted by shutdown; it will run again at the next start", rid)
-                return
-            log.error("[%s] %s; restarting the worker", rid, exc)
-            self.worker.kill()
-            reply = self._answer(ErrorReply, rid, code=ErrorCode.WORKER_CRASHED,
-                               message=f"the training worker died during this round ({exc})",
-                               stage="training", job_id=request.job_id, round=request.round)  # fmt: skip
-        finally:
-            self._current = None
-        log.info("[%s] round finished: job %s round %d: %s in %.2fs", rid, request.job_id, request.round,
-                 _outcome(reply), time.monotonic() - started)  # fmt: skip
-        raw = reply if isinstance(reply, bytes) else reply.to_json()
-        if self._publish_reliably(topic, raw):
-            self.queue.done(item, raw)
-        else:
-            log.error("[%s] reply not acknowledged by the broker; the task stays queued", rid)
-        self._write_status()
-
-    def _publish_reliably(self, topic: str, reply: bytes) -> bool:
-        """Publish and wait for the broker's PUBACK; re-send after a reconnect. False if it never came."""
-        deadline = time.monotonic() + self.cfg.timeouts.transfer
-        while True:
-            info = self.messaging.publish_raw(topic, reply)
-            remaining = deadline - time.monotonic()
-            try:
-                info.wait_for_publish(timeout=max(remaining, 0.1))
-                if info.is_published():
-                    return True
-            except (RuntimeError, ValueError):
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.messaging.wait_connected(remaining):
-                return False
-        return False
-
-
-def _outcome(reply: Message | bytes) -> str:
-    """'ok, N samples' or '[FSxxx] at <stage>: message', for the node's log."""
-    try:
-        msg = parse_message(reply) if isinstance(reply, bytes) else reply
-    except MessageError as exc:
-        return f"unreadable reply ({exc.reason})"
-    if isinstance(msg, ErrorReply):
-        return f"[{msg.code}] at {msg.stage}: {msg.message[:200]}"
-    return f"ok, {getattr(msg, 'sample_size', '?')} samples"
+        TaskRunner(self).run()
 
 
 def run(config: NodeConfig) -> None:

@@ -1,27 +1,44 @@
-"""The node's long-lived training worker: one spawned process that imports torch once and runs rounds.
+"""The daemon's handle on its long-lived training worker (`worker_process.py`).
 
-The daemon talks to it over a pipe: it sends (task_id, TrainRequest JSON); the worker answers with
-("event", task_id, message JSON) for streamed scalars and ("reply", task_id, message JSON) at the end.
-A worker that dies is noticed through its process sentinel (no polling) and restarted by the daemon.
+The worker runs plan code, so it is started like an untrusted program: `subprocess` rather than
+multiprocessing (whose spawn hands the child the parent's `sys.argv`, the node directory among them,
+and its whole environment), with an allow-listed environment, an empty working folder, no inherited
+file but one socket, and stdout piped back to node.log. Frames on the socket are `workerwire`'s, never
+pickles. A worker that dies is noticed through a pidfd (no polling) and restarted by the daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
-import signal
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
+from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
+from typing import Any
 
-from fedsilo.common.errors import FedsiloError
+from fedsilo.common.errors import FedsiloError, WorkerProtocolError
+
+from .config import NodeConfig
+from .workerwire import decode, encode
 
 log = logging.getLogger("fedsilo.node.worker")
 
-EventHandler = Callable[[bytes], None]
+EventHandler = Callable[[dict[str, Any]], None]
+
+ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME", "LD_LIBRARY_PATH",
+                       "PYTHONPATH", "PYTHONHASHSEED", "VIRTUAL_ENV", "COVERAGE_PROCESS_START"})  # fmt: skip
+ENV_PREFIXES = ("LC_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "NVIDIA_", "CUBLAS_", "TORCH_", "PYTORCH_")
+"""What the worker inherits: locale, paths, and the knobs of torch and its maths libraries. Everything else
+(FEDSILO_NETWORK names a folder of every party's credentials on a test machine) stays with the daemon."""
+
+LINE_BYTES = 64 * 1024
+"""A line of the worker's output copied to node.log; a longer one is cut (plan code prints what it likes)."""
 
 
 class WorkerCrashed(FedsiloError):
@@ -30,88 +47,24 @@ class WorkerCrashed(FedsiloError):
 
 def setup_file_logging(log_file: Path, level: int = logging.INFO) -> None:
     """Log to NODEDIR/logs/node.log (shared by daemon and worker; appends are line-atomic)."""
+    from .worker_process import LOG_FORMAT
+
     log_file.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file for h in root.handlers):
         return
     handler = logging.FileHandler(log_file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     if root.level == logging.NOTSET or root.level > level:
         root.setLevel(level)
 
 
-def _warm_up(threads: int | None) -> None:
-    """Import torch and take one optimiser step so that no round pays for lazy imports (about 2 s)."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.Adam(model.parameters())  # first optimiser pulls in torch._dynamo
-    model(torch.zeros(1, 2)).sum().backward()
-    optimizer.step()
-
-
-def worker_main(nodedir: str, conn: Connection) -> None:
-    """Entry point of the worker process."""
-    from fedsilo.network.credentials import Credentials
-    from fedsilo.network.filestore_client import FileStoreClient
-    from fedsilo.network.messages import TrainRequest
-
-    from .audit import AuditLog
-    from .config import NodeConfig
-    from .datasets import DatasetStore
-    from .plans import PlanStore
-    from .round import RoundContext, execute_round
-
-    _die_with_parent()
-    # Ctrl-C in the daemon's terminal reaches the whole process group; the daemon decides when the worker ends
-    # (a KeyboardInterrupt here would print a traceback in the middle of a clean stop).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cfg = NodeConfig.load(nodedir)
-    setup_file_logging(cfg.paths.log_file)
-    _warm_up(cfg.node.threads)
-
-    creds = Credentials.load(cfg.paths.network)
-    ctx = RoundContext(
-        config=cfg,
-        datasets=DatasetStore(cfg.dir, data_roots=cfg.node.data_roots),
-        plans=PlanStore(cfg.dir),
-        audit=AuditLog(cfg.dir),
-        filestore=FileStoreClient(creds.filestore, cfg.timeouts),
-    )
-    conn.send(("ready", "", b""))
-    log.info("worker ready (pid %s)", mp.current_process().pid)
-    while True:
-        try:
-            item = conn.recv()
-        except (EOFError, OSError):
-            break
-        if item is None:
-            break
-        task_id, request_json = item
-        request = TrainRequest.model_validate_json(request_json)
-
-        def emit(message, task_id=task_id) -> None:
-            conn.send(("event", task_id, message.to_json()))
-
-        reply = execute_round(request, ctx, emit)
-        conn.send(("reply", task_id, reply.to_json()))
-    ctx.filestore.close()
-
-
-def _die_with_parent() -> None:
-    """On Linux, have the kernel end the worker when the daemon dies, even by SIGKILL."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:
-        log.debug("prctl unavailable; the worker may outlive a killed daemon until its round ends")
+def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The worker's environment: the allow-listed names of `environ`, and unbuffered output."""
+    env = {k: v for k, v in environ.items() if k in ENV_NAMES or k.startswith(ENV_PREFIXES)}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 class Worker:
@@ -120,8 +73,10 @@ class Worker:
     def __init__(self, nodedir: Path, start_timeout: float) -> None:
         self.nodedir = nodedir
         self.start_timeout = start_timeout
-        self._proc: mp.process.BaseProcess | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
+        self._pidfd: int | None = None
+        self._home: str | None = None
         self._closing = threading.Event()  # set by terminate(): the daemon is stopping
 
     @property
@@ -130,32 +85,39 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
-        """Spawn the worker and wait until it has imported torch and opened its stores.
+        """Start the worker and wait until it has imported torch.
 
         A `terminate()` (the daemon stopping) during start-up is not an error: `start` then returns
         without a worker, and `alive` stays False.
         """
         if self._closing.is_set():
             return
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker_main, args=(str(self.nodedir), child), name="fedsilo-worker", daemon=True)
-        proc.start()
+        cfg = NodeConfig.load(self.nodedir)
+        parent, child = Pipe()
+        self._home = tempfile.mkdtemp(prefix="fedsilo-worker-")  # its working folder: empty, outside NODEDIR
+        args = [sys.executable, "-m", "fedsilo.node.worker_process", str(child.fileno()), "--parent", str(os.getpid())]
+        if cfg.node.threads:
+            args += ["--threads", str(cfg.node.threads)]
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=worker_env(os.environ), cwd=self._home, pass_fds=(child.fileno(),))  # fmt: skip
         child.close()
         self._proc, self._conn = proc, parent
+        self._pidfd = _pidfd(proc.pid)
+        threading.Thread(target=_copy_output, args=(proc, cfg.paths.log_file), name="fedsilo-worker-log",
+                         daemon=True).start()  # fmt: skip
         if self._closing.is_set():  # terminate() ran before _proc was set: it could not end this process
             proc.terminate()
-        ready = wait([parent, proc.sentinel], timeout=self.start_timeout)
+        ready = self._wait(self.start_timeout)
         if parent in ready:
             try:
-                kind, _, _ = parent.recv()
-                if kind == "ready":
+                header, _ = decode(parent.recv_bytes(4096))
+                if header.get("op") == "ready":
                     log.info("worker started (pid %s)", proc.pid)
                     return
-            except (EOFError, OSError):
+            except (EOFError, OSError, WorkerProtocolError):
                 pass
         self.kill()
         if self._closing.is_set():
@@ -165,32 +127,43 @@ class Worker:
             raise WorkerCrashed(f"the worker did not become ready within {self.start_timeout:.0f}s")
         raise WorkerCrashed("the worker exited during start-up; see logs/node.log")
 
-    def run(self, task_id: str, request_json: str, on_event: EventHandler) -> bytes:
-        """Run one task; returns the reply JSON, or raises WorkerCrashed when the process dies."""
-        if self._proc is None or self._conn is None or not self._proc.is_alive():
+    def _wait(self, timeout: float | None) -> list[Any]:
+        assert self._conn is not None
+        waitables: list[Any] = [self._conn] + ([self._pidfd] if self._pidfd is not None else [])
+        if self._pidfd is None and timeout is None:
+            timeout = 1.0  # no pidfd (an old kernel): look at the process once a second
+        return wait(waitables, timeout=timeout)
+
+    def run(self, task_id: str, header: dict[str, Any], blobs: dict[str, bytes], on_event: EventHandler,
+            max_reply_bytes: int) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
+        """Run one task; returns the worker's result frame (header, blobs). `WorkerCrashed` when the process
+        dies, `WorkerProtocolError` when it sends what is not a frame or more than `max_reply_bytes`."""
+        if self._proc is None or self._conn is None or not self.alive:
             raise WorkerCrashed("the worker is not running")
         conn, proc = self._conn, self._proc
         try:
-            conn.send((task_id, request_json))
+            conn.send_bytes(encode({**header, "op": "task", "task_id": task_id}, blobs))
         except (BrokenPipeError, OSError) as exc:
             raise WorkerCrashed(f"cannot reach the worker: {exc}") from exc
         while True:
-            wait([conn, proc.sentinel])
-            # Drain the pipe first: a reply sent just before the process ended still counts.
+            self._wait(None)
+            # Drain the socket first: a reply sent just before the process ended still counts.
             if conn.poll():
                 try:
-                    kind, tid, payload = conn.recv()
-                except (EOFError, OSError) as exc:
-                    raise WorkerCrashed(f"worker exited (code {proc.exitcode})") from exc
-                if tid != task_id:
+                    frame = conn.recv_bytes(max_reply_bytes)
+                except EOFError as exc:
+                    raise WorkerCrashed(f"worker exited (code {proc.poll()})") from exc
+                except OSError as exc:  # over max_reply_bytes: the connection is unusable from here
+                    raise WorkerProtocolError(f"the worker sent more than {max_reply_bytes} bytes") from exc
+                reply, reply_blobs = decode(frame)
+                if reply.get("task_id") != task_id:
                     continue
-                if kind == "reply":
-                    return payload
-                on_event(payload)
+                if reply.get("op") == "result":
+                    return reply, reply_blobs
+                on_event(reply)
                 continue
-            if not proc.is_alive():
-                proc.join(timeout=1)
-                raise WorkerCrashed(f"worker exited with code {proc.exitcode}")
+            if proc.poll() is not None:
+                raise WorkerCrashed(f"worker exited with code {proc.returncode}")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to finish, then terminate it if it does not."""
@@ -199,8 +172,9 @@ class Worker:
             return
         if conn is not None:
             with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send(None)
-        proc.join(timeout)
+                conn.send_bytes(encode({"op": "stop"}))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
         self.kill()
 
     def terminate(self) -> None:
@@ -208,17 +182,40 @@ class Worker:
         WorkerCrashed, one inside `start` returns quietly, and no new worker starts."""
         self._closing.set()
         proc = self._proc
-        if proc is not None and proc.is_alive():
+        if proc is not None and proc.poll() is None:
             proc.terminate()
 
     def kill(self) -> None:
         proc, conn = self._proc, self._conn
-        if proc is not None and proc.is_alive():
+        if proc is not None and proc.poll() is None:
             proc.terminate()
-            proc.join(5)
-            if proc.is_alive():
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join(5)
+                proc.wait(5)
         if conn is not None:
             conn.close()
-        self._proc, self._conn = None, None
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+        if self._home is not None:
+            shutil.rmtree(self._home, ignore_errors=True)
+        self._proc, self._conn, self._pidfd, self._home = None, None, None, None
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _copy_output(proc: subprocess.Popen[bytes], log_file: Path) -> None:
+    """The worker's stdout and stderr (its log records, plan prints, a native crash's message) into node.log,
+    line by line (O_APPEND: lines from the daemon and the worker do not tear)."""
+    assert proc.stdout is not None
+    with proc.stdout, open(log_file, "ab") as out:
+        for line in iter(lambda: proc.stdout.readline(LINE_BYTES), b""):  # type: ignore[union-attr]
+            out.write(line if line.endswith(b"\n") else line + b"\n")
+            out.flush()

@@ -23,10 +23,10 @@ def net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 def _worker_spawned(pid: int) -> bool:
-    """The daemon has spawned its worker process (multiprocessing's spawn entry point)."""
+    """The daemon has started its worker process (node/worker_process.py)."""
     try:
         children = psutil.Process(pid).children()
-        return any("spawn_main" in " ".join(c.cmdline()) for c in children)
+        return any("fedsilo.node.worker_process" in " ".join(c.cmdline()) for c in children)
     except psutil.Error:
         return False
 

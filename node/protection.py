@@ -1,0 +1,101 @@
+"""Output protections: what the daemon checks and changes in an update before it leaves the node.
+
+They run in the daemon, which never executes plan code, after the worker returned and before the
+upload, so they hold whatever the plan did inside the worker (its own loop, a patched trainer):
+
+- every blob parses as safetensors and is finite; `params` has the received global model's names,
+  shapes and dtypes (`UpdateRefused` = PARAMS_INVALID, `NonFiniteError` = NON_FINITE);
+- local DP on the update, as Flower's `LocalDpMod`, when `[dp] update_clip` is set: the L2 norm of
+  (update - received), over every floating-point tensor together, is clipped to `update_clip`, then
+  Gaussian noise of std `update_noise * update_clip` is added to each floating-point entry.
+
+    protected = protect_update(worker_blobs, received, cfg.dp)
+    protected.blobs, protected.applied     # bytes to upload; what to report in `applied_caps`
+
+With clipping or noise on, a reply may carry `params` only: an algorithm's other blobs (SCAFFOLD's
+`control_delta`) are computed from the unclipped update and would let it through.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedsilo.common.errors import NonFiniteError, SerializationError, UpdateRefused
+from fedsilo.common.serialization import check_compatible, non_finite, params_from_bytes, params_to_bytes
+
+from .config import DPPolicy
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class ProtectedUpdate:
+    """The blobs to upload (safetensors bytes) and what the protections did, for `applied_caps`."""
+
+    blobs: dict[str, bytes]
+    applied: dict[str, Any] = field(default_factory=dict)
+
+
+def protect_update(blobs: dict[str, bytes], received: Params, policy: DPPolicy,
+                   generator: torch.Generator | None = None) -> ProtectedUpdate:  # fmt: skip
+    """Check the worker's blobs against the received global parameters, then clip and noise `params`
+    as `policy` says. `generator` is for tests; by default the noise is seeded from the OS, never from
+    anything the plan could set (it seeds torch inside the worker)."""
+    parsed = {name: _parse(name, data) for name, data in blobs.items()}
+    if "params" not in parsed:
+        raise UpdateRefused("the worker returned no 'params' blob")
+    try:
+        check_compatible(parsed["params"], received)
+    except SerializationError as exc:
+        raise UpdateRefused(f"the update does not fit the received model: {exc}") from None
+    for name, tensors in parsed.items():
+        bad = non_finite(tensors)
+        if bad:
+            raise NonFiniteError(f"the update's blob '{name}' holds NaN or infinity in {', '.join(bad[:5])}: "
+                                 "refused before upload")  # fmt: skip
+    if policy.update_clip is None:
+        return ProtectedUpdate(dict(blobs))
+    extra = sorted(set(parsed) - {"params"})
+    if extra:
+        raise UpdateRefused(f"this node clips and noises updates ([dp] update_clip), and blobs {extra} are "
+                            "derived from the unprotected update: use an algorithm that returns params only")
+    params, applied = clip_and_noise(parsed["params"], received, policy.update_clip, policy.update_noise or 0.0,
+                                     generator)  # fmt: skip
+    return ProtectedUpdate({"params": params_to_bytes(params)}, applied)
+
+
+def clip_and_noise(update: Params, received: Params, clip: float, multiplier: float,
+                   generator: torch.Generator | None = None) -> tuple[Params, dict[str, Any]]:  # fmt: skip
+    """`received + min(1, clip / ||update - received||) * (update - received) + N(0, (multiplier * clip)^2)`
+    on every floating-point tensor (integer buffers such as BatchNorm's counter pass unchanged); and what
+    was applied. Computed in float64, returned in each tensor's own dtype."""
+    floats = [name for name, t in update.items() if t.is_floating_point()]
+    deltas = {name: update[name].double() - received[name].double() for name in floats}
+    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    std = multiplier * clip
+    if generator is None and std > 0:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    out = dict(update)
+    for name, delta in deltas.items():
+        new = received[name].double() + delta * scale
+        if std > 0:
+            new = new + torch.randn(new.shape, dtype=torch.float64, generator=generator) * std
+        out[name] = new.to(update[name].dtype)
+    applied: dict[str, Any] = {
+        "update_clip": {"requested": None, "applied": clip, "norm": norm, "clipped": scale < 1.0}}  # fmt: skip
+    if std > 0:
+        applied["update_noise"] = {"requested": None, "applied": multiplier, "std": std}
+    return out, applied
+
+
+def _parse(name: str, data: bytes) -> Params:
+    try:
+        return params_from_bytes(data)
+    except SerializationError as exc:
+        raise UpdateRefused(f"the update's blob '{name}' is not safetensors: {exc}") from None
