@@ -42,7 +42,7 @@ from fedsilo.network.messages import (
     SearchReply,
     SearchRequest,
     TaskAck,
-    TrainRequest,
+    TaskRequest,
 )
 from fedsilo.network.messaging import Messaging
 
@@ -256,7 +256,7 @@ class NodeDaemon:
         return self._audit
 
     def _handle(self, msg: Message, researcher: str) -> None:
-        if isinstance(msg, TrainRequest) and self._answer_duplicate(msg, researcher):
+        if isinstance(msg, TaskRequest) and self._answer_duplicate(msg, researcher):
             return  # a re-sent copy: answered with the request's state, before any freshness check
         if not self._admissible(msg, researcher):
             return
@@ -282,10 +282,10 @@ class NodeDaemon:
             )
         elif isinstance(msg, ApprovalRequest):
             self._handle_approval(msg)
-        elif isinstance(msg, TrainRequest):
+        elif isinstance(msg, TaskRequest):  # training and evaluation: the same checks, queue and worker
             self._handle_train(msg)
 
-    def _answer_duplicate(self, msg: TrainRequest, researcher: str) -> bool:
+    def _answer_duplicate(self, msg: TaskRequest, researcher: str) -> bool:
         """A request id seen before gets its current state again: its ack while it is queued or running,
         its reply once done. Requesters re-send what they have no answer for (a broker may have lost it)."""
         assert self.queue is not None
@@ -318,7 +318,7 @@ class NodeDaemon:
         rec = self.plans.submit(source, msg.plan_name, msg.sender, msg.description)
         self._reply(msg.sender, self._answer(ApprovalReply, msg, plan_sha256=rec["sha256"], status=rec["status"]))
 
-    def _handle_train(self, msg: TrainRequest) -> None:
+    def _handle_train(self, msg: TaskRequest) -> None:
         assert self.queue is not None
         extra = {"job_id": msg.job_id, "round": msg.round}
         try:

@@ -5,7 +5,9 @@ the arguments and found the dataset; this half builds the plan, trains with the 
 evaluates and packages the update as safetensors bytes. It holds no credentials and opens no
 connection: the daemon checks (`protection.py`) and uploads what it returns.
 
-    load_plan -> check_loop -> load_params -> build_plan -> set_params -> load_data -> train -> evaluate -> package
+    load_plan -> check_loop -> load_params -> build_plan -> set_params -> load_data -> test_global -> train
+        -> evaluate -> package
+    an EvaluateRequest: load_plan -> ... -> load_data -> evaluate_only (no training, no blob returned)
 
 Each stage is a small function; `stages.ERRORS` turns what one raises into (ErrorCode, stage).
 """
@@ -24,7 +26,7 @@ from fedsilo.common.plan_source import load_plan_class
 from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_bytes
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.common.training_plan import seed_everything
-from fedsilo.network.messages import LogMessage, Message, ScalarMessage, TrainRequest
+from fedsilo.network.messages import EvaluateRequest, LogMessage, Message, ScalarMessage, TrainRequest
 
 from .algorithms import make_hooks
 from .config import NodeConfig
@@ -52,7 +54,7 @@ class WorkerTask:
     """One round as the daemon hands it over: the request, verified plan source and blob bytes, the capped
     arguments, the dataset's record and a scratch folder for the algorithm's state."""
 
-    request: TrainRequest
+    request: TrainRequest | EvaluateRequest
     source: str
     args: TrainingArgs
     record: dict[str, Any]
@@ -69,6 +71,8 @@ class WorkerResult:
     metrics: dict[str, float]
     applied_caps: dict[str, Any]
     train_s: float
+    test_samples: int = 0
+    """The test split the `test_*`/`global_*` metrics (an evaluation's metrics) were computed on."""
 
 
 @dataclass
@@ -78,6 +82,9 @@ class _Round:
     emit: Callable[[Message], None]
     plan_cls: type | None = None
     custom_loop: list[str] = field(default_factory=list)
+    global_metrics: dict[str, float] = field(default_factory=dict)
+    test_samples: int = 0
+    data_manager: Any = None
     received: dict[str, Any] = field(default_factory=dict)
     extra_blobs: dict[str, Any] = field(default_factory=dict)
     plan: Any = None
@@ -93,7 +100,8 @@ class _Round:
 def execute_round(task: WorkerTask, ctx: RoundContext, emit: Callable[[Message], None]) -> WorkerResult:
     """Run the worker's stages; `RoundFailure` (code, message, stage) when one fails."""
     state = _Round(task, ctx, emit)
-    run_stages(WORKER_STAGES, state, task.request.request_id)
+    stages = EVALUATION_STAGES if isinstance(task.request, EvaluateRequest) else WORKER_STAGES
+    run_stages(stages, state, task.request.request_id)
     assert state.out is not None
     return state.out
 
@@ -153,11 +161,21 @@ def load_data(r: _Round) -> None:
     dm = r.plan.data_manager()
     r.applied.update(dm.apply_training_args(args, max_batch_size=cfg.limits.max_batch_size))
     r.train_loader, r.test_loader = dm.split(args.test_ratio, seed=args.random_seed or 0)
+    r.data_manager = dm
+
+
+@stage("testing", ErrorCode.TRAINING_FAILED)
+def test_global(r: _Round) -> None:
+    """`test_on_global_updates`: the received global model on the test split, before any training step."""
+    if r.task.args.tests_global and r.test_loader is not None:
+        r.global_metrics = _tester(r).test(r.test_loader)
+        r.test_samples = len(r.test_loader.dataset)
 
 
 @stage("training", ErrorCode.TRAINING_FAILED)
 def train(r: _Round) -> None:
     cfg, req = r.ctx.config, r.task.request
+    assert isinstance(req, TrainRequest)
     algorithm = req.algorithm.parse()
     r.trainer = Trainer(r.plan, r.task.args, cfg.limits, cfg.dp, algorithm, make_hooks(algorithm, r.task.state_dir),
                         _scalars(r), r.custom_loop)  # fmt: skip
@@ -168,10 +186,26 @@ def train(r: _Round) -> None:
 
 @stage("testing", ErrorCode.TRAINING_FAILED)
 def evaluate(r: _Round) -> None:
-    if r.test_loader is not None:
+    """`test_on_local_updates` (on by default): the local update on the test split (`test_*`); the received
+    model's metrics (`test_global`) join the reply as `global_*`."""
+    r.metrics.update({f"global_{k}": v for k, v in r.global_metrics.items()})
+    if r.task.args.tests_local and r.test_loader is not None:
         assert r.trainer is not None
-        for k, v in r.trainer.test(r.test_loader).items():
-            r.metrics[f"test_{k}"] = v
+        r.metrics.update({f"test_{k}": v for k, v in r.trainer.test(r.test_loader).items()})
+        r.test_samples = len(r.test_loader.dataset)
+
+
+@stage("testing", ErrorCode.TRAINING_FAILED)
+def evaluate_only(r: _Round) -> None:
+    """An EvaluateRequest: the received model on the test split, or on the whole dataset when `test_ratio`
+    leaves none (a dataset kept for validation), unshuffled and without dropping a batch. No training step
+    runs and no blob is returned: the daemon has nothing to upload."""
+    loader = r.test_loader
+    if loader is None:
+        loader = r.data_manager.loader(shuffle=False, drop_last=False)
+    r.test_samples = len(loader.dataset)
+    metrics = _finite_metrics(_tester(r).test(loader), r.task.request, r.ctx, r.emit)
+    r.out = WorkerResult({}, r.test_samples, metrics, r.applied, 0.0, r.test_samples)
 
 
 @stage("package", ErrorCode.INTERNAL)
@@ -183,10 +217,18 @@ def package(r: _Round) -> None:
     r.trainer.commit()
     train_s = float(r.metrics.pop("train_s", 0.0))
     metrics = _finite_metrics(r.metrics, r.task.request, r.ctx, r.emit)
-    r.out = WorkerResult(blobs, r.result.sample_count, metrics, r.applied, train_s)
+    r.out = WorkerResult(blobs, r.result.sample_count, metrics, r.applied, train_s, r.test_samples)
 
 
-WORKER_STAGES = [load_plan, check_loop, load_params, build_plan, set_params, load_data, train, evaluate, package]
+WORKER_STAGES = [load_plan, check_loop, load_params, build_plan, set_params, load_data, test_global, train, evaluate,
+                 package]  # fmt: skip
+EVALUATION_STAGES = [load_plan, check_loop, load_params, build_plan, set_params, load_data, evaluate_only]
+
+
+def _tester(r: _Round) -> Trainer:
+    """A trainer used only for `test` (the plan's `testing_step`, or its allowed `testing_routine`)."""
+    cfg = r.ctx.config
+    return Trainer(r.plan, r.task.args, cfg.limits, cfg.dp, custom_loop=r.custom_loop)
 
 
 def _scalars(r: _Round) -> Callable[[str, float, int, int, int, int], None]:
@@ -200,7 +242,7 @@ def _scalars(r: _Round) -> Callable[[str, float, int, int, int, int], None]:
     return on_scalar
 
 
-def _finite_metrics(metrics: dict[str, Any], request: TrainRequest, ctx: RoundContext,
+def _finite_metrics(metrics: dict[str, Any], request: TrainRequest | EvaluateRequest, ctx: RoundContext,
                     emit: Callable[[Message], None]) -> dict[str, float]:  # fmt: skip
     """The metrics a reply can carry: JSON has no NaN or infinity, and a reply holding one is refused whole.
 

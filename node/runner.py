@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedsilo.common.errors import ErrorCode, WorkerProtocolError
 from fedsilo.network.messages import (
     ErrorReply,
+    EvaluateReply,
+    EvaluateRequest,
     LogMessage,
     Message,
     MessageError,
@@ -27,6 +29,7 @@ from fedsilo.network.messages import (
     TrainReply,
     TrainRequest,
     parse_message,
+    parse_task,
 )
 
 from .daemon_round import AFTER_WORKER, BEFORE_WORKER, DaemonRound, NodeResources
@@ -51,6 +54,7 @@ class _Outcome(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     applied_caps: dict[str, Any] = Field(default_factory=dict)
     train_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    test_samples: int = Field(0, ge=0)
     code: str = ""
     message: str = ""
     stage: str = ""
@@ -93,7 +97,7 @@ class TaskRunner:
         assert d.queue is not None
         data = item["data"]
         rid, reply_to = data["request_id"], data["reply_to"]
-        request = TrainRequest.model_validate_json(data["request"])
+        request = parse_task(data["request"])
         if d.queue.seen(rid) == "done":  # queued twice by a redelivery; answered already
             d.queue.done(item)
             return
@@ -120,8 +124,9 @@ class TaskRunner:
             log.error("[%s] reply not acknowledged by the broker; the task stays queued", rid)
         d._write_status()
 
-    def execute(self, rid: str, request: TrainRequest, topic: str) -> Message | None:
-        """The round's reply (TrainReply or ErrorReply), audited; None when the daemon stops meanwhile."""
+    def execute(self, rid: str, request: TrainRequest | EvaluateRequest, topic: str) -> Message | None:
+        """The round's reply (TrainReply, EvaluateReply or ErrorReply), audited; None when the daemon stops
+        meanwhile. An evaluation skips every stage after the worker: nothing of it is ever uploaded."""
         scratch = Path(tempfile.mkdtemp(prefix="fedsilo-task-"))
         r = DaemonRound(request, self.node, scratch)
         audit = {"plan_sha256": request.plan.sha256, "dataset_id": request.dataset_id, "job_id": request.job_id,
@@ -132,8 +137,11 @@ class TaskRunner:
             if not outcome.ok:
                 code = outcome.code if outcome.code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
                 raise RoundFailure(ErrorCode(code), outcome.message, outcome.stage or "round")
-            run_stages(AFTER_WORKER, r, rid)
-            reply: Message = self._train_reply(r, outcome)
+            if isinstance(request, EvaluateRequest):
+                reply: Message = self._evaluate_reply(r, outcome)
+            else:
+                run_stages(AFTER_WORKER, r, rid)
+                reply = self._train_reply(r, outcome)
         except RoundFailure as exc:
             reply = self._error(request, exc.code, exc.message, exc.stage)
         except (WorkerCrashed, WorkerProtocolError, ValidationError) as exc:
@@ -145,8 +153,10 @@ class TaskRunner:
                                 f"({type(exc).__name__}: {str(exc)[:500]})", "training")  # fmt: skip
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        outcome_fields = {"outcome": "ok", "sample_size": reply.sample_size} if isinstance(reply, TrainReply) else {
-            "outcome": str(reply.code), "stage": reply.stage}  # type: ignore[attr-defined]  # fmt: skip
+        outcome_fields = {"outcome": "ok", "sample_size": reply.sample_size} if isinstance(  # type: ignore[attr-defined]
+            reply, TrainReply | EvaluateReply) else {"outcome": str(reply.code), "stage": reply.stage}  # fmt: skip
+        if isinstance(request, EvaluateRequest):
+            outcome_fields["task"] = "evaluate"
         try:
             self.node.audit.record("round_executed", f"researcher:{request.sender}", **outcome_fields, **audit)
         except Exception:
@@ -164,7 +174,7 @@ class TaskRunner:
         r.worker_blobs = blobs
         return _Outcome.model_validate(result)
 
-    def _event(self, request: TrainRequest, topic: str, event: dict[str, Any]) -> None:
+    def _event(self, request: TrainRequest | EvaluateRequest, topic: str, event: dict[str, Any]) -> None:
         """A scalar or log line the worker streams, published only when it is one, from this node, about this
         job: plan code can write to the worker's socket, and a forged reply must not reach the researcher."""
         try:
@@ -187,14 +197,26 @@ class TaskRunner:
         if rows is not None and sample_size > rows:  # the trainer never counts more; a tampered worker might
             applied["sample_size"] = {"requested": sample_size, "applied": rows}
             sample_size = rows
+        test_samples = outcome.test_samples if rows is None else min(outcome.test_samples, rows - sample_size)
         timings = {"download_s": r.download_s, "train_s": outcome.train_s, "upload_s": r.upload_s,
                    "total_s": time.perf_counter() - r.started}  # fmt: skip
         return TrainReply.for_request(request, cfg.node.node_id, cfg.node.name, job_id=request.job_id,
                                       round=request.round, dataset_id=request.dataset_id, blobs=r.reply_blobs,
                                       sample_size=sample_size, timings=timings, metrics=outcome.metrics,
-                                      applied_caps=applied)  # fmt: skip
+                                      applied_caps=applied, test_samples=test_samples)  # fmt: skip
 
-    def _error(self, request: TrainRequest, code: ErrorCode, message: str, stage: str) -> ErrorReply:
+    def _evaluate_reply(self, r: DaemonRound, outcome: _Outcome) -> EvaluateReply:
+        """Numbers only: whatever blobs the worker returned are dropped unread (an evaluation has no update)."""
+        request, cfg = r.request, self.node.config
+        rows = _rows(r.record)
+        samples = outcome.test_samples if rows is None else min(outcome.test_samples, rows)
+        timings = {"download_s": r.download_s, "total_s": time.perf_counter() - r.started}
+        r.worker_blobs = {}
+        return EvaluateReply.for_request(request, cfg.node.node_id, cfg.node.name, job_id=request.job_id,
+                                         round=request.round, dataset_id=request.dataset_id, sample_size=samples,
+                                         timings=timings, metrics=outcome.metrics)  # fmt: skip
+
+    def _error(self, request: TrainRequest | EvaluateRequest, code: ErrorCode, message: str, stage: str) -> ErrorReply:
         cfg = self.node.config
         return ErrorReply.for_request(request, cfg.node.node_id, cfg.node.name, code=code, message=message[:3900],
                                       stage=stage, job_id=request.job_id, round=request.round)  # fmt: skip

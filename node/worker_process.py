@@ -55,7 +55,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _run_task(header: dict[str, Any], blobs: dict[str, bytes], plan_cache: dict, send: Callable[[bytes], None]) -> None:
     from fedsilo.common.training_args import TrainingArgs
-    from fedsilo.network.messages import Message, TrainRequest
+    from fedsilo.network.messages import Message, parse_task
 
     from .config import NodeConfig
     from .round import RoundContext, RoundFailure, WorkerTask, execute_round
@@ -66,7 +66,7 @@ def _run_task(header: dict[str, Any], blobs: dict[str, bytes], plan_cache: dict,
         send(encode({"op": "event", "task_id": task_id, "message": message.to_json().decode("utf-8")}))
 
     try:
-        request = TrainRequest.model_validate_json(header["request"])
+        request = parse_task(header["request"])  # a TrainRequest or an EvaluateRequest
         ctx = RoundContext(NodeConfig.model_validate(header["config"]), plan_cache)
         task = WorkerTask(request, header["source"], TrainingArgs.parse(header["args"]), header["record"], blobs,
                           Path(header["state_dir"]))  # fmt: skip
@@ -81,7 +81,8 @@ def _run_task(header: dict[str, Any], blobs: dict[str, bytes], plan_cache: dict,
                      "message": f"{type(exc).__name__}: {exc}", "stage": "round"}))  # fmt: skip
         return
     send(encode({"op": "result", "task_id": task_id, "ok": True, "sample_size": result.sample_size,
-                 "metrics": result.metrics, "applied_caps": result.applied_caps, "train_s": result.train_s},
+                 "metrics": result.metrics, "applied_caps": result.applied_caps, "train_s": result.train_s,
+                 "test_samples": result.test_samples},
                 result.blobs))  # fmt: skip
 
 
