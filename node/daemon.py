@@ -21,8 +21,7 @@ from typing import Any, TypeVar
 from filelock import FileLock, Timeout
 
 from fedsilo.common import PROTOCOL_VERSION, __version__
-from fedsilo.common.errors import ConfigError, ErrorCode, TransferError
-from fedsilo.common.hashing import sha256_bytes
+from fedsilo.common.errors import ConfigError, ErrorCode, FedsiloError
 from fedsilo.network import topics
 from fedsilo.network.credentials import Credentials
 from fedsilo.network.messages import (
@@ -301,19 +300,14 @@ class NodeDaemon:
         return True
 
     def _handle_approval(self, msg: ApprovalRequest) -> None:
-        try:
-            raw = self._files().download_bytes(msg.plan, max_bytes=4 * 1024 * 1024)
-        except TransferError as exc:
-            self._error(msg.sender, msg.request_id, ErrorCode.TRANSFER_FAILED, str(exc), "approval")
-            return
-        if sha256_bytes(raw) != msg.plan.sha256:
-            self._error(msg.sender, msg.request_id, ErrorCode.PLAN_HASH_MISMATCH,
-                        f"plan content does not hash to {msg.plan.sha256}", "approval")  # fmt: skip
-            return
-        try:
-            source = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self._error(msg.sender, msg.request_id, ErrorCode.PLAN_INVALID, "plan source is not UTF-8", "approval")
+        from .stages import classify
+        from .transfer import fetch_plan_source
+
+        try:  # the round's own fetch and checks (transfer.py); the codes from its table, the stage "approval"
+            source = fetch_plan_source(self._files(), msg.plan)
+        except FedsiloError as exc:
+            self._error(msg.sender, msg.request_id, classify(exc, "approval", ErrorCode.INTERNAL)[0], str(exc),
+                        "approval")  # fmt: skip
             return
         rec = self.plans.submit(source, msg.plan_name, msg.sender, msg.description)
         self._reply(msg.sender, self._answer(ApprovalReply, msg, plan_sha256=rec["sha256"], status=rec["status"]))
