@@ -12,6 +12,10 @@ upload, so they hold whatever the plan did inside the worker (its own loop, a pa
     protected = protect_update(worker_blobs, received, cfg.dp)
     protected.blobs, protected.applied     # bytes to upload; what to report in `applied_caps`
 
+Cost for a 10 M-parameter update on the shared 2-core dev machine at load 9 (2026-12): the checks 0.48 s
+(parse 0.10 s, the finite check 0.18 s), with clipping 2.0 s, with clipping and noise 2.7 s (float64
+arithmetic over every entry; off by default).
+
 With clipping or noise on, a reply may carry `params` only: an algorithm's other blobs (SCAFFOLD's
 `control_delta`) are computed from the unclipped update and would let it through.
 """
