@@ -30,6 +30,7 @@ from fedsilo.network.messages import EvaluateRequest, LogMessage, Message, Scala
 
 from .algorithms import make_hooks
 from .config import NodeConfig
+from .personal import LocalLayers
 from .stages import RoundFailure, run_stages, stage
 from .trainer import Trainer, TrainResult, check_plan_loop
 
@@ -92,6 +93,7 @@ class _Round:
     test_loader: Any = None
     applied: dict[str, Any] = field(default_factory=dict)
     trainer: Trainer | None = None
+    local_layers: LocalLayers | None = None
     result: TrainResult | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     out: WorkerResult | None = None
@@ -150,8 +152,11 @@ def build_plan(r: _Round) -> None:
 
 @stage("params", ErrorCode.PARAMS_INVALID)
 def set_params(r: _Round) -> None:
-    check_compatible(r.received, r.plan.get_parameters())
+    """The received global model into the plan; its personalised layers, if any, from this node's own state."""
+    check_compatible(r.received, r.plan.shared_parameters())
     r.plan.set_parameters(r.received)
+    r.local_layers = LocalLayers(r.plan, r.task.state_dir)
+    r.local_layers.restore()
 
 
 @stage("dataset_load", ErrorCode.DATASET_LOAD_FAILED)
@@ -213,8 +218,11 @@ def package(r: _Round) -> None:
     """The update as safetensors bytes. The algorithm's state goes to the scratch folder now; the daemon
     keeps it only once the update is uploaded (a failed round leaves the node's state as it was)."""
     assert r.result is not None and r.trainer is not None
-    blobs = {key: params_to_bytes(value) for key, value in {**r.result.extra_blobs, "params": r.result.params}.items()}
+    assert r.local_layers is not None
+    shared = r.local_layers.split(r.result.params)  # personalised layers never leave the node
+    blobs = {key: params_to_bytes(value) for key, value in {**r.result.extra_blobs, "params": shared}.items()}
     r.trainer.commit()
+    r.local_layers.commit()
     train_s = float(r.metrics.pop("train_s", 0.0))
     metrics = _finite_metrics(r.metrics, r.task.request, r.ctx, r.emit)
     r.out = WorkerResult(blobs, r.result.sample_count, metrics, r.applied, train_s, r.test_samples)

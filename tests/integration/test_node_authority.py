@@ -30,6 +30,10 @@ OWN_LOOP = LOGREG_PLAN + '''
         return {"steps": 1.0, "loss": 0.0}
 '''
 OTHER_OWN_LOOP = OWN_LOOP.replace('"loss": 0.0', '"loss": 1.0')
+# FedPer-style: the classifier head (module "2") stays on each node.
+PERSONAL = LOGREG_PLAN.replace(
+    "return nn.Linear(4, 2)", "return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))"
+).replace('    """Logistic regression on the heart CSV."""', '    local_parameters = ("2.",)')
 PARAMS = {"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}
 
 
@@ -51,7 +55,8 @@ def _node(net: NetworkHandle, root: Path, data: Path, name: str, extra: dict) ->
     write_toml(nodedir / "config.toml", config)
     ds = DatasetStore(nodedir).add("d", ["demo"], "csv", data / "d.csv", added_by="test")
     plans = PlanStore(nodedir)
-    for source in (LOGREG_PLAN, OWN_LOOP, OTHER_OWN_LOOP):  # approved: what is tested is the trainer, not approval
+    # approved: what is tested is the trainer, not approval
+    for source in (LOGREG_PLAN, OWN_LOOP, OTHER_OWN_LOOP, PERSONAL):
         plans.approve(plans.submit(source, "HeartPlan", "researcher")["sha256"], by="test", note="test plans")
     return nodedir, ds["dataset_id"]
 
@@ -143,3 +148,22 @@ def test_scaffold_c_i_persists_across_two_rounds_of_one_job(setup: Setup) -> Non
         assert all(torch.allclose(kept[k], expected[k], atol=1e-6) for k in kept)
     # Round 2 started from the same global model but with c_i of round 1: its correction differs.
     assert not torch.allclose(deltas[0]["weight"], deltas[1]["weight"])
+
+
+def test_personalised_layers_never_leave_the_node_and_persist_per_job(setup: Setup) -> None:
+    s, node = setup, "capped"
+    gen = torch.Generator().manual_seed(0)
+    shared = {"0.weight": torch.randn(8, 4, generator=gen), "0.bias": torch.rand(8, generator=gen)}
+    state = s.dirs[node] / "state" / s.researcher.party / "personal-job" / "local.safetensors"
+    heads = []
+    for rnd in (1, 2):
+        req = s.researcher.train_request(PERSONAL, "HeartPlan", s.datasets[node], params=shared, job_id="personal-job",
+                                         epochs=1, batch_size=16)  # fmt: skip
+        reply = s.researcher.ask(node, req.model_copy(update={"round": rnd}), ("train_reply", "error"))
+        assert reply.kind == "train_reply", reply
+        sent = params_from_bytes(s.researcher.files.download_bytes(reply.params))
+        assert set(sent) == {"0.weight", "0.bias"}, "a personalised layer left the node"
+        heads.append(load_file(str(state)))
+        assert set(heads[-1]) == {"2.weight", "2.bias"}
+    # round 2 trained the head kept from round 1 further (a fresh head would not be round 1's plus training)
+    assert not torch.equal(heads[0]["2.weight"], heads[1]["2.weight"])
