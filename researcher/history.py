@@ -131,7 +131,8 @@ class History:
 
     def _round_table(self, keys: list[str]) -> str:
         """Training metrics weighted by the training samples; evaluation metrics (`global_*`, `test_*`) are
-        the round's recorded `round_metrics` (weighted by the test splits), when the round has them."""
+        the round's recorded `round_metrics` (weighted by the test splits), when the round has them (a round
+        from before `test_samples` existed falls back to the training weights)."""
         rows = []
         for r in sorted(self.replies):
             replies = [v for v in self.replies[r].values() if not v.get("dropped")]
@@ -139,8 +140,8 @@ class History:
             recorded = self.round_metrics.get(r) or {}
             means = []
             for k in keys:
-                if k in recorded or (recorded and k.startswith(EVALUATION_PREFIXES)):
-                    means.append(recorded.get(k))
+                if k in recorded:
+                    means.append(recorded[k])
                     continue
                 pairs = [(v["metrics"][k], v.get("sample_size") or 0) for v in replies if k in v.get("metrics", {})]
                 weight = sum(n for _, n in pairs)
