@@ -471,7 +471,8 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
                 raise ExperimentError("no training data: pass tags= or call set_tags() / set_training_data()")
             self._search()  # nodes may have come online since the last search
             if not self._training_data:
-                raise ExperimentError(no_data_message(self._tags, 0, self._connect().online_nodes(wait=False)))
+                online = self._connect().online_nodes(wait=False)
+                raise ExperimentError(no_data_message(self._tags, len(online), online))
 
     def _require_plan(self) -> None:
         if self._plan_source is None:

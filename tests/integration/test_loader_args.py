@@ -108,6 +108,11 @@ def test_node_cap_still_applies_and_is_reported(setup: Setup) -> None:
 
 
 def test_fedbiomed_key_is_refused_with_the_fedsilo_name(setup: Setup) -> None:
-    err = _round(setup, LOGREG_PLAN, batch_maxnum=5)
-    assert err.kind == "error" and err.code == "FS502"
+    """Typed on the wire: the SDK cannot even build such a request; a hand-made one is refused on receipt."""
+    params = {"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}
+    req = setup.researcher.train_request(LOGREG_PLAN, "HeartPlan", setup.dataset_id, params=params, epochs=1)
+    payload = req.to_json().replace(b'"training_args":{', b'"training_args":{"batch_maxnum":5,')
+    setup.researcher.send_raw("n1", payload)
+    err = setup.researcher.wait(req.request_id, ("error",))
+    assert err.code == "FS502" and err.stage == "arguments", err
     assert "num_updates" in err.message and "allowed keys" in err.message
