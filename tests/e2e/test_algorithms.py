@@ -10,8 +10,9 @@ towards their own classes. The measure is the global model's cross-entropy on th
 asserted below are those measured over several data seeds (see `SCAFFOLD_RATIO`).
 
 One broker, the embedded one: the broker is not under test here (every other e2e module runs on both,
-`conftest.fed`), and one federation of five daemons instead of two keeps the module near a minute on a
-2-core machine. This module starts its own network: the shared federation has three nodes of another task.
+`conftest.fed`), and one federation of five daemons instead of two keeps the module at 84 s on this 2-core
+machine (measured while other suites ran, load 6-7; 28 s of it starting the federation). This module starts
+its own network: the shared federation has three nodes of another task.
 """
 
 from __future__ import annotations
