@@ -136,7 +136,7 @@ def test_fedavg_rounds_are_recorded(network, nodes, approved, tmp_path) -> None:
         assert sorted(exp.aggregated_params()) == [0, 1, 2]
         assert "hospital-a" in exp.metrics_table()
         assert list((exp.experimentation_path() / "tensorboard").iterdir())
-        for r, stats in exp._round_stats.items():
+        for r, stats in exp.round_stats().items():
             node_s = max(v["timings"]["total_s"] for v in replies[r].values())
             log.warning(
                 "round %d: wall %.1f ms, node total %.1f ms, researcher overhead %.1f ms (prepare %.1f, handle %.1f)",
