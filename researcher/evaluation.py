@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedsilo.common.errors import ConfigError, FedsiloError
-from fedsilo.common.serialization import params_to_bytes
-from fedsilo.network.messages import BlobRef, ErrorReply, EvaluateReply, EvaluateRequest, Message, Presence
+from fedsilo.network.messages import ErrorReply, EvaluateReply, EvaluateRequest, Message, Presence
 
 from .algorithms.base import FedAlgorithm, NodeEvaluation, NodeTask
 from .history import EVALUATION_PREFIXES, RoundRecord
 from .requests import remote_error
-from .round import RoundContext
+from .round import RoundContext, task_requests
 from .strategies import Drop
 from .update_checks import InvalidUpdate, check_reply
 
@@ -131,29 +130,13 @@ class EvaluationJob:
 
     def _requests(self, tasks: dict[str, NodeTask]) -> dict[str, EvaluateRequest]:
         """One EvaluateRequest per node; each distinct model is uploaded once (usually one for all)."""
-        ctx = self.ctx
-        uploaded: dict[int, BlobRef] = {}
-        outgoing: dict[str, EvaluateRequest] = {}
         for node, task in tasks.items():
             if set(task.blobs) != {"params"}:
-                raise ConfigError(f"{ctx.algorithm!r}.configure_evaluate gave node {node} blobs "
+                raise ConfigError(f"{self.ctx.algorithm!r}.configure_evaluate gave node {node} blobs "
                                   f"{sorted(task.blobs)}; an evaluation sends one, 'params'")  # fmt: skip
-            params = task.blobs["params"]
-            if id(params) not in uploaded:
-                uploaded[id(params)] = ctx.files.upload_bytes(params_to_bytes(params), readers=ctx.readers)
-            outgoing[node] = EvaluateRequest(
-                sender=ctx.requests.party,
-                job_id=ctx.job_id,
-                round=self.rounds_done,
-                dataset_id=ctx.training_data[node].dataset_id,
-                plan=ctx.plan,
-                plan_name=ctx.plan_name,
-                blobs={"params": uploaded[id(params)]},
-                training_args=ctx.training_args,
-                model_args=ctx.model_args,
-            )
+        outgoing, _ = task_requests(self.ctx, tasks, self.rounds_done, EvaluateRequest)
         self._node_of = {msg.request_id: node for node, msg in outgoing.items()}
-        return outgoing
+        return outgoing  # type: ignore[return-value]
 
     def _on_message(self, msg: Message) -> None:
         if isinstance(msg, Presence):

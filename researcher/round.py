@@ -31,6 +31,7 @@ from fedsilo.network.messages import (
     Presence,
     ScalarMessage,
     TaskAck,
+    TaskRequest,
     TrainReply,
     TrainRequest,
 )
@@ -126,32 +127,11 @@ class TrainingRound:
 
     # ------------------------------------------------------------------ requests out
     def _requests(self, tasks: Mapping[str, NodeTask]) -> dict[str, TrainRequest]:
-        """One TrainRequest per node; each distinct blob is serialised and uploaded once (nodes usually
-        share the global model: one upload, not K)."""
-        ctx = self.ctx
-        uploaded: dict[int, BlobRef] = {}
-        outgoing: dict[str, TrainRequest] = {}
-        for node, task in tasks.items():
-            refs = {}
-            for name, params in task.blobs.items():
-                if id(params) not in uploaded:
-                    uploaded[id(params)] = ctx.files.upload_bytes(params_to_bytes(params), readers=ctx.readers)
-                refs[name] = uploaded[id(params)]
-            outgoing[node] = TrainRequest(
-                sender=ctx.requests.party,
-                job_id=ctx.job_id,
-                round=self.index,
-                dataset_id=ctx.training_data[node].dataset_id,
-                plan=ctx.plan,
-                plan_name=ctx.plan_name,
-                blobs=refs,
-                training_args=ctx.training_args,
-                model_args=ctx.model_args,
-                algorithm=AlgorithmSpec.of(task.config),
-            )
+        """One TrainRequest per node, with the algorithm's typed config."""
+        outgoing, uploaded = task_requests(self.ctx, tasks, self.index, TrainRequest)
         self._node_of = {msg.request_id: node for node, msg in outgoing.items()}
-        self._max_bytes = max((r.size for r in uploaded.values()), default=0) * 2 + BLOB_SLACK
-        return outgoing
+        self._max_bytes = max((r.size for r in uploaded), default=0) * 2 + BLOB_SLACK
+        return outgoing  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ replies in
     def _on_message(self, msg: Message) -> None:
@@ -225,3 +205,32 @@ class TrainingRound:
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._sent_at
+
+
+def task_requests(
+    ctx: RoundContext, tasks: Mapping[str, NodeTask], round_index: int, kind: type[TaskRequest]
+) -> tuple[dict[str, TaskRequest], list[BlobRef]]:
+    """One request of `kind` per node, and the blobs uploaded for them: each distinct blob is serialised and
+    uploaded once (nodes usually share the global model: one upload, not K)."""
+    uploaded: dict[int, BlobRef] = {}
+    outgoing: dict[str, TaskRequest] = {}
+    for node, task in tasks.items():
+        refs = {}
+        for name, params in task.blobs.items():
+            if id(params) not in uploaded:
+                uploaded[id(params)] = ctx.files.upload_bytes(params_to_bytes(params), readers=ctx.readers)
+            refs[name] = uploaded[id(params)]
+        extra = {"algorithm": AlgorithmSpec.of(task.config)} if kind is TrainRequest else {}
+        outgoing[node] = kind(
+            sender=ctx.requests.party,
+            job_id=ctx.job_id,
+            round=round_index,
+            dataset_id=ctx.training_data[node].dataset_id,
+            plan=ctx.plan,
+            plan_name=ctx.plan_name,
+            blobs=refs,
+            training_args=ctx.training_args,
+            model_args=ctx.model_args,
+            **extra,
+        )
+    return outgoing, list(uploaded.values())
