@@ -5,7 +5,6 @@ about 15 s. Tests that kill daemons start them again, so every test finds three 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -16,9 +15,9 @@ from tests.e2e.federation import (
     ROWS,
     Approved,
     Federation,
-    _register,
     balanced_heldout,
     fedsilo,
+    register_and_start,
 )
 from tests.support.client import RawResearcher
 from tests.support.procs import NodeHandle, start_network
@@ -38,14 +37,8 @@ def fed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             (root / f"data-{name}").mkdir()
             csvs[name] = root / f"data-{name}" / "cohort.csv"
             write_cohort_csv(csvs[name], synthetic_cohort(rng, ROWS, share))
-        with ThreadPoolExecutor(len(HOSPITALS)) as pool:  # the CLI runs are independent: overlap them
-            ids = list(pool.map(lambda n: _register(root, network.netdir, n, csvs[n]), HOSPITALS))
-        for name in HOSPITALS:
-            nodes[name] = NodeHandle(nodedir=root / name, log_path=root / name / "logs" / "daemon.out")
-            nodes[name].start(wait=False)
-        for handle in nodes.values():
-            handle.wait_ready()
-        yield Federation(broker, root, network, nodes, dict(zip(HOSPITALS, ids, strict=True)), balanced_heldout(2000))
+        ids = register_and_start(root, network.netdir, csvs, nodes)
+        yield Federation(broker, root, network, nodes, ids, balanced_heldout(2000))
     finally:
         for handle in nodes.values():
             handle.stop()

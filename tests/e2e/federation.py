@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +167,18 @@ class Approved:
 
 def zero_params() -> dict[str, torch.Tensor]:
     return {"weight": torch.zeros(2, FEATURES), "bias": torch.zeros(2)}
+
+
+def register_and_start(
+    root: Path, netdir: Path, csvs: dict[str, Path], nodes: dict[str, NodeHandle]
+) -> dict[str, str]:
+    """One node per CSV, created and registered through the CLI (runs overlapped: they are independent),
+    then started as daemons; `nodes` is filled as they start (the caller stops them). Node -> dataset id."""
+    with ThreadPoolExecutor(len(csvs)) as pool:
+        ids = list(pool.map(lambda n: _register(root, netdir, n, csvs[n]), csvs))
+    for name in csvs:
+        nodes[name] = NodeHandle(nodedir=root / name, log_path=root / name / "logs" / "daemon.out")
+        nodes[name].start(wait=False)
+    for handle in nodes.values():
+        handle.wait_ready()
+    return dict(zip(csvs, ids, strict=True))

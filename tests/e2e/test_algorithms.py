@@ -45,7 +45,7 @@ from fedsilo.researcher.algorithms import (
     MultiKrum,
     Scaffold,
 )
-from tests.e2e.federation import TAG, Federation, _register, fedsilo
+from tests.e2e.federation import TAG, Federation, fedsilo, register_and_start
 from tests.support.fake_node import FakeNode
 from tests.support.procs import NodeHandle, start_network
 
@@ -149,18 +149,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         for name, rows in zip(NODES, parts, strict=True):
             (root / f"data-{name}").mkdir()
             csvs[name] = write_cohort_csv(root / f"data-{name}" / "classes.csv", table[rows])
-        with ThreadPoolExecutor(len(NODES)) as pool:  # independent CLI runs: overlap them
-            ids = list(pool.map(lambda n: _register(root, network.netdir, n, csvs[n]), NODES))
-        for name in NODES:
-            nodes[name] = NodeHandle(nodedir=root / name, log_path=root / name / "logs" / "daemon.out")
-            nodes[name].start(wait=False)
-        for handle in nodes.values():
-            handle.wait_ready()
+        ids = register_and_start(root, network.netdir, csvs, nodes)
         pooled = (
             torch.from_numpy(table[:, :FEATURES].astype(np.float32)),
             torch.from_numpy(table[:, -1].astype(np.int64)),
         )
-        fed = Federation("embedded", root, network, nodes, dict(zip(NODES, ids, strict=True)), pooled)
+        fed = Federation("embedded", root, network, nodes, ids, pooled)
         with fed.experiment(root / "approve", plan=SoftmaxReg, nodes=NODES) as exp:
             exp.training_plan_approve(description="e2e algorithms")
             sha = exp.training_plan_hash()
