@@ -15,6 +15,8 @@ TEST_OUTPUT = REPO / "test-output"
 _NEEDS = {
     "mosquitto": lambda: bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()),
     "browser": lambda: Path("/usr/bin/chromium").exists(),
+    "wireguard": lambda: bool(shutil.which("wg")),
+    "bwrap": lambda: bool(shutil.which("bwrap")),
 }
 
 
