@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .dataformats import IMAGE_EXTENSIONS, DatasetFormatError, list_image_folder, load_image_array, read_csv
+from .csvfiles import read_csv
+from .imagefiles import IMAGE_EXTENSIONS, list_image_folder, load_image_array
+from .registry import DatasetFormatError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

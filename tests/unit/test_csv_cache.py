@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsilo.common import dataformats as datasets
+from fedsilo.common.datasets import csvfiles as datasets
 from fedsilo.common.datasets import CsvDataset, DatasetFormatError, read_csv
 
 

@@ -1,0 +1,115 @@
+"""Reading numeric CSV tables without torch (the fast, cached path training rounds take every round).
+
+Typed clinical tables (categorical and date columns, other delimiters) are read by `tables.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .registry import DatasetFormatError
+
+CSV_CACHE_MAX_FILE = 64 << 20
+"""CSV files up to this size are kept parsed (per process) by `read_csv`."""
+CSV_CACHE_ENTRIES = 4
+
+_csv_cache: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
+_csv_cache_lock = threading.Lock()
+
+
+def read_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Read a numeric CSV with a header row: (column names, float64 array of shape rows x columns).
+
+    A node's training worker reads the same dataset every round, and parsing costs 20-30 times more
+    than hashing the file: the last few files parsed (up to `CSV_CACHE_MAX_FILE` each) are kept by
+    the sha256 of their content, so a file changed in any way is parsed again. Each caller gets its
+    own copy of the array.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetFormatError(f"{p}: not a file")
+    digest = _content_sha256(p)
+    if digest is not None:
+        with _csv_cache_lock:
+            hit = _csv_cache.get(digest)
+            if hit is not None:
+                _csv_cache.move_to_end(digest)
+                return list(hit[0]), hit[1].copy()
+    columns, data = _parse_csv(p)
+    if digest is not None and _content_sha256(p) == digest:  # not rewritten while it was parsed
+        with _csv_cache_lock:
+            _csv_cache[digest] = (list(columns), data.copy())
+            while len(_csv_cache) > CSV_CACHE_ENTRIES:
+                _csv_cache.popitem(last=False)
+    return columns, data
+
+
+def _content_sha256(p: Path) -> str | None:
+    """sha256 of a file small enough to cache; None when it is larger or cannot be read."""
+    try:
+        if p.stat().st_size > CSV_CACHE_MAX_FILE:
+            return None
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _parse_csv(p: Path) -> tuple[list[str], np.ndarray]:
+    try:
+        with p.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None)
+    except UnicodeDecodeError:
+        raise DatasetFormatError(f"{p}: not a text CSV file") from None
+    if not header or not any(h.strip() for h in header):
+        raise DatasetFormatError(f"{p}: empty file or missing header row")
+    columns = [h.strip() for h in header]
+    if len(set(columns)) != len(columns):
+        raise DatasetFormatError(f"{p}: duplicate column names in the header")
+    try:  # numpy's C parser; "nan" and "inf" cells parse here, empty and NA cells do not
+        data = np.loadtxt(p, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, encoding="utf-8")
+    except ValueError:
+        data = _parse_with_missing(p)
+    if data.size == 0:
+        raise DatasetFormatError(f"{p}: no data rows")
+    if data.shape[1] != len(columns):
+        raise DatasetFormatError(f"{p}: {data.shape[1]} values per row but {len(columns)} header columns")
+    return columns, data
+
+
+MISSING_MARKERS = frozenset({"", "na", "n/a", "nan", "null", "none"})
+"""Cells read as a missing value (NaN), case and surrounding spaces ignored."""
+
+
+def _missing_or_float(cell: str) -> float:
+    text = cell.strip()
+    return math.nan if text.lower() in MISSING_MARKERS else float(text)
+
+
+def _parse_with_missing(p: Path) -> np.ndarray:
+    """The slow path, taken only when the C parser refused a cell: missing markers become NaN.
+
+    A Python call per cell: 50,000 rows x 16 columns take 1.2 s here (failed fast attempt included)
+    against 0.37 s for the C parser, so clean files never pay it."""
+    try:
+        return np.loadtxt(
+            p, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, encoding="utf-8", converters=_missing_or_float
+        )
+    except ValueError as exc:
+        raise DatasetFormatError(f"{p}: every value must be numeric or missing ({exc})") from None
+
+
+def missing_counts(columns: list[str], data: np.ndarray) -> dict[str, int]:
+    """Cells per column that are missing or not finite (NaN, empty, NA, inf), columns without any left out."""
+    counts = np.count_nonzero(~np.isfinite(data), axis=0)
+    return {c: int(n) for c, n in zip(columns, counts, strict=True) if n}
