@@ -25,6 +25,8 @@ class ErrorCode(StrEnum):
     TRAINING_ARGS_INVALID = "FS502"
     NON_FINITE = "FS503"
     TRANSFER_FAILED = "FS600"
+    SECAGG_FAILED = "FS800"
+    SECAGG_REQUIRED = "FS801"
     INTERNAL = "FS900"
 
 
@@ -48,6 +50,10 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.NON_FINITE: "training produced NaN or infinity: look for missing values in the dataset's summary "
     "(fill them in the plan), or lower the learning rate",
     ErrorCode.TRANSFER_FAILED: "the file store could not be reached or refused the transfer",
+    ErrorCode.SECAGG_FAILED: "a secure-aggregation stage was refused or failed (the message says which); the "
+    "round goes on without that node, or fails when fewer than the threshold remain",
+    ErrorCode.SECAGG_REQUIRED: "this node trains only with secure aggregation: `Experiment(..., "
+    "secure_aggregation=True)` with FedAvg, FedProx or a FedOpt aggregator",
     ErrorCode.INTERNAL: "an unexpected error; the node log holds the traceback under the request id",
 }
 

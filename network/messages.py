@@ -13,6 +13,7 @@ from fedsilo.common import PROTOCOL_VERSION
 from fedsilo.common.algorithms import AlgorithmError, AlgorithmSpec
 from fedsilo.common.errors import ErrorCode
 from fedsilo.common.safejson import JSONLimitError, check_json
+from fedsilo.common.secagg.config import SecaggConfig
 from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
 
 MAX_MESSAGE_BYTES = 256 * 1024
@@ -76,6 +77,27 @@ def _blobs_with_params(blobs: dict[str, BlobRef]) -> dict[str, BlobRef]:
     return blobs
 
 
+_HEX32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+_BOX = Annotated[str, Field(min_length=2, max_length=512, pattern=r"^[0-9a-f]+$")]
+_SHARE = Annotated[str, Field(pattern=r"^[0-9a-f]{136}$")]
+
+
+class SecaggKeys(BaseModel):
+    """A node's two x25519 public keys of a round (hex): `c` encrypts shares to it, `s` derives its masks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    c: _HEX32
+    s: _HEX32
+
+
+class SecaggTask(BaseModel):
+    """In a TrainRequest: the encrypted shares the node's neighbours sent it (sender -> hex box); the node masks
+    its update with exactly these senders (common/secagg)."""
+
+    model_config = ConfigDict(extra="forbid")
+    shares: dict[_ID, _BOX] = Field(max_length=1000)
+
+
 class TaskRequest(Message):
     """What the node's worker runs from its durable queue: a training round (`TrainRequest`) or an
     evaluation (`EvaluateRequest`). Both start from `blobs["params"]` with the plan on `dataset_id`; the
@@ -111,6 +133,8 @@ class TrainRequest(TaskRequest):
 
     kind: Literal["train_request"] = "train_request"
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    secagg: SecaggTask | None = None
+    """Set under secure aggregation: the node uploads its update masked (`node/secagg.py`)."""
 
     _check_blobs = field_validator("blobs")(_blobs_with_params)
 
@@ -267,6 +291,57 @@ class ErrorReply(Reply):
     round: int | None = None
 
 
+# ------------------------------------------------------ secure aggregation stages (common/secagg, node/secagg.py)
+class SecaggRequest(Message):
+    job_id: _ID
+    round: int = Field(ge=0)
+
+
+class SecaggSetupRequest(SecaggRequest):
+    """Start a round's secure aggregation among `nodes`; the node answers its public keys."""
+
+    kind: Literal["secagg_setup_request"] = "secagg_setup_request"
+    nodes: list[_ID] = Field(min_length=2, max_length=1000)
+    config: SecaggConfig
+
+
+class SecaggShareRequest(SecaggRequest):
+    """Every party's public keys; the node answers its encrypted shares and their commitments."""
+
+    kind: Literal["secagg_share_request"] = "secagg_share_request"
+    keys: dict[_ID, SecaggKeys] = Field(max_length=1000)
+
+
+class SecaggUnmaskRequest(SecaggRequest):
+    """Who sent a masked input and who did not; the node answers the b shares of the first, s shares of the rest."""
+
+    kind: Literal["secagg_unmask_request"] = "secagg_unmask_request"
+    survivors: list[_ID] = Field(max_length=1000)
+    dropped: list[_ID] = Field(max_length=1000)
+
+
+class SecaggReply(Reply):
+    job_id: str
+    round: int
+
+
+class SecaggKeysReply(SecaggReply):
+    kind: Literal["secagg_keys_reply"] = "secagg_keys_reply"
+    keys: SecaggKeys
+
+
+class SecaggSharesReply(SecaggReply):
+    kind: Literal["secagg_shares_reply"] = "secagg_shares_reply"
+    boxes: dict[_ID, _BOX] = Field(max_length=1000)
+    commitments: dict[_ID, tuple[_HEX32, _HEX32]] = Field(max_length=1000)
+
+
+class SecaggUnmaskReply(SecaggReply):
+    kind: Literal["secagg_unmask_reply"] = "secagg_unmask_reply"
+    b_shares: dict[_ID, _SHARE] = Field(max_length=1000)
+    s_shares: dict[_ID, _SHARE] = Field(max_length=1000)
+
+
 # -------------------------------------------------------------------------------- node-side events
 class LogMessage(Message):
     kind: Literal["log"] = "log"
@@ -320,6 +395,12 @@ AnyMessage = Annotated[
     | ApprovalReply
     | PlanStatusReply
     | ErrorReply
+    | SecaggSetupRequest
+    | SecaggShareRequest
+    | SecaggUnmaskRequest
+    | SecaggKeysReply
+    | SecaggSharesReply
+    | SecaggUnmaskReply
     | LogMessage
     | ScalarMessage
     | Presence,

@@ -56,6 +56,9 @@ class NodeSection(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     node_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     require_approval: bool = True
+    force_secure_aggregation: bool = False
+    """Train only under secure aggregation (Fed-BioMed's name): a plain training request is refused (FS801),
+    so the researcher never sees this node's update on its own."""
     data_roots: list[str] = Field(default_factory=list)
     """Datasets must live under one of these folders; empty = anywhere the node can read."""
     threads: int | None = Field(None, ge=1)
