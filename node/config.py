@@ -90,6 +90,10 @@ class Limits(BaseModel):
     max_bad_batches: int = Field(0, ge=0)
     """Batches whose `training_step` raises that a round may skip (counted as `skipped_batches`); one more
     fails the round. 0 = fail at the first, as before."""
+    max_metrics: int = Field(32, ge=1, le=1024)
+    """Metrics a plan's `testing_step` may report (more are left out with a WARNING: `node/metric_bounds.py`)."""
+    max_metric_name: int = Field(64, ge=1, le=256)
+    """Characters in a metric's name; a longer name is left out."""
 
 
 class DPPolicy(BaseModel):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsilo.common.datasets.loading_plan import bind
 from fedsilo.common.errors import ErrorCode
 from fedsilo.common.plan_source import load_plan_class
 from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_bytes
@@ -164,6 +165,7 @@ def load_data(r: _Round) -> None:
     """The plan's DataManager under the node's batch-size cap, split into training and held-out loaders."""
     cfg, args = r.ctx.config, r.task.args
     dm = r.plan.data_manager()
+    bind(dm.dataset, r.task.record)  # registered options and the node's data loading plan (a T1 served as T1w)
     r.applied.update(dm.apply_training_args(args, max_batch_size=cfg.limits.max_batch_size))
     r.train_loader, r.test_loader = dm.split(args.test_ratio, seed=args.random_seed or 0)
     r.data_manager = dm
@@ -173,7 +175,7 @@ def load_data(r: _Round) -> None:
 def test_global(r: _Round) -> None:
     """`test_on_global_updates`: the received global model on the test split, before any training step."""
     if r.task.args.tests_global and r.test_loader is not None:
-        r.global_metrics = _tester(r).test(r.test_loader)
+        r.global_metrics = _test(r, _tester(r), r.test_loader)
         r.test_samples = len(r.test_loader.dataset)
 
 
@@ -196,7 +198,7 @@ def evaluate(r: _Round) -> None:
     r.metrics.update({f"global_{k}": v for k, v in r.global_metrics.items()})
     if r.task.args.tests_local and r.test_loader is not None:
         assert r.trainer is not None
-        r.metrics.update({f"test_{k}": v for k, v in r.trainer.test(r.test_loader).items()})
+        r.metrics.update({f"test_{k}": v for k, v in _test(r, r.trainer, r.test_loader).items()})
         r.test_samples = len(r.test_loader.dataset)
 
 
@@ -209,7 +211,7 @@ def evaluate_only(r: _Round) -> None:
     if loader is None:
         loader = r.data_manager.loader(shuffle=False, drop_last=False)
     r.test_samples = len(loader.dataset)
-    metrics = _finite_metrics(_tester(r).test(loader), r.task.request, r.ctx, r.emit)
+    metrics = _finite_metrics(_test(r, _tester(r), loader), r.task.request, r.ctx, r.emit)
     r.out = WorkerResult({}, r.test_samples, metrics, r.applied, 0.0, r.test_samples)
 
 
@@ -239,6 +241,20 @@ def _tester(r: _Round) -> Trainer:
     return Trainer(r.plan, r.task.args, cfg.limits, cfg.dp, custom_loop=r.custom_loop)
 
 
+def _test(r: _Round, trainer: Trainer, loader: Any) -> dict[str, float]:
+    """`trainer.test`, and a WARNING to the researcher for each reason a test metric was left out."""
+    metrics = trainer.test(loader)
+    for text in trainer.test_warnings:
+        _warn(f"round {r.task.request.round}: {text}", r.task.request, r.ctx, r.emit)
+    return metrics
+
+
+def _warn(text: str, request: TrainRequest | EvaluateRequest, ctx: RoundContext,
+          emit: Callable[[Message], None]) -> None:  # fmt: skip
+    log.warning("[%s] %s", request.request_id, text)
+    emit(LogMessage(sender=ctx.node_id, node_id=ctx.node_id, level="WARNING", text=text, job_id=request.job_id))
+
+
 def _scalars(r: _Round) -> Callable[[str, float, int, int, int, int], None]:
     req = r.task.request
 
@@ -262,9 +278,7 @@ def _finite_metrics(metrics: dict[str, Any], request: TrainRequest | EvaluateReq
         if math.isfinite(number):
             kept[key] = number
             continue
-        text = f"round {request.round}: metric '{key}' is {number}; left out of the reply"
-        log.warning("[%s] %s", request.request_id, text)
-        emit(LogMessage(sender=ctx.node_id, node_id=ctx.node_id, level="WARNING", text=text, job_id=request.job_id))
+        _warn(f"round {request.round}: metric '{key}' is {number}; left out of the reply", request, ctx, emit)
     return kept
 
 

@@ -33,6 +33,7 @@ from fedsilo.common.training_plan import TorchTrainingPlan, TrainingPlanError, b
 from .algorithms import NodeHooks, Params
 from .algorithms.base import trainable
 from .config import DPPolicy, Limits, NodeSection
+from .metric_bounds import MetricsAccumulator
 from .privacy import WeightGuard, drop_activations, effective_dp, make_private, unwrap
 
 log = logging.getLogger("fedsilo.node.trainer")
@@ -118,6 +119,7 @@ class Trainer:
         self.on_scalar = on_scalar
         self.custom_loop = list(custom_loop or [])
         self.applied_caps: dict[str, Any] = {}
+        self.test_warnings: list[str] = []
 
     # ------------------------------------------------------------------------------------------ training
     def train(self, loader: DataLoader, received: Params, extra_blobs: dict[str, Params] | None = None) -> TrainResult:
@@ -365,29 +367,27 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- testing
     def test(self, loader: DataLoader) -> dict[str, float]:
-        """Sample-weighted mean of the plan's `testing_step` metrics over a loader."""
+        """The plan's `testing_step` metrics over a loader: numbers as sample-weighted means, `Metric`s
+        (`common/metrics.py`) merged over the batches and computed once; bounded by `node/metric_bounds.py`,
+        whose reasons for what it left out are in `test_warnings` afterwards."""
+        acc = MetricsAccumulator.for_limits(self.limits)
         if "testing_routine" in self.custom_loop:
-            raw = self.plan.testing_routine(loader)  # type: ignore[attr-defined]
-            return {k: float(v) for k, v in raw.items()}
+            acc.add(self.plan.testing_routine(loader), 1)  # type: ignore[attr-defined]
+            return self._tested(acc)
         model = TorchTrainingPlan.model(self.plan)
         was_training = model.training
         model.eval()
-        sums: dict[str, float] = {}
-        count = 0
         with torch.no_grad():
             for data, target in loader:
                 data, target = _to_device(data, self.plan._device), _to_device(target, self.plan._device)
-                n = batch_len(target)
-                out = self.plan.testing_step(data, target)
-                if out is None:
-                    continue
-                if not isinstance(out, dict):
-                    raise TrainingPlanError("testing_step must return a dict of metrics or None")
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
-                count += n
+                acc.add(self.plan.testing_step(data, target), batch_len(target))
         model.train(was_training)
-        return {k: v / count for k, v in sums.items()} if count else {}
+        return self._tested(acc)
+
+    def _tested(self, acc: MetricsAccumulator) -> dict[str, float]:
+        metrics = acc.result()
+        self.test_warnings = acc.warnings()
+        return metrics
 
     def commit(self) -> None:
         """The update reached the file store: let the algorithm persist its state (SCAFFOLD's c_i)."""
