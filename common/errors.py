@@ -25,6 +25,8 @@ class ErrorCode(StrEnum):
     TRAINING_ARGS_INVALID = "FS502"
     NON_FINITE = "FS503"
     TRANSFER_FAILED = "FS600"
+    DP_REQUEST_REFUSED = "FS700"
+    PRIVACY_BUDGET_EXCEEDED = "FS701"
     SECAGG_FAILED = "FS800"
     SECAGG_REQUIRED = "FS801"
     INTERNAL = "FS900"
@@ -50,6 +52,10 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.NON_FINITE: "training produced NaN or infinity: look for missing values in the dataset's summary "
     "(fill them in the plan), or lower the learning rate",
     ErrorCode.TRANSFER_FAILED: "the file store could not be reached or refused the transfer",
+    ErrorCode.DP_REQUEST_REFUSED: "the node requires differential privacy at least as strong as its [dp] policy: "
+    "ask dp_args with the sigma, clip and delta the message names",
+    ErrorCode.PRIVACY_BUDGET_EXCEEDED: "the dataset's epsilon budget would be exceeded: ask fewer steps, more noise "
+    "or a lower sampling rate (the message gives the remaining budget), or ask the node for more budget",
     ErrorCode.SECAGG_FAILED: "a secure-aggregation stage was refused or failed (the message says which); the "
     "round goes on without that node, or fails when fewer than the threshold remain",
     ErrorCode.SECAGG_REQUIRED: "this node trains only with secure aggregation: `Experiment(..., "

@@ -14,7 +14,8 @@ class TrainingArgsError(FedsiloError):
     """Training arguments failed validation; the message names the key."""
 
 
-_DP_KEYS = {"sigma", "clip", "delta", "type"}
+_DP_KEYS = {"sigma", "clip", "delta", "type", "sample_rate", "max_steps"}
+"""sample_rate, max_steps: the bound a node accounts a round at under a privacy budget (node/dp_policy.py)."""
 
 DEFAULT_BATCH_SIZE = 32
 """The loader's batch size when neither the training arguments nor the plan's DataManager set one."""
@@ -158,6 +159,14 @@ class TrainingArgs(BaseModel):
             out[key] = float(val)
         if not 0 < out["delta"] < 1:
             raise ValueError("dp_args 'delta' must be in (0, 1)")
+        if "sample_rate" in v:
+            if not isinstance(v["sample_rate"], int | float) or not 0 < v["sample_rate"] <= 1:
+                raise ValueError("dp_args 'sample_rate' must be in (0, 1]")
+            out["sample_rate"] = float(v["sample_rate"])
+        if "max_steps" in v:
+            if type(v["max_steps"]) is not int or v["max_steps"] < 1:
+                raise ValueError("dp_args 'max_steps' must be an integer >= 1")
+            out["max_steps"] = v["max_steps"]
         return out
 
     @classmethod

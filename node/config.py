@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from fedsilo.common.config import Timeouts, read_toml, validate, write_toml
 
@@ -97,12 +97,34 @@ class Limits(BaseModel):
 
 
 class DPPolicy(BaseModel):
-    """With `required`, every round trains with DP at least this strong (sigma floor, clip ceiling)."""
+    """The node's differential-privacy policy (`[dp]`): with `required`, every round trains with DP; whenever DP
+    runs, the noise multiplier is at least `min_noise_multiplier`, the clipping norm at most `max_grad_norm` and
+    delta at most `delta`, a weaker request being raised to them or refused (`weaker_request`). With
+    `epsilon_budget` (or a dataset's own, `fedsilo node dataset budget`), every round of a dataset trains with DP
+    and the epsilon its rounds spend, composed across experiments and researchers, stays within the budget.
 
-    model_config = ConfigDict(extra="forbid")
+        [dp]
+        required = true
+        min_noise_multiplier = 1.0   # Opacus' noise_multiplier; `sigma` is read as well
+        max_grad_norm = 1.0          # Opacus' max_grad_norm; `clip` is read as well
+        delta = 1e-5
+        weaker_request = "refuse"
+        epsilon_budget = 8.0
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     required: bool = False
-    sigma: float | None = Field(None, gt=0)
-    clip: float | None = Field(None, gt=0)
+    min_noise_multiplier: float | None = Field(
+        None, gt=0, validation_alias=AliasChoices("min_noise_multiplier", "sigma"))  # fmt: skip
+    max_grad_norm: float | None = Field(None, gt=0, validation_alias=AliasChoices("max_grad_norm", "clip"))
+    delta: float = Field(1e-5, gt=0, lt=1)
+    """The largest delta a round may use; a dataset's budget is (epsilon, this delta) unless set per dataset."""
+    weaker_request: Literal["raise", "refuse"] = "raise"
+    """A researcher's dp_args weaker than the floors (or none where DP is required): raised to them and reported
+    in the reply's `applied_caps.dp_args`, or refused with DP_REQUEST_REFUSED (FS700)."""
+    epsilon_budget: float | None = Field(None, gt=0)
+    """Epsilon each dataset may spend in all (per-dataset override: `fedsilo node dataset budget ID --epsilon E`);
+    a round that would pass it is refused with PRIVACY_BUDGET_EXCEEDED (FS701). Unset = no budget."""
     update_clip: float | None = Field(None, gt=0)
     """Local DP on the update, applied by the daemon after the worker returns and whatever loop ran (as
     Flower's LocalDpMod): the L2 norm of (update - received global parameters), over every floating-point
@@ -113,8 +135,9 @@ class DPPolicy(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self) -> DPPolicy:
-        if self.required and (self.sigma is None or self.clip is None):
-            raise ValueError("with required = true, both sigma and clip must be set")
+        if self.required and (self.min_noise_multiplier is None or self.max_grad_norm is None):
+            raise ValueError("with required = true, both min_noise_multiplier (sigma) and max_grad_norm (clip) "
+                             "must be set")  # fmt: skip
         if self.update_noise is not None and self.update_clip is None:
             raise ValueError("update_noise is a multiplier of update_clip: set update_clip too")
         return self

@@ -28,6 +28,8 @@ from .algorithms import job_state_dir
 from .audit import AuditLog
 from .config import NodeConfig
 from .datasets import DatasetStore
+from .dp_policy import effective_dp
+from .dp_round import charge_budget, log_raised, needs_dp, spend_budget
 from .plans import PlanStore
 from .stages import stage
 from .transfer import fetch_blobs, fetch_plan_source, upload_blobs
@@ -84,9 +86,10 @@ class DaemonRound:
         return self.scratch / "state"
 
 
-def apply_caps(ta: TrainingArgs, cfg: NodeConfig) -> tuple[TrainingArgs, dict[str, Any]]:
-    """The node's limits applied to the researcher's arguments: (capped args, what changed)."""
-    lim, dp = cfg.limits, cfg.dp
+def apply_caps(ta: TrainingArgs, cfg: NodeConfig, dp_needed: bool | None = False) -> tuple[TrainingArgs, dict]:
+    """The node's limits applied to the researcher's arguments: (capped args, what changed). `dp_needed`: the
+    dataset has a privacy budget; None = an evaluation, which trains nothing (no DP policy)."""
+    lim = cfg.limits
     changes: dict[str, Any] = {}
     applied: dict[str, Any] = {}
 
@@ -102,17 +105,9 @@ def apply_caps(ta: TrainingArgs, cfg: NodeConfig) -> tuple[TrainingArgs, dict[st
     # DataManager may set its own); max_num_updates without num_updates by the trainer, which counts steps.
     if ta.use_gpu and not lim.allow_gpu:
         cap("use_gpu", True, False)
-    if dp.required:
-        assert dp.sigma is not None and dp.clip is not None  # guaranteed by DPPolicy validation
-        want = dict(ta.dp_args or {})
-        new = {
-            "type": "local",
-            "delta": want.get("delta", 1e-5),
-            "sigma": max(want.get("sigma", 0.0), dp.sigma),
-            "clip": min(want.get("clip", dp.clip), dp.clip),
-        }
-        if new != ta.dp_args:
-            cap("dp_args", ta.dp_args, new)
+    new = effective_dp(ta.dp_args, cfg.dp, dp_needed) if dp_needed is not None else ta.dp_args
+    if new != ta.dp_args:
+        cap("dp_args", ta.dp_args, new)
     if changes:
         ta = TrainingArgs.parse({**ta.model_dump(), **changes})
     return ta, applied
@@ -152,7 +147,9 @@ def check_approval(r: DaemonRound) -> None:
 
 @stage("arguments", ErrorCode.TRAINING_ARGS_INVALID)
 def cap_args(r: DaemonRound) -> None:
-    r.args, r.applied = apply_caps(r.request.training_args, r.node.config)
+    train = isinstance(r.request, TrainRequest)
+    r.args, r.applied = apply_caps(r.request.training_args, r.node.config, needs_dp(r) if train else None)
+    log_raised(r)
 
 
 @stage("dataset_load", ErrorCode.DATASET_LOAD_FAILED)
@@ -184,7 +181,7 @@ def stage_state(r: DaemonRound) -> None:
     _copy_files(job_state_dir(r.node.config.paths.state, r.request.sender, r.request.job_id), r.state_dir)
 
 
-BEFORE_WORKER = [fetch_plan, check_approval, cap_args, load_dataset, load_params, stage_state]
+BEFORE_WORKER = [fetch_plan, check_approval, cap_args, load_dataset, load_params, stage_state, charge_budget]
 
 
 # -------------------------------------------------------------------------------------- after the worker
@@ -211,7 +208,7 @@ def keep_state(r: DaemonRound) -> None:
     _copy_files(r.state_dir, job_state_dir(r.node.config.paths.state, r.request.sender, r.request.job_id))
 
 
-AFTER_WORKER = [protect, upload, keep_state]
+AFTER_WORKER = [spend_budget, protect, upload, keep_state]
 
 STATE_FILE_BYTES = 1 << 30
 """A state file larger than this is not copied (the worker wrote it: plan code can write anything)."""

@@ -19,26 +19,14 @@ from torch.utils.data import DataLoader
 
 from fedsilo.common.training_plan import TrainingPlanError
 
-from .config import DPPolicy
+from .dp_policy import effective_dp
+
+__all__ = ["PrivacyViolation", "WeightGuard", "drop_activations", "effective_dp", "make_private", "round_epsilon",
+           "unwrap"]  # fmt: skip
 
 
 class PrivacyViolation(TrainingPlanError):
     """Plan code changed the weights outside the private optimiser step."""
-
-
-def effective_dp(requested: dict[str, Any] | None, policy: DPPolicy) -> dict[str, Any] | None:
-    """The DP arguments the round runs with: the researcher's, made at least as strong as the node's
-    policy (sigma floor, clip ceiling); the policy's own values when DP is required and none were asked."""
-    if not policy.required:
-        return dict(requested) if requested else None
-    assert policy.sigma is not None and policy.clip is not None  # DPPolicy validation
-    want = dict(requested or {})
-    return {
-        "type": "local",
-        "delta": float(want.get("delta", 1e-5)),
-        "sigma": max(float(want.get("sigma", 0.0)), policy.sigma),
-        "clip": min(float(want.get("clip", policy.clip)), policy.clip),
-    }
 
 
 def make_private(
@@ -60,14 +48,53 @@ def make_private(
             "(replace BatchNorm with GroupNorm in init_model)"
         )
     engine = PrivacyEngine(accountant="rdp")
+    rate = dp.get("sample_rate")
+    if rate is not None:
+        # The node accounted the round at this rate (budget.py): sample at it whatever batch size the plan's
+        # DataManager chose, so that what ran is what was charged. 1/rate is a whole number of batches.
+        loader = _poisson_loader(loader, rate)
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
         noise_multiplier=dp["sigma"],
         max_grad_norm=dp["clip"],
+        poisson_sampling=rate is None,
     )
     return private_model, private_optimizer, private_loader, engine
+
+
+def _poisson_loader(loader: DataLoader, sample_rate: float) -> DataLoader:
+    """The loader's dataset and collation under Poisson sampling at `sample_rate` (Opacus' DPDataLoader, whose
+    `from_data_loader` would derive the rate from the plan's batch size instead)."""
+    from opacus.data_loader import DPDataLoader
+
+    batches = round(1 / sample_rate)
+    dp_loader = DPDataLoader(
+        loader.dataset,
+        sample_rate=sample_rate,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        generator=loader.generator,
+    )
+    # Opacus' sampler takes int(1 / rate) steps an epoch, and int(1 / (1 / 93)) is 92 (156,434 of the first 2 M
+    # batch counts round down): the epoch would be a step short and its accountant would record 1/92.
+    dp_loader.batch_sampler.steps = batches  # type: ignore[union-attr]
+    return dp_loader
+
+
+def round_epsilon(engine: Any, dp: dict[str, Any]) -> float:
+    """The round's epsilon from its own accountant at the round's delta; under a budget, first a check that the
+    round took no more private steps, at no higher rate, than the node charged it for."""
+    limit = dp.get("max_steps")
+    if limit is not None:
+        steps = sum(n for _, _, n in engine.accountant.history)
+        rates = {q for _, q, _ in engine.accountant.history}
+        if steps > limit or any(q > dp["sample_rate"] * (1 + 1e-9) for q in rates):
+            raise PrivacyViolation(f"the round took {steps} private steps at rates {sorted(rates)}; the node "
+                                   f"accounted for {limit} at {dp['sample_rate']:g}")  # fmt: skip
+    return float(engine.get_epsilon(dp["delta"]))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

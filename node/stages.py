@@ -33,7 +33,9 @@ from fedsilo.common.errors import (
 )
 from fedsilo.common.training_args import TrainingArgsError
 
+from .budget import BudgetExceeded
 from .datasets import DatasetError, UnknownDataset
+from .dp_policy import DPRequestRefused
 
 log = logging.getLogger("fedsilo.node.stages")
 
@@ -53,10 +55,13 @@ ERRORS: dict[type[BaseException], tuple[ErrorCode, str | None]] = {
     UpdateRefused: (ErrorCode.PARAMS_INVALID, "update"),
     SerializationError: (ErrorCode.PARAMS_INVALID, "params"),
     NonFiniteError: (ErrorCode.NON_FINITE, None),
+    DPRequestRefused: (ErrorCode.DP_REQUEST_REFUSED, "arguments"),
+    BudgetExceeded: (ErrorCode.PRIVACY_BUDGET_EXCEEDED, "privacy_budget"),
 }
 """Exception type -> (code, stage or None for the failing stage's label)."""
 
-REFUSALS = frozenset({ErrorCode.PLAN_NOT_APPROVED, ErrorCode.PLAN_REJECTED, ErrorCode.UNKNOWN_DATASET})
+REFUSALS = frozenset({ErrorCode.PLAN_NOT_APPROVED, ErrorCode.PLAN_REJECTED, ErrorCode.UNKNOWN_DATASET,
+                      ErrorCode.DP_REQUEST_REFUSED, ErrorCode.PRIVACY_BUDGET_EXCEEDED})
 """Decisions of the node, logged as warnings without a traceback; every other failure is an error."""
 
 

@@ -33,8 +33,9 @@ from fedsilo.common.training_plan import TorchTrainingPlan, TrainingPlanError, b
 from .algorithms import NodeHooks, Params
 from .algorithms.base import trainable
 from .config import DPPolicy, Limits, NodeSection
+from .dp_policy import step_cap
 from .metric_bounds import MetricsAccumulator
-from .privacy import WeightGuard, drop_activations, effective_dp, make_private, unwrap
+from .privacy import WeightGuard, drop_activations, effective_dp, make_private, round_epsilon, unwrap
 
 log = logging.getLogger("fedsilo.node.trainer")
 
@@ -153,7 +154,7 @@ class Trainer:
         if bad:
             raise NonFiniteError(f"parameters {', '.join(bad[:5])} hold NaN or infinity after step "
                                  f"{progress.step} of node '{plan.node_id}'")  # fmt: skip
-        epsilon = float(engine.get_epsilon(dp["delta"])) if engine is not None and dp is not None else None
+        epsilon = round_epsilon(engine, dp) if engine is not None and dp is not None else None
         metrics = {
             "loss": float(progress.loss_sum) / max(progress.seen_total, 1),  # the round's mean, not one batch
             "last_loss": float(progress.last_loss or 0.0),
@@ -177,12 +178,7 @@ class Trainer:
         if lim.max_epochs is not None and epochs > lim.max_epochs:
             self.applied_caps["epochs"] = {"requested": epochs, "applied": lim.max_epochs}
             epochs = lim.max_epochs
-        max_steps = ta.num_updates
-        if lim.max_num_updates is not None and (max_steps is None or max_steps > lim.max_num_updates):
-            max_steps = lim.max_num_updates
-        if ta.dry_run:
-            max_steps = 1
-        return max_steps, epochs
+        return step_cap(ta, lim), epochs
 
     def _loop(
         self,
