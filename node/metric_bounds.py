@@ -136,7 +136,7 @@ class MetricsAccumulator:
             return
         if name in self._dropped:
             return
-        if not self._known(name) and len(self._sums) + len(self._stats) >= self.max_metrics:
+        if not self._known(name) and len(self._sums) + len(self._stats) + len(self._dropped) >= self.max_metrics:
             self._reasons.add(f"more than [limits] max_metrics = {self.max_metrics} distinct metrics", name)
             return
         if isinstance(value, Metric):
@@ -144,14 +144,14 @@ class MetricsAccumulator:
             return
         number = as_number(value)
         if isinstance(number, str) or name in self._stats:
-            self._refuse(name, number if isinstance(number, str) else "a number in one batch, a Metric in another")
+            self._refuse(name, number if isinstance(number, str) else "a Metric in one batch, a number in another")
             return
         self._sums[name] = self._sums.get(name, 0.0) + number * samples
         self._weights[name] = self._weights.get(name, 0) + samples
 
     def _merge(self, name: str, value: Metric) -> None:
         if name in self._sums:
-            self._refuse(name, "a Metric in one batch, a number in another")
+            self._refuse(name, "a number in one batch, a Metric in another")
             return
         try:
             self._stats[name] = value if name not in self._stats else self._stats[name].merge(value)

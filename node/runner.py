@@ -33,6 +33,7 @@ from fedsilo.network.messages import (
 )
 
 from .daemon_round import AFTER_WORKER, BEFORE_WORKER, DaemonRound, NodeResources
+from .metric_bounds import bound_reply_metrics
 from .stages import RoundFailure, run_stages
 from .worker import WorkerCrashed
 
@@ -202,7 +203,7 @@ class TaskRunner:
                    "total_s": time.perf_counter() - r.started}  # fmt: skip
         return TrainReply.for_request(request, cfg.node.node_id, cfg.node.name, job_id=request.job_id,
                                       round=request.round, dataset_id=request.dataset_id, blobs=r.reply_blobs,
-                                      sample_size=sample_size, timings=timings, metrics=outcome.metrics,
+                                      sample_size=sample_size, timings=timings, metrics=_bounded(r, outcome),
                                       applied_caps=applied, test_samples=test_samples)  # fmt: skip
 
     def _evaluate_reply(self, r: DaemonRound, outcome: _Outcome) -> EvaluateReply:
@@ -214,7 +215,7 @@ class TaskRunner:
         r.worker_blobs = {}
         return EvaluateReply.for_request(request, cfg.node.node_id, cfg.node.name, job_id=request.job_id,
                                          round=request.round, dataset_id=request.dataset_id, sample_size=samples,
-                                         timings=timings, metrics=outcome.metrics)  # fmt: skip
+                                         timings=timings, metrics=_bounded(r, outcome))  # fmt: skip
 
     def _error(self, request: TrainRequest | EvaluateRequest, code: ErrorCode, message: str, stage: str) -> ErrorReply:
         cfg = self.node.config
@@ -237,6 +238,14 @@ class TaskRunner:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not messaging.wait_connected(remaining):
                 return False
+
+
+def _bounded(r: DaemonRound, outcome: _Outcome) -> dict[str, float]:
+    """The worker's metrics within the node's bounds (`metric_bounds.py`): the worker runs plan code."""
+    metrics, reasons = bound_reply_metrics(outcome.metrics, r.node.config.limits)
+    for text in reasons:
+        log.warning("[%s] %s", r.request.request_id, text)
+    return metrics
 
 
 def _rows(record: dict[str, Any]) -> int | None:
