@@ -24,6 +24,8 @@ class ErrorCode(StrEnum):
     WORKER_CRASHED = "FS501"
     TRAINING_ARGS_INVALID = "FS502"
     NON_FINITE = "FS503"
+    RESOURCE_LIMIT = "FS504"
+    SANDBOX_UNAVAILABLE = "FS505"
     TRANSFER_FAILED = "FS600"
     DP_REQUEST_REFUSED = "FS700"
     PRIVACY_BUDGET_EXCEEDED = "FS701"
@@ -51,6 +53,10 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.TRAINING_ARGS_INVALID: "fix the training arguments named in the message",
     ErrorCode.NON_FINITE: "training produced NaN or infinity: look for missing values in the dataset's summary "
     "(fill them in the plan), or lower the learning rate",
+    ErrorCode.RESOURCE_LIMIT: "the round passed the node's sandbox limits (memory, CPU time, file size or processes: "
+    "the message says which); use less, or ask the node for more ([limits] sandbox_*)",
+    ErrorCode.SANDBOX_UNAVAILABLE: "the node cannot enforce the sandbox its config asks for (bubblewrap missing or "
+    "user namespaces refused); its administrator must fix that, or set [node] sandbox = \"off\"",
     ErrorCode.TRANSFER_FAILED: "the file store could not be reached or refused the transfer",
     ErrorCode.DP_REQUEST_REFUSED: "the node requires differential privacy at least as strong as its [dp] policy: "
     "ask dp_args with the sigma, clip and delta the message names",

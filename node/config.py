@@ -61,6 +61,10 @@ class NodeSection(BaseModel):
     so the researcher never sees this node's update on its own."""
     data_roots: list[str] = Field(default_factory=list)
     """Datasets must live under one of these folders; empty = anywhere the node can read."""
+    sandbox: Literal["bwrap", "off"] = "bwrap"
+    """How plan code is confined (`node/sandbox.py`): "bwrap" = bubblewrap, no network, a read-only view of
+    Python and the round's dataset, `[limits] sandbox_*` per round; a round is refused (FS505) when this
+    machine cannot enforce it. "off" = the worker runs with the daemon's user, files and network."""
     threads: int | None = Field(None, ge=1)
     """CPU threads torch uses in a round; unset = torch's default (every core). Nodes sharing a machine
     should split the cores: oversubscribed OpenMP threads make a round many times slower."""
@@ -87,6 +91,10 @@ class Limits(BaseModel):
     max_train_seconds: float | None = Field(None, gt=0)
     """Wall-clock budget of a round's training loop: the trainer stops after the step that passes it and
     reports it in `applied_caps`. The step that crosses it runs to its end (a step is not interruptible)."""
+    sandbox_memory_mb: int = Field(4096, ge=64)
+    sandbox_cpu_s: int = Field(3600, ge=1)
+    sandbox_file_mb: int = Field(1024, ge=1)
+    """A round's memory (address space beyond the warm worker's), CPU seconds and largest file, in the sandbox."""
     max_bad_batches: int = Field(0, ge=0)
     """Batches whose `training_step` raises that a round may skip (counted as `skipped_batches`); one more
     fails the round. 0 = fail at the first, as before."""

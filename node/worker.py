@@ -5,6 +5,12 @@ multiprocessing (whose spawn hands the child the parent's `sys.argv`, the node d
 and its whole environment), with an allow-listed environment, an empty working folder, no inherited
 file but one socket, and stdout piped back to node.log. Frames on the socket are `workerwire`'s, never
 pickles. A worker that dies is noticed through a pidfd (no polling) and restarted by the daemon.
+
+With `[node] sandbox = "bwrap"` the worker runs inside bubblewrap (`sandbox.py`) with one dataset's files
+in its view: a round on another dataset restarts it with that dataset (`run`), and a machine that cannot
+enforce the sandbox gets each round refused (SANDBOX_UNAVAILABLE) rather than run with less. The round's
+algorithm state folder lies outside the view, so its files are copied into the worker's state folder
+and back (`_StateFolder`).
 """
 
 from __future__ import annotations
@@ -17,14 +23,17 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
 from typing import Any
 
-from fedsilo.common.errors import FedsiloError, WorkerProtocolError
+from fedsilo.common.errors import ErrorCode, FedsiloError, WorkerProtocolError
 
 from .config import NodeConfig
+from .daemon_round import _copy_files
+from .sandbox import SandboxState, bwrap_argv, dataset_paths, probe
+from .stages import RoundFailure
 from .workerwire import decode, encode
 
 log = logging.getLogger("fedsilo.node.worker")
@@ -77,32 +86,61 @@ class Worker:
         self._conn: Connection | None = None
         self._pidfd: int | None = None
         self._home: str | None = None
+        self._state: str | None = None
+        self._inner_pid: int | None = None
         self._closing = threading.Event()  # set by terminate(): the daemon is stopping
+        self.datasets: tuple[str, ...] = ()
+        """The dataset files in the sandboxed worker's view."""
+        self.sandbox: SandboxState | None = None
+        """What the last start found (status.json and the GUI show it); None before the first start."""
+        self._rounds = 0
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        """The process that runs Python: inside the sandbox, bwrap's grandchild."""
+        if self._proc is None:
+            return None
+        return self._inner_pid or self._proc.pid
+
+    @property
+    def refused(self) -> bool:
+        """The config asks for a sandbox this machine cannot enforce: rounds are refused."""
+        return self.sandbox is not None and self.sandbox.mode != "off" and not self.sandbox.active
 
     @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> None:
-        """Start the worker and wait until it has imported torch.
+    def start(self, datasets: Sequence[str] | None = None) -> None:
+        """Start the worker and wait until it has imported torch; sandboxed, with `datasets` (default: those of
+        the last start, else the node's most recently added dataset) in its view.
 
         A `terminate()` (the daemon stopping) during start-up is not an error: `start` then returns
-        without a worker, and `alive` stays False.
+        without a worker, and `alive` stays False; so does a sandbox this machine cannot enforce (`refused`).
         """
         if self._closing.is_set():
             return
         cfg = NodeConfig.load(self.nodedir)
+        state = probe(cfg.node.sandbox)
+        if state != self.sandbox:
+            log.log(logging.ERROR if state.mode != "off" and not state.active else logging.INFO, "sandbox %s: %s%s",
+                    state.mode, "active" if state.active else "INACTIVE", f" ({state.detail})")  # fmt: skip
+        self.sandbox = state
+        if self.refused:
+            return
         parent, child = Pipe()
         self._home = tempfile.mkdtemp(prefix="fedsilo-worker-")  # its working folder: empty, outside NODEDIR
-        args = [sys.executable, "-m", "fedsilo.node.worker_process", str(child.fileno()), "--parent", str(os.getpid())]
+        args = [sys.executable, "-m", "fedsilo.node.worker_process", str(child.fileno()), "--parent",
+                str(os.getpid() if cfg.node.sandbox == "off" else 0)]  # fmt: skip
         if cfg.node.threads:
             args += ["--threads", str(cfg.node.threads)]
+        env = {**worker_env(os.environ), "HOME": self._home, "TMPDIR": self._home}
+        if cfg.node.sandbox != "off":
+            self.datasets = tuple(datasets) if datasets is not None else self.datasets or _latest_dataset(self.nodedir)
+            self._state = tempfile.mkdtemp(prefix="fedsilo-state-")
+            args = bwrap_argv([*args, "--confine"], self._home, self.datasets, [self.nodedir], [self._state])
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=worker_env(os.environ), cwd=self._home, pass_fds=(child.fileno(),))  # fmt: skip
+                                env=env, cwd=self._home, pass_fds=(child.fileno(),))  # fmt: skip
         child.close()
         self._proc, self._conn = proc, parent
         self._pidfd = _pidfd(proc.pid)
@@ -115,7 +153,9 @@ class Worker:
             try:
                 header, _ = decode(parent.recv_bytes(4096))
                 if header.get("op") == "ready":
-                    log.info("worker started (pid %s)", proc.pid)
+                    self._inner_pid = _python_pid(proc.pid) if cfg.node.sandbox != "off" else None
+                    log.info("worker started (pid %s, sandbox %s%s)", self.pid, cfg.node.sandbox,
+                             f", dataset files {list(self.datasets)}" if cfg.node.sandbox != "off" else "")  # fmt: skip
                     return
             except (EOFError, OSError, WorkerProtocolError):
                 pass
@@ -138,8 +178,32 @@ class Worker:
             max_reply_bytes: int) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
         """Run one task; returns the worker's result frame (header, blobs). `WorkerCrashed` when the process
         dies, `WorkerProtocolError` when it sends what is not a frame or more than `max_reply_bytes`."""
+        if self.sandbox is None or self.sandbox.mode != "off":
+            wanted = tuple(dataset_paths(header.get("record") or {}))
+            if not self.alive or wanted != self.datasets:
+                if self.alive:
+                    log.info("[%s] the worker restarts with this round's dataset in its view", task_id)
+                self.kill()
+                self.start(wanted)
+        if self.refused:
+            assert self.sandbox is not None
+            raise RoundFailure(ErrorCode.SANDBOX_UNAVAILABLE, f"this node's config asks for sandbox "
+                               f"'{self.sandbox.mode}', which this machine cannot enforce; the round is refused "
+                               "rather than run with less", "sandbox")  # fmt: skip
         if self._proc is None or self._conn is None or not self.alive:
             raise WorkerCrashed("the worker is not running")
+        if self._state is None:
+            return self._exchange(task_id, header, blobs, on_event, max_reply_bytes)
+        with _StateFolder(Path(header["state_dir"]), Path(self._state) / str(self._next_round())) as inside:
+            return self._exchange(task_id, {**header, "state_dir": str(inside)}, blobs, on_event, max_reply_bytes)
+
+    def _next_round(self) -> int:
+        self._rounds += 1
+        return self._rounds
+
+    def _exchange(self, task_id: str, header: dict[str, Any], blobs: dict[str, bytes], on_event: EventHandler,
+                  max_reply_bytes: int) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
+        assert self._proc is not None and self._conn is not None
         conn, proc = self._conn, self._proc
         try:
             conn.send_bytes(encode({**header, "op": "task", "task_id": task_id}, blobs))
@@ -199,9 +263,58 @@ class Worker:
         if self._pidfd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)
-        if self._home is not None:
-            shutil.rmtree(self._home, ignore_errors=True)
-        self._proc, self._conn, self._pidfd, self._home = None, None, None, None
+        for folder in (self._home, self._state):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._proc, self._conn, self._pidfd, self._home, self._state = None, None, None, None, None
+        self._inner_pid = None
+
+
+class _StateFolder:
+    """A round's algorithm state folder seen through the sandbox: the daemon's files copied into `inside`
+    (a folder in the worker's view), and what the round wrote there copied back, regular files only."""
+
+    def __init__(self, outside: Path, inside: Path) -> None:
+        self.outside, self.inside = outside, inside
+
+    def __enter__(self) -> Path:
+        self.inside.mkdir(parents=True)
+        _copy_files(self.outside, self.inside)
+        return self.inside
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            _copy_files(self.inside, self.outside)
+        finally:
+            shutil.rmtree(self.inside, ignore_errors=True)
+
+
+def _latest_dataset(nodedir: Path) -> tuple[str, ...]:
+    """The files of the node's most recently added dataset: the likeliest next round's, so that the worker
+    started with the daemon seldom restarts for the first round."""
+    from .datasets import DatasetStore
+
+    try:
+        records = DatasetStore(nodedir).list()
+    except Exception:  # a store that cannot be read now: the first round's dataset decides
+        log.exception("cannot list the datasets for the worker's first view")
+        return ()
+    return tuple(dataset_paths(records[-1])) if records else ()
+
+
+def _python_pid(pid: int) -> int | None:
+    """The deepest descendant of `pid` (bwrap -> its init -> Python), from /proc's children lists."""
+    found = None
+    current = pid
+    for _ in range(4):
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            break
+        if not children:
+            break
+        current = found = int(children[0])
+    return found
 
 
 def _pidfd(pid: int) -> int | None:

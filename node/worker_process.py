@@ -4,6 +4,13 @@ Started by the daemon (`worker.Worker`) with an allow-listed environment, an emp
 one inherited socket (FD): no node directory, no credentials, no connection to the broker or the file
 store. It imports torch once, then runs the rounds the daemon hands it (`round.execute_round`) and
 answers with frames (`workerwire`). Its log lines go to stdout, which the daemon copies to node.log.
+
+Each round runs in a child forked from this warm process (about 25 ms): the child confines itself
+(`sandbox_limits.confine`, with `--confine`) before any plan code, answers on the inherited socket and
+exits; what a plan changed (modules it patched, memory it filled, limits it exhausted) dies with it. A
+child that dies without answering is answered for by this process (`_answer_for`). This process stays
+single-threaded in torch (OpenMP after a fork hangs a child whose parent ran a parallel region: measured,
+a 2-thread warm-up then a matmul in the child never returned); each child sets the node's thread count.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import argparse
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -19,6 +27,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from .sandbox_limits import SandboxLimits, confine
+from .stages import new_error_id, released_text
 from .workerwire import decode, encode
 
 log = logging.getLogger("fedsilo.node.worker")
@@ -26,16 +36,18 @@ log = logging.getLogger("fedsilo.node.worker")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 
-def _warm_up(threads: int | None) -> None:
-    """Import torch and take one optimiser step so that no round pays for lazy imports (about 2 s)."""
+def _warm_up(threads: int | None) -> int:
+    """Import torch and take one optimiser step so that no round pays for lazy imports (about 2 s), on one
+    thread (see the module's docstring); returns the thread count rounds use (`threads`, else torch's)."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    default = threads or torch.get_num_threads()
+    torch.set_num_threads(1)
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.Adam(model.parameters())  # first optimiser pulls in torch._dynamo
     model(torch.zeros(1, 2)).sum().backward()
     optimizer.step()
+    return default
 
 
 def _die_with_parent(parent: int) -> None:
@@ -49,8 +61,8 @@ def _die_with_parent(parent: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     except OSError:
         log.debug("prctl unavailable; the worker may outlive a killed daemon until its round ends")
-    if os.getppid() != parent:  # the daemon died before prctl took effect: the signal will never come
-        os._exit(1)
+    if parent and os.getppid() != parent:  # the daemon died before prctl took effect: the signal will never come
+        os._exit(1)  # (parent 0: in the sandbox, whose own init is the parent; bwrap --die-with-parent does this)
 
 
 def _run_task(header: dict[str, Any], blobs: dict[str, bytes], plan_cache: dict, send: Callable[[bytes], None]) -> None:
@@ -72,25 +84,102 @@ def _run_task(header: dict[str, Any], blobs: dict[str, bytes], plan_cache: dict,
                           Path(header["state_dir"]))  # fmt: skip
         result = execute_round(task, ctx, emit)
     except RoundFailure as exc:
-        send(encode({"op": "result", "task_id": task_id, "ok": False, "code": str(exc.code), "message": exc.message,
-                     "stage": exc.stage}))  # fmt: skip
+        _fail(send, task_id, str(exc.code), exc.message, exc.stage)
         return
     except Exception as exc:  # the catch-all that keeps the worker alive on any bug
-        log.exception("[%s] unexpected error in round", task_id)
-        send(encode({"op": "result", "task_id": task_id, "ok": False, "code": "FS900",
-                     "message": f"{type(exc).__name__}: {exc}", "stage": "round"}))  # fmt: skip
+        error_id = new_error_id()
+        log.exception("[%s] unexpected error in round [error %s]", task_id, error_id)
+        _fail(send, task_id, "FS900", f"{released_text(exc)} (error {error_id}: the node's log holds the details)",
+              "round")  # fmt: skip
         return
     send(encode({"op": "result", "task_id": task_id, "ok": True, "sample_size": result.sample_size,
                  "metrics": result.metrics, "applied_caps": result.applied_caps, "train_s": result.train_s,
-                 "test_samples": result.test_samples},
+                 "test_samples": result.test_samples, "device": result.device},
                 result.blobs))  # fmt: skip
+
+
+def _fail(send: Callable[[bytes], None], task_id: str, code: str, message: str, stage: str) -> None:
+    send(encode({"op": "result", "task_id": task_id, "ok": False, "code": code, "message": message, "stage": stage}))
+
+
+def _round_in_child(header: dict[str, Any], blobs: dict[str, bytes], conn: Connection, threads: int,
+                    confined: bool) -> None:  # fmt: skip
+    """Fork; the child confines itself, runs the round, answers and exits; this process waits and answers
+    for a child that died without answering."""
+    task_id = str(header.get("task_id", ""))
+    limits = _limits(header)
+    pid = os.fork()
+    if pid == 0:  # the child: whatever happens, it never returns into the worker's loop
+        code = 3
+        try:
+            mp.current_process().name = "fedsilo-round"
+            if confined:
+                try:
+                    confine(limits)
+                except OSError as exc:
+                    log.error("[%s] the round cannot be confined: %s", task_id, exc)
+                    _fail(conn.send_bytes, task_id, "FS505", f"the sandbox's limits cannot be applied here ({exc})",
+                          "sandbox")  # fmt: skip
+                    code = 0
+                    return
+            import torch
+
+            torch.set_num_threads(threads)
+            _run_task(header, blobs, {}, conn.send_bytes)
+            code = 0
+        except BaseException:  # SystemExit or KeyboardInterrupt from plan code too: the parent answers
+            log.exception("[%s] the round's process failed", task_id)
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    _, status, usage = os.wait4(pid, 0)
+    if confined:
+        _wipe(Path.cwd())  # the next round, maybe another researcher's, finds nothing this one left behind
+    if status != 0:
+        code, message = _death(status, usage.ru_utime + usage.ru_stime, limits, confined)
+        log.error("[%s] %s", task_id, message)
+        _fail(conn.send_bytes, task_id, code, message, "training")
+
+
+def _wipe(folder: Path) -> None:
+    """Everything in `folder` (the sandbox's only writable place), links removed, never followed."""
+    for entry in os.scandir(folder):
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError as exc:
+            log.warning("cannot remove %s from the worker's folder: %s", entry.name, exc)
+
+
+def _death(status: int, cpu_s: float, limits: SandboxLimits, confined: bool) -> tuple[str, str]:
+    """(code, message) for a round's process that ended without answering."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        if confined and (sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= limits.cpu_s)):
+            return "FS504", f"the round used up its CPU time limit ({limits.cpu_s} s) and was stopped ({name})"
+        if sig == signal.SIGKILL:
+            return "FS504", "the round's process was killed (SIGKILL): out of memory, or stopped by the node's host"
+        return "FS501", f"the round's process died of {name}"
+    return "FS501", f"the round's process exited with code {os.WEXITSTATUS(status)} before answering"
+
+
+def _limits(header: dict[str, Any]) -> SandboxLimits:
+    limits = (header.get("config") or {}).get("limits") or {}
+    default = SandboxLimits()
+    return SandboxLimits(memory_mb=int(limits.get("sandbox_memory_mb", default.memory_mb)),
+                         cpu_s=int(limits.get("sandbox_cpu_s", default.cpu_s)),
+                         file_mb=int(limits.get("sandbox_file_mb", default.file_mb)))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedsilo.node.worker_process")
     parser.add_argument("fd", type=int)
-    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True, help="the daemon's pid; 0 = do not check (sandbox)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--confine", action="store_true", help="apply [limits] sandbox_* to each round's process")
     opts = parser.parse_args(argv)
     _die_with_parent(opts.parent)
     # Ctrl-C in the daemon's terminal reaches the whole process group; the daemon decides when the worker ends
@@ -98,11 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     mp.current_process().name = "fedsilo-worker"
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
-    _warm_up(opts.threads)
+    threads = _warm_up(opts.threads)
     conn = Connection(opts.fd)
     conn.send_bytes(encode({"op": "ready"}))
     log.info("worker ready (pid %s)", os.getpid())
-    plan_cache: dict = {}
     while True:
         try:
             header, blobs = decode(conn.recv_bytes())
@@ -110,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             break
         if header.get("op") != "task":
             break
-        _run_task(header, blobs, plan_cache, conn.send_bytes)
+        _round_in_child(header, blobs, conn, threads, opts.confine)
 
 
 if __name__ == "__main__":
