@@ -192,6 +192,16 @@ class DatasetInfo(BaseModel):
     summary: dict[str, Any] = Field(default_factory=dict)
 
 
+class DeviceReport(BaseModel):
+    """Where a round ran (`node/device.py`): `used` ("cpu", "cuda:0"), whether the researcher asked for a GPU
+    (`use_gpu`), and why the CPU when it did (`fallback`: the node refuses GPUs, or has none)."""
+
+    model_config = ConfigDict(extra="forbid")
+    used: str = Field(max_length=32)
+    gpu_requested: bool
+    fallback: str = Field("", max_length=500)
+
+
 class Reply(Message):
     """Base of every answer; build one with `for_request`, which sets who answers and to what."""
 
@@ -248,6 +258,7 @@ class TrainReply(Reply):
     test_samples: int = Field(0, ge=0)
     """The size of the test split that `test_*` (local update) and `global_*` (received model) metrics were
     computed on: their weight in the researcher's means (0: no test metric)."""
+    device: DeviceReport | None = None
 
     _check_blobs = field_validator("blobs")(_blobs_with_params)
 
@@ -267,6 +278,7 @@ class EvaluateReply(Reply):
     sample_size: int = Field(ge=0)
     timings: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
+    device: DeviceReport | None = None
 
 
 class ApprovalReply(Reply):

@@ -31,6 +31,7 @@ from fedsilo.network.messages import EvaluateRequest, LogMessage, Message, Scala
 
 from .algorithms import make_hooks
 from .config import NodeConfig
+from .device import DeviceChoice, choose_device
 from .personal import LocalLayers
 from .stages import RoundFailure, run_stages, stage
 from .trainer import Trainer, TrainResult, check_plan_loop
@@ -75,6 +76,8 @@ class WorkerResult:
     train_s: float
     test_samples: int = 0
     """The test split the `test_*`/`global_*` metrics (an evaluation's metrics) were computed on."""
+    device: dict[str, Any] = field(default_factory=dict)
+    """Where the round ran (`DeviceChoice.report()`: used, gpu_requested, fallback)."""
 
 
 @dataclass
@@ -95,6 +98,7 @@ class _Round:
     applied: dict[str, Any] = field(default_factory=dict)
     trainer: Trainer | None = None
     local_layers: LocalLayers | None = None
+    device: DeviceChoice | None = None
     result: TrainResult | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     out: WorkerResult | None = None
@@ -146,7 +150,11 @@ def build_plan(r: _Round) -> None:
     plan.dataset = {k: v for k, v in task.record.items() if k != "path"}
     plan.round = task.request.round
     plan.node_id = r.ctx.node_id
-    plan.post_init(task.request.model_args, args)
+    # The node chooses the device: the researcher's request (before the daemon's caps) against `allow_gpu`.
+    r.device = choose_device(task.request.training_args.use_gpu, r.ctx.config.limits.allow_gpu)
+    if r.device.fallback:
+        _warn(f"round {task.request.round}: use_gpu: {r.device.fallback}", task.request, r.ctx, r.emit)
+    plan.post_init(task.request.model_args, args.model_copy(update={"use_gpu": r.device.device.type == "cuda"}))
     plan.optimizer()
     r.plan = plan
 
@@ -212,7 +220,7 @@ def evaluate_only(r: _Round) -> None:
         loader = r.data_manager.loader(shuffle=False, drop_last=False)
     r.test_samples = len(loader.dataset)
     metrics = _finite_metrics(_test(r, _tester(r), loader), r.task.request, r.ctx, r.emit)
-    r.out = WorkerResult({}, r.test_samples, metrics, r.applied, 0.0, r.test_samples)
+    r.out = WorkerResult({}, r.test_samples, metrics, r.applied, 0.0, r.test_samples, _device(r))
 
 
 @stage("package", ErrorCode.INTERNAL)
@@ -227,12 +235,16 @@ def package(r: _Round) -> None:
     r.local_layers.commit()
     train_s = float(r.metrics.pop("train_s", 0.0))
     metrics = _finite_metrics(r.metrics, r.task.request, r.ctx, r.emit)
-    r.out = WorkerResult(blobs, r.result.sample_count, metrics, r.applied, train_s, r.test_samples)
+    r.out = WorkerResult(blobs, r.result.sample_count, metrics, r.applied, train_s, r.test_samples, _device(r))
 
 
 WORKER_STAGES = [load_plan, check_loop, load_params, build_plan, set_params, load_data, test_global, train, evaluate,
                  package]  # fmt: skip
 EVALUATION_STAGES = [load_plan, check_loop, load_params, build_plan, set_params, load_data, evaluate_only]
+
+
+def _device(r: _Round) -> dict[str, Any]:
+    return r.device.report() if r.device is not None else {}
 
 
 def _tester(r: _Round) -> Trainer:

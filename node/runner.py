@@ -56,6 +56,7 @@ class _Outcome(BaseModel):
     applied_caps: dict[str, Any] = Field(default_factory=dict)
     train_s: float = Field(0.0, ge=0, allow_inf_nan=False)
     test_samples: int = Field(0, ge=0)
+    device: dict[str, Any] | None = None
     code: str = ""
     message: str = ""
     stage: str = ""
@@ -204,7 +205,8 @@ class TaskRunner:
         return TrainReply.for_request(request, cfg.node.node_id, cfg.node.name, job_id=request.job_id,
                                       round=request.round, dataset_id=request.dataset_id, blobs=r.reply_blobs,
                                       sample_size=sample_size, timings=timings, metrics=_bounded(r, outcome),
-                                      applied_caps=applied, test_samples=test_samples)  # fmt: skip
+                                      applied_caps=applied, test_samples=test_samples,
+                                      device=outcome.device or None)  # fmt: skip
 
     def _evaluate_reply(self, r: DaemonRound, outcome: _Outcome) -> EvaluateReply:
         """Numbers only: whatever blobs the worker returned are dropped unread (an evaluation has no update)."""
@@ -215,7 +217,8 @@ class TaskRunner:
         r.worker_blobs = {}
         return EvaluateReply.for_request(request, cfg.node.node_id, cfg.node.name, job_id=request.job_id,
                                          round=request.round, dataset_id=request.dataset_id, sample_size=samples,
-                                         timings=timings, metrics=_bounded(r, outcome))  # fmt: skip
+                                         timings=timings, metrics=_bounded(r, outcome),
+                                         device=outcome.device or None)  # fmt: skip
 
     def _error(self, request: TrainRequest | EvaluateRequest, code: ErrorCode, message: str, stage: str) -> ErrorReply:
         cfg = self.node.config

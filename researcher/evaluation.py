@@ -27,7 +27,7 @@ from fedsilo.common.errors import ConfigError, FedsiloError
 from fedsilo.network.messages import ErrorReply, EvaluateReply, EvaluateRequest, Message, Presence
 
 from .algorithms.base import FedAlgorithm, NodeEvaluation, NodeTask
-from .history import EVALUATION_PREFIXES, RoundRecord
+from .history import EVALUATION_PREFIXES, RoundRecord, validation_of
 from .requests import remote_error
 from .round import RoundContext, task_requests
 from .strategies import Drop
@@ -77,6 +77,11 @@ def round_evaluation(record: RoundRecord, algorithm: FedAlgorithm) -> dict[str, 
         if results:
             out.update({f"{prefix}{k}": float(v) for k, v in algorithm.aggregate_evaluate(results).items()})
     return out
+
+
+def node_validation(record: RoundRecord) -> dict[str, dict[str, float]]:
+    """Node -> its evaluation metrics (`global_*`, `test_*`) in a training round (nodes not dropped)."""
+    return {n: validation_of(r.metrics) for n, r in record.nodes.items() if r.dropped is None}
 
 
 class EvaluationJob:

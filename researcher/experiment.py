@@ -28,7 +28,7 @@ from fedsilo.network.messages import (
 )
 
 from .aggregators import Aggregator, FedAverage, Params
-from .evaluation import EvaluationJob, EvaluationReport, round_evaluation
+from .evaluation import EvaluationJob, EvaluationReport, node_validation, round_evaluation
 from .experiment_breakpoints import ExperimentBreakpoints
 from .experiment_views import ExperimentViews
 from .federation import find_training_data, no_data_message, statuses
@@ -267,7 +267,8 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
         self._check_ready()
         report = EvaluationJob(self._round_context(), self._round_current).run()
         self._history.evaluations[report.round] = report.as_dict()
-        self._monitor.federation_scalars("EVALUATION", report.metrics, report.round)
+        self._monitor.round_scalars("EVALUATION", report.metrics, {n: e.metrics for n, e in report.nodes.items()},
+                                    report.round)  # fmt: skip
         return report
 
     def training_plan_approve(self, description: str = "") -> dict[str, str]:
@@ -313,7 +314,7 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
 
     def metrics_table(self, metrics: Sequence[str] | None = None, per: str = "node") -> str:
         """Metrics as a text table: per round and node (status, samples, metrics, node and researcher
-        timings), or with `per="round"` one line a round with sample-weighted means over the nodes.
+        timings); `per="round"`: a line a round, sample-weighted means; `per="validation"`: nodes and federation.
         `metrics` picks and orders the metric columns (default: all, loss first)."""
         return self._history.metrics_table(metrics, per)
 
@@ -375,7 +376,8 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
         self._set_global(new_params)
         self._rounds.put(record.index, self._global_params or {}, self._rounds.folder or self._rounds_dir())
         self._history.add(record, round_evaluation(record, self._aggregator))
-        self._monitor.federation_scalars("ROUND", self._history.round_metrics[record.index], record.index)
+        self._monitor.round_scalars("ROUND", self._history.round_metrics[record.index], node_validation(record),
+                                    record.index)  # fmt: skip
         self._round_current += 1
         self._monitor.end_round()
         if self._save_breakpoints:

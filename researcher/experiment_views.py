@@ -130,6 +130,14 @@ class ExperimentViews:
         """Round -> node -> sample_size, timings, metrics, applied_caps, dropped (None or why)."""
         return {r: {n: dict(v) for n, v in nodes.items()} for r, nodes in self._history.replies.items()}  # type: ignore[attr-defined]
 
+    def validation_metrics(self, key: str | None = None) -> dict[int, dict[str, Any]]:
+        """Round -> {node name: its `global_*`/`test_*` metrics, "all nodes": the federation's (weighted by the
+        nodes' test samples)}; with `key`, round -> {node name or "all nodes": that metric}:
+
+            dice = exp.validation_metrics("test_dice")   # {0: {"hospital-a": 0.61, ..., "all nodes": 0.64}, ...}
+        """
+        return self._history.validation_metrics(key)  # type: ignore[attr-defined]
+
     def round_stats(self) -> dict[int, dict[str, float]]:
         """Round -> researcher-side seconds: `wall_s` (the whole round), `prepare_s` (parameters serialised
         and uploaded, requests built), `wait_s` (waiting for node messages), `handle_s` (replies downloaded,

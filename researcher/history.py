@@ -21,6 +21,14 @@ EVALUATION_PREFIXES = ("global_", "test_")
 """Reply metrics of evaluations: `global_<name>` tests the received global model before local training,
 `test_<name>` the local update after it (both on the node's test split)."""
 
+FEDERATION = "all nodes"
+"""The row (and TensorBoard run) of the federation's values: no node name has a space."""
+
+
+def validation_of(metrics: dict[str, float]) -> dict[str, float]:
+    """The evaluation metrics (`global_*`, `test_*`) among a reply's metrics."""
+    return {k: v for k, v in metrics.items() if k.startswith(EVALUATION_PREFIXES)}
+
 
 @dataclass
 class NodeResult:
@@ -37,6 +45,8 @@ class NodeResult:
     dropped: Drop | None = None
     test_samples: int = 0
     """The node's test split: the weight of its `test_*` and `global_*` metrics."""
+    device: dict[str, Any] = field(default_factory=dict)
+    """Where it trained (`TrainReply.device`: used, gpu_requested, fallback); empty from older nodes."""
 
     def as_dict(self) -> dict[str, Any]:
         """The plain form of `training_replies()` and breakpoints."""
@@ -52,6 +62,8 @@ class NodeResult:
             "test_samples": self.test_samples,
             "dropped": None,
         }
+        if self.device:
+            out["device"] = dict(self.device)
         if self.ack_s is not None:
             out["ack_s"] = self.ack_s
         return out
@@ -110,14 +122,29 @@ class History:
         keys = sorted({k for nodes in self.replies.values() for v in nodes.values() for k in v.get("metrics", {})})
         return ["loss", *[k for k in keys if k != "loss"]] if "loss" in keys else keys
 
+    def validation_metrics(self, key: str | None = None) -> dict[int, dict[str, Any]]:
+        """Round -> {node name: its evaluation metrics, "all nodes": the federation's (the recorded weighted
+        means)}; with `key` (e.g. "test_dice"), round -> {node name or "all nodes": that value}."""
+        out: dict[int, dict[str, Any]] = {}
+        for r in sorted(self.replies):
+            rows = {v.get("node_name") or n: validation_of(v.get("metrics") or {})
+                    for n, v in sorted(self.replies[r].items()) if not v.get("dropped")}  # fmt: skip
+            rows[FEDERATION] = dict(self.round_metrics.get(r) or {})
+            out[r] = rows if key is None else {who: m[key] for who, m in rows.items() if key in m}
+        return out
+
     def metrics_table(self, metrics: Sequence[str] | None = None, per: str = "node") -> str:
-        """Per round and node (status, samples, metrics, node and researcher timings), or with `per="round"`
-        one line a round with sample-weighted means over the nodes that were not dropped."""
-        if per not in ("node", "round"):
-            raise ValueError("per must be 'node' or 'round'")
+        """Per round and node (status, samples, metrics, node and researcher timings); with `per="round"`
+        one line a round with sample-weighted means over the nodes that were not dropped; with
+        `per="validation"` the evaluation metrics of each node (test samples: its weight) and, under them,
+        the federation's weighted value ("all nodes")."""
+        if per not in ("node", "round", "validation"):
+            raise ValueError("per must be 'node', 'round' or 'validation'")
         keys = list(metrics) if metrics is not None else self.metric_keys()
         if per == "round":
             return self._round_table(keys)
+        if per == "validation":
+            return self._validation_table([k for k in keys if k.startswith(EVALUATION_PREFIXES)])
         rows = []
         for r in sorted(self.replies):
             for node, v in sorted(self.replies[r].items()):
@@ -128,6 +155,15 @@ class History:
                              timings.get("researcher_s")])  # fmt: skip
         headers = ["round", "node", "status", "samples", *keys, "node_total_s", "researcher_s"]
         return table(headers, rows, max_width=70)
+
+    def _validation_table(self, keys: list[str]) -> str:
+        rows = []
+        for r, who in self.validation_metrics().items():
+            samples = {v.get("node_name") or n: v.get("test_samples") for n, v in self.replies[r].items()}
+            for name, values in who.items():
+                weight = sum(n or 0 for n in samples.values() if n) if name == FEDERATION else samples.get(name)
+                rows.append([r, name, weight, *[values.get(k) for k in keys]])
+        return table(["round", "node", "test_samples", *keys], rows, max_width=70)
 
     def _round_table(self, keys: list[str]) -> str:
         """Training metrics weighted by the training samples; evaluation metrics (`global_*`, `test_*`) are

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ class Monitor:
     `VALIDATION/<key>`) with a step that keeps counting across rounds. The federation's metrics go to
     the run `all nodes` (a name no node id can take: ids have no space) with the round as the step:
     `ROUND/global_<name>` and `ROUND/test_<name>` per training round, `EVALUATION/<name>` per
-    `Experiment.evaluate()` (step: the rounds done). Existing event files are kept: a resumed
-    experiment appends to its curves.
+    `Experiment.evaluate()` (step: the rounds done); each node's own values go to its run under the same
+    tags. Existing event files are kept: a resumed experiment appends to its curves.
     """
 
     FEDERATION_RUN = "all nodes"
@@ -50,9 +51,21 @@ class Monitor:
 
     def federation_scalars(self, section: str, metrics: dict[str, float], step: int) -> None:
         """The federation's metrics (`ROUND` or `EVALUATION`) at `step`; nothing while TensorBoard is off."""
+        self._scalars(self.FEDERATION_RUN, section, metrics, step)
+
+    def round_scalars(self, section: str, federation: dict[str, float], nodes: Mapping[str, dict[str, float]],
+                      step: int) -> None:  # fmt: skip
+        """Each node's evaluation metrics in its own run and the federation's (weighted) in `all nodes`, under
+        the same tags (`ROUND/test_auc`), so that TensorBoard draws the nodes' curves and the global one in
+        one chart."""
+        for node, metrics in sorted(nodes.items()):
+            self._scalars(node, section, metrics, step)
+        self.federation_scalars(section, federation, step)
+
+    def _scalars(self, run: str, section: str, metrics: dict[str, float], step: int) -> None:
         if self.tensorboard_dir is None or not metrics:
             return
-        writer = self._writer(self.FEDERATION_RUN)
+        writer = self._writer(run)
         for key, value in sorted(metrics.items()):
             writer.add_scalar(f"{section}/{key}", value, step)
         writer.flush()

@@ -187,6 +187,7 @@ class TrainingRound:
         result.timings = {**msg.timings, "researcher_s": self._elapsed()}
         result.metrics, result.applied_caps = dict(msg.metrics), dict(msg.applied_caps)
         result.test_samples = msg.test_samples  # the weight of its test_*/global_* metrics
+        result.device = msg.device.model_dump() if msg.device is not None else {}
 
     def _download(self, name: str, ref: BlobRef) -> Params:
         """A reply's blob, parsed and checked: "params" must match the model; every blob must be finite."""
