@@ -48,6 +48,8 @@ from fedsilo.network.messaging import Messaging
 from .config import NodeConfig
 from .datasets import DatasetStore, UnknownDataset
 from .plans import PlanStore
+from .secagg import SecaggSessions
+from .secagg import refusal as secagg_refusal
 from .tasks import TaskQueue
 from .worker import Worker, setup_file_logging
 
@@ -74,6 +76,7 @@ class NodeDaemon:
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._current: dict[str, Any] | None = None
         self._audit: Any = None
+        self.secagg = SecaggSessions(self.node_id)
         self.exit_code = 0
         self.messaging = Messaging(
             client_id=self.node_id,
@@ -281,8 +284,14 @@ class NodeDaemon:
             )
         elif isinstance(msg, ApprovalRequest):
             self._handle_approval(msg)
+        elif self.secagg.handles(msg):
+            self._reply(msg.sender, self.secagg.answer(msg, self._answer))  # type: ignore[arg-type]
         elif isinstance(msg, TaskRequest):  # training and evaluation: the same checks, queue and worker
-            self._handle_train(msg)
+            if (why := secagg_refusal(msg, self.cfg)) is not None:
+                self._error(msg.sender, msg.request_id, ErrorCode.SECAGG_REQUIRED, why, "secure_aggregation",
+                            job_id=msg.job_id, round=msg.round)  # fmt: skip
+            else:
+                self._handle_train(msg)
 
     def _answer_duplicate(self, msg: TaskRequest, researcher: str) -> bool:
         """A request id seen before gets its current state again: its ack while it is queued or running,
@@ -348,7 +357,9 @@ class NodeDaemon:
         """The `fedsilo-tasks` thread (runner.py); torch is imported here, not at the daemon's start-up."""
         from .runner import TaskRunner
 
-        TaskRunner(self).run()
+        runner = TaskRunner(self)
+        runner.node.secagg = self.secagg  # one session store: the dispatcher answers stages, the runner masks
+        runner.run()
 
 
 def run(config: NodeConfig) -> None:

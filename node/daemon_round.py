@@ -31,6 +31,7 @@ from .datasets import DatasetStore
 from .dp_policy import effective_dp
 from .dp_round import charge_budget, log_raised, needs_dp, spend_budget
 from .plans import PlanStore
+from .secagg import mask_update, open_shares
 from .stages import stage
 from .transfer import fetch_blobs, fetch_plan_source, upload_blobs
 
@@ -48,6 +49,8 @@ class NodeResources:
     audit: AuditLog
     files: Any  # FileStoreClient (its import pulls in requests: kept out of the daemon's start-up)
     plan_sources: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    secagg: Any = None
+    """The daemon's `SecaggSessions` (secagg.py): a round's secure-aggregation state spans several messages."""
 
     def cached_source(self, sha256: str) -> str | None:
         source = self.plan_sources.get(sha256)
@@ -80,6 +83,8 @@ class DaemonRound:
     upload_s: float = 0.0
     worker_blobs: dict[str, bytes] = field(default_factory=dict)
     reply_blobs: dict[str, BlobRef] = field(default_factory=dict)
+    sample_size: int = 0
+    """The trainer's count clamped to the dataset's rows, set after the worker: secure aggregation's weight."""
 
     @property
     def state_dir(self) -> Path:
@@ -181,7 +186,8 @@ def stage_state(r: DaemonRound) -> None:
     _copy_files(job_state_dir(r.node.config.paths.state, r.request.sender, r.request.job_id), r.state_dir)
 
 
-BEFORE_WORKER = [fetch_plan, check_approval, cap_args, load_dataset, load_params, stage_state, charge_budget]
+BEFORE_WORKER = [fetch_plan, check_approval, open_shares, cap_args,
+                 load_dataset, load_params, stage_state, charge_budget]
 
 
 # -------------------------------------------------------------------------------------- after the worker
@@ -208,7 +214,7 @@ def keep_state(r: DaemonRound) -> None:
     _copy_files(r.state_dir, job_state_dir(r.node.config.paths.state, r.request.sender, r.request.job_id))
 
 
-AFTER_WORKER = [spend_budget, protect, upload, keep_state]
+AFTER_WORKER = [spend_budget, protect, mask_update, upload, keep_state]
 
 STATE_FILE_BYTES = 1 << 30
 """A state file larger than this is not copied (the worker wrote it: plan code can write anything)."""

@@ -136,6 +136,8 @@ class TaskRunner:
         try:
             run_stages(BEFORE_WORKER, r, rid)
             outcome = self._in_worker(rid, r, topic)
+            rows = _rows(r.record)  # secure aggregation weighs the update by the count the reply will carry
+            r.sample_size = outcome.sample_size if rows is None else min(outcome.sample_size, rows)
             if not outcome.ok:
                 code = outcome.code if outcome.code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
                 raise RoundFailure(ErrorCode(code), outcome.message, outcome.stage or "round")

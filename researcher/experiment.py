@@ -37,6 +37,7 @@ from .monitor import Monitor
 from .requests import Collected, Requests
 from .round import RoundContext, TrainingRound
 from .rounds import ROUNDS_DIR, RoundArchive
+from .secagg import SecureAggregation
 from .settings import (
     EXPERIMENTS_ENV,
     ExperimentError,
@@ -83,6 +84,7 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
         network: str | Path | Credentials | None = None,
         round_timeout: float | None = None,
         training_data: Mapping[str, DatasetInfo | dict[str, Any]] | None = None,
+        secure_aggregation: bool | SecureAggregation = False,
     ) -> None:
         self._credentials = resolve_credentials(network)
         self._timeouts = Timeouts()
@@ -120,6 +122,7 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
         if node_selection_strategy is not None:
             self.set_strategy(node_selection_strategy)
         self.set_tensorboard(tensorboard)
+        self._secagg = SecureAggregation.of(secure_aggregation, self._aggregator)  # the researcher sees sums only
         if training_plan_class is not None:
             self.set_training_plan_class(training_plan_class)
         if training_data is not None:
@@ -360,6 +363,7 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
             monitor=self._monitor,
             name_of=self._name,
             readers=self._target_nodes(),
+            secagg=self._secagg,
         )
 
     def _run_round(self, bar: tqdm) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from fedsilo.common.algorithms import AlgorithmSpec
 from fedsilo.common.errors import SerializationError, TransferError
+from fedsilo.common.secagg import SecaggError
 from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_bytes
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.network.filestore_client import FileStoreClient
@@ -40,7 +41,8 @@ from .algorithms.base import AggregationError, FedAlgorithm, NodeTask, NodeUpdat
 from .history import NodeResult, RoundRecord
 from .monitor import Monitor
 from .requests import Requests, remote_error
-from .strategies import Drop, RoundOutcome, Strategy
+from .secagg import SecaggRound, SecureAggregation
+from .strategies import Drop, RoundFailed, RoundOutcome, Strategy
 from .update_checks import InvalidUpdate, check_params, check_reply
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ class RoundContext:
     name_of: Callable[[str], str] = str
     readers: list[str] = field(default_factory=list)
     """Parties allowed to download what the round uploads (every node of the experiment)."""
+    secagg: SecureAggregation | None = None
+    """Secure aggregation's settings when the experiment asks for it (researcher/secagg.py)."""
 
 
 class TrainingRound:
@@ -84,6 +88,7 @@ class TrainingRound:
         self._pending: set[str] = set()
         self._sent_at = 0.0
         self._max_bytes = 0
+        self._secagg: SecaggRound | None = None
 
     # ------------------------------------------------------------------ the template
     def run(self) -> tuple[RoundRecord, Params]:
@@ -91,6 +96,9 @@ class TrainingRound:
         online = {n: s.online for n, s in ctx.requests.nodes().items()}
         sampled, dropped = ctx.strategy.sample_nodes(ctx.training_data, self.index, online)
         self.outcome = RoundOutcome(self.index, list(sampled), [], dict(dropped))
+        if ctx.secagg is not None:  # the key and share stages first: only nodes that shared are sent the round
+            self._secagg = SecaggRound(ctx.secagg, ctx, self.index, sampled)
+            sampled = self._secagg_stage(lambda: self._secagg.prepare(self._drop))  # type: ignore[union-attr]
         tasks = ctx.algorithm.configure_train(self.index, list(sampled), ctx.global_params)
         outgoing = self._requests(tasks)
         ctx.algorithm.start_round(self.index, ctx.global_params)
@@ -116,6 +124,9 @@ class TrainingRound:
         for node in sorted(self._pending):
             self.outcome.dropped[node] = Drop(node, "timeout", f"no reply within {ctx.timeout:g}s (round_timeout)")
         ctx.strategy.check_round(self.outcome)
+        if self._secagg is not None:  # the unmask stage: the weighted mean of the updates, as one update
+            ctx.algorithm.add(self._secagg_stage(lambda: self._secagg.finish(self._drop)))  # type: ignore[union-attr]
+            stats.update(self._secagg.stats)
         t_agg = time.perf_counter()
         new_params = ctx.algorithm.result()
         stats["aggregate_s"] = time.perf_counter() - t_agg
@@ -131,6 +142,10 @@ class TrainingRound:
         outgoing, uploaded = task_requests(self.ctx, tasks, self.index, TrainRequest)
         self._node_of = {msg.request_id: node for node, msg in outgoing.items()}
         self._max_bytes = max((r.size for r in uploaded), default=0) * 2 + BLOB_SLACK
+        if self._secagg is not None:  # each node's neighbours' encrypted shares ride with its train request
+            outgoing = {n: m.model_copy(update={"secagg": self._secagg.task(n)}) for n, m in outgoing.items()}
+            words = sum(t.numel() for t in self.ctx.global_params.values())
+            self._max_bytes = max(self._max_bytes, 8 * words + BLOB_SLACK)  # the masked blob is int64
         return outgoing  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ replies in
@@ -171,12 +186,15 @@ class TrainingRound:
             unexpected = sorted(msg.blobs.keys() - ctx.algorithm.reply_blobs)
             if unexpected:  # refused before anything is downloaded
                 raise InvalidUpdate(f"sent blobs {unexpected} that {ctx.algorithm!r} does not take")
-            blobs = {name: self._download(name, ref) for name, ref in msg.blobs.items()}
-            ctx.algorithm.add(NodeUpdate(node, blobs, msg.sample_size, dict(msg.metrics)))
+            if self._secagg is not None:  # a masked int64 blob in the model's layout: summed, never read alone
+                self._secagg.add(node, msg, self._fetch(msg.params))
+            else:
+                blobs = {name: self._download(name, ref) for name, ref in msg.blobs.items()}
+                ctx.algorithm.add(NodeUpdate(node, blobs, msg.sample_size, dict(msg.metrics)))
         except InvalidUpdate as exc:
             self._drop(node, "invalid", str(exc))
             return
-        except (TransferError, SerializationError, AggregationError) as exc:
+        except (TransferError, SerializationError, AggregationError, SecaggError) as exc:
             self._drop(node, "invalid", f"unusable update: {exc}")
             return
         self._pending.discard(node)
@@ -191,7 +209,7 @@ class TrainingRound:
 
     def _download(self, name: str, ref: BlobRef) -> Params:
         """A reply's blob, parsed and checked: "params" must match the model; every blob must be finite."""
-        params = params_from_bytes(self.ctx.files.download_bytes(ref, max_bytes=self._max_bytes))
+        params = self._fetch(ref)
         if name == "params":
             check_compatible(params, self.ctx.global_params)
         try:
@@ -199,6 +217,16 @@ class TrainingRound:
         except InvalidUpdate as exc:
             raise InvalidUpdate(f"blob '{name}': {exc}") from None
         return params
+
+    def _fetch(self, ref: BlobRef) -> Params:
+        return params_from_bytes(self.ctx.files.download_bytes(ref, max_bytes=self._max_bytes))
+
+    def _secagg_stage(self, fn: Callable[[], Any]) -> Any:
+        """A secure-aggregation stage; its failure fails the round (too few nodes left to hide each update)."""
+        try:
+            return fn()
+        except SecaggError as exc:
+            raise RoundFailed(f"round {self.index}: secure aggregation: {exc}") from None
 
     def _drop(self, node: str, kind: Any, reason: str, err: Any = None) -> None:
         self._pending.discard(node)

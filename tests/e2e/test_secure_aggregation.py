@@ -1,0 +1,204 @@
+"""Secure aggregation end to end (issue 10): three node daemons as processes, on both brokers.
+
+A secure round's global model equals a plain round's (within the fixed-point error); a node killed after the
+share stage, or after its masked input arrived, still leaves the right aggregate of the others; a node with
+`force_secure_aggregation` refuses a plain round; a hostile researcher with valid credentials cannot make a
+node answer a stage twice or mask without a setup."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsilo.common.secagg import NodeSession
+from fedsilo.common.secagg.config import SecaggConfig
+from fedsilo.network.messages import (
+    SecaggKeys,
+    SecaggSetupRequest,
+    SecaggShareRequest,
+    SecaggTask,
+    SecaggUnmaskRequest,
+)
+from fedsilo.node.config import NodeConfig
+from fedsilo.researcher import FedAverage
+from fedsilo.researcher.algorithms.robust import Krum
+from fedsilo.researcher.secagg import SecaggRound, SecureAggregation
+from fedsilo.researcher.settings import ExperimentError
+from tests.e2e.federation import HOSPITALS, MODEL_ARGS, Approved, Federation, wait_for, zero_params
+from tests.support.client import RawResearcher
+
+ALL = sorted(HOSPITALS)
+ATOL = 1e-6  # float32 results; the encoding's own error is 2^-33
+
+
+def _global(exp) -> dict[str, torch.Tensor]:
+    return exp.aggregated_params()[exp.round_current() - 1]["params"]
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=ATOL), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def plain_rounds(fed: Federation, approved: Approved, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One plain FedAvg round from the zero model: over all three nodes, and over the first two only."""
+    out = {}
+    for key, nodes in (("all", ALL), ("two", ALL[:2])):
+        with fed.experiment(tmp_path_factory.mktemp(f"plain-{key}"), round_limit=1, nodes=nodes) as exp:
+            exp.run()
+            assert all(r["dropped"] is None for r in exp.training_replies()[0].values())
+            out[key] = _global(exp)
+    return out
+
+
+def _restart(fed: Federation, name: str, exp) -> None:
+    fed.nodes[name].start()
+    wait_for(lambda: name in exp.requests().nodes() and exp.requests().nodes()[name].online, 60, f"{name} online")
+
+
+def test_secure_round_equals_the_plain_round(fed: Federation, approved: Approved, plain_rounds: dict,
+                                             tmp_path: Path) -> None:  # fmt: skip
+    with fed.experiment(tmp_path, round_limit=1, secure_aggregation=True) as exp:
+        exp.run()
+        replies = exp.training_replies()[0]
+        assert sorted(replies) == ALL and all(r["dropped"] is None for r in replies.values()), replies
+        for r in replies.values():  # each node says it masked, with the weight it reported
+            assert r["applied_caps"]["secure_aggregation"]["weight"] == r["sample_size"]
+        _close(_global(exp), plain_rounds["all"])
+        assert exp.round_stats()[0]["secagg_prepare_s"] > 0
+
+
+def test_node_killed_after_sharing_is_recovered(fed: Federation, approved: Approved, plain_rounds: dict,
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """hospital-c shares its keys, then dies before it trains: its pairwise masks are rebuilt from its s shares."""
+    victim = ALL[2]
+    prepare = SecaggRound.prepare
+
+    def prepare_then_kill(self, drop):
+        sharers = prepare(self, drop)
+        fed.nodes[victim].stop(signal.SIGKILL)
+        return sharers
+
+    monkeypatch.setattr(SecaggRound, "prepare", prepare_then_kill)
+    settings = SecureAggregation(stage_timeout=5)
+    with fed.experiment(tmp_path, round_limit=1, secure_aggregation=settings, round_timeout=60) as exp:
+        try:
+            exp.run()
+            replies = exp.training_replies()[0]
+            assert replies[victim]["dropped"]["kind"] in {"offline", "timeout"}, replies[victim]
+            _close(_global(exp), plain_rounds["two"])
+        finally:
+            _restart(fed, victim, exp)
+
+
+def test_node_killed_after_masking_is_recovered(fed: Federation, approved: Approved, plain_rounds: dict,
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """hospital-c's masked input arrives, then it dies before the unmask stage: its self mask is rebuilt from
+    the others' b shares, and the aggregate is that of all three."""
+    victim = ALL[2]
+    finish = SecaggRound.finish
+
+    def kill_then_finish(self, drop):
+        fed.nodes[victim].stop(signal.SIGKILL)
+        return finish(self, drop)
+
+    monkeypatch.setattr(SecaggRound, "finish", kill_then_finish)
+    with fed.experiment(tmp_path, round_limit=1, secure_aggregation=SecureAggregation(stage_timeout=5)) as exp:
+        try:
+            exp.run()
+            assert all(r["dropped"] is None for r in exp.training_replies()[0].values())
+            _close(_global(exp), plain_rounds["all"])
+        finally:
+            _restart(fed, victim, exp)
+
+
+@pytest.fixture
+def forcing_node(fed: Federation) -> Iterator[str]:
+    """hospital-a restarted with `[node] force_secure_aggregation = true`, then restored."""
+    name = ALL[0]
+    cfg = NodeConfig.load(fed.nodedir(name))
+
+    def restart(force: bool) -> None:
+        cfg.node.force_secure_aggregation = force
+        cfg.save()
+        fed.nodes[name].stop()
+        fed.nodes[name].start()
+
+    restart(True)
+    try:
+        yield name
+    finally:
+        restart(False)
+
+
+def test_forcing_node_refuses_a_plain_round(fed: Federation, approved: Approved, forcing_node: str,
+                                            tmp_path: Path) -> None:  # fmt: skip
+    with fed.experiment(tmp_path, round_limit=2) as exp:
+        exp.run_once()
+        refused = exp.training_replies()[0][forcing_node]["dropped"]
+        assert refused["kind"] == "error" and "FS801" in refused["reason"], refused
+        assert "secure_aggregation=True" in refused["reason"]
+        exp_secure = fed.experiment(tmp_path / "secure", round_limit=1, secure_aggregation=True)
+        with exp_secure:
+            exp_secure.run()
+            assert exp_secure.training_replies()[0][forcing_node]["dropped"] is None
+
+
+def test_algorithms_that_need_each_update_are_refused(fed: Federation, approved: Approved, tmp_path: Path) -> None:
+    with pytest.raises(ExperimentError, match="Krum needs each node's update"):
+        fed.experiment(tmp_path, aggregator=Krum(f=0), secure_aggregation=True)
+    with fed.experiment(tmp_path, aggregator=FedAverage(), secure_aggregation=True, round_limit=1) as exp:
+        exp.set_aggregator(Krum(f=0))  # changed after construction: refused when the round starts
+        with pytest.raises(ExperimentError, match="Krum"):
+            exp.run_once()
+
+
+def test_hostile_researcher_cannot_replay_or_skip_stages(fed: Federation, approved: Approved,
+                                                         client: RawResearcher) -> None:  # fmt: skip
+    """With valid credentials: a second setup of a round, a second unmask asking for the other shares, and a
+    masked round without any setup are each refused with FS800; a re-sent copy gets the same answer."""
+    node, others = ALL[1], [ALL[0], ALL[2]]
+    config = SecaggConfig(threshold=2)
+    common = {"sender": client.party, "job_id": "hostile", "round": 1}  # train_request sends round 1
+    setup = SecaggSetupRequest(nodes=ALL, config=config, **common)
+    keys = client.ask(node, setup, ("secagg_keys_reply", "error"), 30)
+    assert keys.kind == "secagg_keys_reply", keys
+    again = client.ask(node, SecaggSetupRequest(nodes=ALL, config=config, **common), ("secagg_keys_reply", "error"))
+    assert again.kind == "error" and again.code == "FS800" and "already set up" in again.message
+    resent = client.ask(node, setup.model_copy(update={"timestamp": setup.timestamp + 1}), ("secagg_keys_reply",))
+    assert resent.keys == keys.keys
+
+    # the researcher plays the two other parties itself (an honest-but-curious model: see docs/security.md)
+    fakes = {p: NodeSession(p, "hostile", 1, ALL, config) for p in others}
+    all_keys = {p: SecaggKeys(c=s.public_keys()[0].hex(), s=s.public_keys()[1].hex()) for p, s in fakes.items()}
+    all_keys[node] = keys.keys
+    shares = client.ask(node, SecaggShareRequest(keys=all_keys, **common), ("secagg_shares_reply", "error"))
+    assert shares.kind == "secagg_shares_reply" and sorted(shares.boxes) == others, shares
+    raw = {p: (bytes.fromhex(k.c), bytes.fromhex(k.s)) for p, k in all_keys.items()}
+    boxes = {p: fakes[p].share_keys(raw)[0][node].hex() for p in others}
+    train = client.train_request(approved.source, "LogReg", fed.datasets[node], params=zero_params(),
+                                 model_args=MODEL_ARGS, job_id="hostile", epochs=1)  # fmt: skip
+    train = train.model_copy(update={"secagg": SecaggTask(shares=boxes)})
+    reply = client.ask(node, train, ("train_reply", "error"), 120)
+    assert reply.kind == "train_reply", reply
+    assert reply.params.size > 0 and reply.applied_caps["secure_aggregation"]["applied"] is True
+
+    first = client.ask(node, SecaggUnmaskRequest(survivors=ALL[:2], dropped=[ALL[2]], **common),
+                       ("secagg_unmask_reply", "error"))  # fmt: skip
+    assert first.kind == "secagg_unmask_reply", first
+    assert sorted(first.b_shares) == ALL[:2] and list(first.s_shares) == [ALL[2]]
+    second = client.ask(node, SecaggUnmaskRequest(survivors=[ALL[1], ALL[2]], dropped=[ALL[0]], **common),
+                        ("secagg_unmask_reply", "error"))  # fmt: skip
+    assert second.kind == "error" and second.code == "FS800" and "at 'done'" in second.message, second
+
+    orphan = client.train_request(approved.source, "LogReg", fed.datasets[node], params=zero_params(),
+                                  model_args=MODEL_ARGS, job_id="never-set-up", epochs=1)  # fmt: skip
+    orphan = orphan.model_copy(update={"secagg": SecaggTask(shares=boxes)})
+    refused = client.ask(node, orphan, ("train_reply", "error"), 120)
+    assert refused.kind == "error" and refused.code == "FS800" and "no secure-aggregation setup" in refused.message
