@@ -13,6 +13,7 @@ import logging
 import os
 import pwd
 import shutil
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from fedsilo.common.errors import ConfigError, FedsiloError
 
 from .credentials import MqttSettings
+from .pki import paho_tls, server_files
 from .provision import NetworkConfig, acl_allows, network_paths, verify_password
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ def broker_accepts(settings: MqttSettings, timeout: float = 2.0) -> bool:
         protocol=mqtt.MQTTv311,
     )
     client.username_pw_set(settings.username, settings.password)
+    paho_tls(client, settings)
     result: dict[str, Any] = {}
     client.on_connect = lambda _c, _u, _f, rc, _p: result.setdefault("rc", rc)
     try:
@@ -105,6 +108,7 @@ def mosquitto_conf(netdir: str | Path, cfg: NetworkConfig) -> str:
             "max_queued_messages 100000",
             "set_tcp_nodelay true",
             f"listener {cfg.mqtt_port} {cfg.host}",
+            *mosquitto_tls(netdir, cfg),
             # A client id is its party's name: no party can take over another's session (and knock it off).
             # A listener option: above the first `listener` line, mosquitto 2.0 opens a default listener on
             # 0.0.0.0:1883 for it, and a second network on the machine then fails to start.
@@ -112,6 +116,32 @@ def mosquitto_conf(netdir: str | Path, cfg: NetworkConfig) -> str:
             "",
         ]
     )
+
+
+def mosquitto_tls(netdir: str | Path, cfg: NetworkConfig) -> list[str]:
+    """The TLS lines of the (only) listener: with them it speaks TLS and nothing else."""
+    if not cfg.tls:
+        return []
+    ca, cert, key = server_files(network_paths(netdir).pki)
+    return [
+        f"cafile {ca}",
+        f"certfile {cert}",
+        f"keyfile {key}",
+        "tls_version tlsv1.2",  # the oldest version accepted; 1.3 is negotiated when both ends have it
+        f"require_certificate {'true' if cfg.mutual_tls else 'false'}",
+    ]
+
+
+def server_context(netdir: str | Path, cfg: NetworkConfig) -> ssl.SSLContext:
+    """The embedded broker's TLS context, as Mosquitto's listener: TLS 1.2+, a client certificate of the
+    consortium CA required with `mutual_tls`, none asked for otherwise."""
+    ca, cert, key = server_files(network_paths(netdir).pki)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cafile=str(ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED if cfg.mutual_tls else ssl.CERT_NONE
+    return ctx
 
 
 # ---------------------------------------------------------------------------------------- embedded
@@ -205,11 +235,19 @@ def _fedsilo_broker_class() -> type:
         other clients subscribed to, past its own subscriptions and the ACL.
         """
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, tls_context: ssl.SSLContext | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            self.fedsilo_tls = tls_context
             self._subscriptions = _SnapshotDict()
             config = args[0] if args else kwargs["config"]
             self.fedsilo_parties = config["plugins"][f"{__name__}.PartiesAuthPlugin"]["parties_file"]
+
+        def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+            """amqtt's own context asks for a client certificate but takes a connection without one
+            (CERT_OPTIONAL) and allows any TLS version; fedsilo's is `server_context`'s."""
+            if self.fedsilo_tls is None:
+                raise ValueError("an ssl listener needs the broker's tls_context")
+            return self.fedsilo_tls
 
         async def _initialize_client_session(self, reader: Any, writer: Any, address: str, port: int) -> Any:
             """amqtt looks the session up by the client id the CONNECT names, and deletes it (clean

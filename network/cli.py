@@ -108,9 +108,8 @@ def party_list(netdir: str) -> None:
 @friendly_errors
 def status(netdir: str) -> None:
     """Whether the network in DIR runs, and whether its broker and file store answer."""
-    import requests
-
     from .broker import broker_accepts
+    from .filestore_client import store_healthy
 
     paths = provision.network_paths(netdir)
     cfg = provision.load_config(paths.root)
@@ -124,8 +123,8 @@ def status(netdir: str) -> None:
     except ConfigError:
         broker_ok = False
     try:
-        store_ok = requests.get(f"{cfg.filestore_url}/api/v1/health", timeout=2).status_code == 200
-    except requests.RequestException:
+        store_ok = store_healthy(Credentials.load(paths.credentials(provision.MONITOR)).filestore, timeout=2)
+    except ConfigError:
         store_ok = False
     restarts = state.get("restarts", {})
     rows = [
@@ -139,7 +138,7 @@ def status(netdir: str) -> None:
         ),
         (
             "file store",
-            "waitress",
+            "uvicorn",
             "up" if store_ok else "DOWN",
             state.get("filestore_url"),
             state.get("filestore_pid"),

@@ -12,10 +12,23 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsilo.common.config import validate
 from fedsilo.common.errors import ConfigError
+
+
+class TlsSettings(BaseModel):
+    """A party's TLS material as PEM text (`network/pki.py` makes it): the consortium CA it trusts, and its
+    own certificate and key (presented when the network asks for mutual TLS).
+
+        tls = TlsSettings(ca=ca_pem, cert=cert_pem, key=key_pem); ctx = pki.client_context(tls)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    ca: str
+    cert: str | None = None
+    key: str | None = None
 
 
 class MqttSettings(BaseModel):
@@ -27,6 +40,8 @@ class MqttSettings(BaseModel):
     tls_ca: str | None = None
     """CA certificate path; when set, the connection uses TLS and verifies the broker."""
     keepalive: int = Field(15, ge=5, le=600)
+    tls: TlsSettings | None = Field(None, exclude=True)
+    """`Credentials.tls`, copied here on load (not saved twice): `Messaging` gets these settings only."""
 
 
 class FileStoreSettings(BaseModel):
@@ -34,6 +49,8 @@ class FileStoreSettings(BaseModel):
     url: str
     token: str
     ca: str | None = None
+    tls: TlsSettings | None = Field(None, exclude=True)
+    """`Credentials.tls`, copied here on load: `FileStoreClient` gets these settings only."""
 
 
 class Credentials(BaseModel):
@@ -50,6 +67,14 @@ class Credentials(BaseModel):
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(self.model_dump_json(indent=2))
+    tls: TlsSettings | None = None
+    """The broker and the file store speak TLS with this CA (and this certificate for mutual TLS)."""
+
+    @model_validator(mode="after")
+    def _share_tls(self) -> Credentials:
+        if self.tls is not None:
+            self.mqtt.tls = self.filestore.tls = self.tls
+        return self
         return p
 
     @classmethod

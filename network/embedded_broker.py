@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .broker import PartiesAuthPlugin, PartiesTopicPlugin, _fedsilo_broker_class
+from .broker import PartiesAuthPlugin, PartiesTopicPlugin, _fedsilo_broker_class, server_context
 from .provision import NetworkConfig, load_config, network_paths
 
 log = logging.getLogger("fedsilo.network.embedded_broker")
@@ -30,7 +30,7 @@ def amqtt_config(netdir: str | Path, cfg: NetworkConfig) -> dict[str, Any]:
     """amqtt's configuration: one TCP listener, fedsilo's authentication and topic ACL plugins."""
     parties = str(network_paths(netdir).parties)
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{cfg.host}:{cfg.mqtt_port}"}},
+        "listeners": {"default": {"type": "tcp", "bind": f"{cfg.host}:{cfg.mqtt_port}", "ssl": cfg.tls}},
         "timeout_disconnect_delay": 0,
         "plugins": {
             f"{plugin.__module__}.{plugin.__qualname__}": {"parties_file": parties}
@@ -47,7 +47,8 @@ async def serve(netdir: str | Path) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    broker = _fedsilo_broker_class()(amqtt_config(paths.root, cfg), loop=loop)
+    tls = server_context(paths.root, cfg) if cfg.tls else None
+    broker = _fedsilo_broker_class()(amqtt_config(paths.root, cfg), loop=loop, tls_context=tls)
     await broker.start()
     log.info("embedded broker listening on %s:%s", cfg.host, cfg.mqtt_port)
     await stop.wait()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from fedsilo.common.config import Timeouts
 from fedsilo.common.errors import TransferError
@@ -17,6 +19,7 @@ from fedsilo.common.hashing import sha256_bytes, sha256_file
 
 from .credentials import FileStoreSettings
 from .messages import BlobRef
+from .pki import client_context
 
 CHUNK = 1 << 20
 SMALL_BLOB = 1 << 20
@@ -37,6 +40,44 @@ class BlobTransferError(TransferError):
         self.server_message = server_message
 
 
+class TlsAdapter(HTTPAdapter):
+    """HTTPS with the consortium's TLS context (`pki.client_context`): its CA only, the party's certificate."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        """Leave the context alone: requests would load certifi's public CAs into it, and a certificate
+        any public CA issued for the store's address would then pass."""
+
+
+def http_session(settings: FileStoreSettings) -> requests.Session:
+    """A `requests` session for the store at `settings.url`: TLS per the credentials, proxies resolved once."""
+    session = requests.Session()
+    # Proxies are resolved once here: with trust_env on, requests would re-read the environment and
+    # ~/.netrc on every call, which costs more than the local request itself.
+    session.proxies.update(requests.utils.get_environ_proxies(settings.url))
+    session.trust_env = False
+    session.verify = settings.ca or True
+    if settings.tls is not None:
+        session.mount("https://", TlsAdapter(client_context(settings.tls)))
+    return session
+
+
+def store_healthy(settings: FileStoreSettings, url: str | None = None, timeout: float = 1.0) -> bool:
+    """Whether the store answers its health check (at `url`, default the one in `settings`)."""
+    with http_session(settings) as session:
+        try:
+            return session.get(url or f"{settings.url.rstrip('/')}/api/v1/health", timeout=timeout).status_code == 200
+        except requests.RequestException:
+            return False
+
+
 class FileStoreClient:
     """One keep-alive HTTP session to the file store, authenticated with the party's token."""
 
@@ -45,12 +86,7 @@ class FileStoreClient:
         self.url = settings.url.rstrip("/")
         self._api = f"{self.url}/api/v1"
         self._timeout = (timeouts.connect, timeouts.transfer)
-        session = requests.Session()
-        # Proxies are resolved once here: with trust_env on, requests would re-read the environment and
-        # ~/.netrc on every call, which costs more than the local request itself.
-        session.proxies.update(requests.utils.get_environ_proxies(self.url))
-        session.trust_env = False
-        session.verify = settings.ca or True
+        session = http_session(settings)
         session.headers["Authorization"] = f"Token {settings.token}"
         self._session = session
         self._granted: dict[str, set[str]] = {}  # sha256 -> readers named by this client (ensure_readers)
@@ -193,6 +229,12 @@ class FileStoreClient:
     def _call(self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> Any:
         try:
             response = self._session.request(method, url, timeout=self._timeout, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise BlobTransferError(
+                f"file store {what} failed: no TLS connection with {self.url} ({_reason(exc)}); the server's "
+                "certificate must come from the CA in these credentials, and under mutual TLS the credentials "
+                "must carry this party's certificate"
+            ) from None
         except requests.ConnectionError as exc:
             raise BlobTransferError(
                 f"file store {what} failed: cannot reach {self.url} ({_reason(exc)}); is the network started?"

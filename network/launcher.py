@@ -16,12 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
 from fedsilo.common.processes import FEDSILO, start_process, stop_process, wait_until
 
 from . import provision
 from .credentials import Credentials
+from .filestore_client import store_healthy
 
 
 @dataclass
@@ -124,10 +123,12 @@ class NetworkHandle:
             return False
 
     def _filestore_healthy(self) -> bool:
-        try:
-            return requests.get(f"{self.filestore_url}/api/v1/health", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
+        return store_healthy(self.credentials(provision.MONITOR).filestore, f"{self.filestore_url}/api/v1/health")
+
+    @property
+    def ca_path(self) -> Path:
+        """The network's CA certificate (what `requests`' verify= takes in tests that call the store by hand)."""
+        return provision.network_paths(self.netdir).pki / "ca.crt"
 
     def restart(self, down_for: float = 0.0, timeout: float = 60.0) -> None:
         """Stop and start the whole network on the same ports (Mosquitto keeps its persisted sessions)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ from fedsilo.common.errors import FedsiloError
 
 from .credentials import MqttSettings
 from .messages import Message, MessageError, parse_message
+from .pki import paho_tls
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ class Messaging:
             protocol=mqtt.MQTTv311,
         )
         self._client.username_pw_set(settings.username, settings.password)
-        if settings.tls_ca:
-            self._client.tls_set(ca_certs=settings.tls_ca, cert_reqs=ssl.CERT_REQUIRED)
+        paho_tls(self._client, settings)  # the consortium CA only; the party's certificate for mutual TLS
         if will is not None:
             topic, msg = will
             self._client.will_set(topic, msg.to_json(), qos=1, retain=True)

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedsilo.common.config import read_toml, validate, write_toml
 from fedsilo.common.errors import ConfigError
 
-from . import topics
+from . import pki, topics
 from .credentials import Credentials, FileStoreSettings, MqttSettings
 
 Role = Literal["node", "researcher", "admin"]
@@ -62,6 +62,10 @@ class NetworkConfig(BaseModel):
     quota_blobs: int = Field(1000, gt=0)
     retention_days: float = Field(7.0, ge=1 / 24)
     gc_interval_s: float = Field(3600.0, gt=0)
+    # TLS (issue 10): on by default; the CA lives in NETDIR/pki (`pki.py`). `mutual_tls`: the broker and the
+    # file store also ask each client for a certificate of the consortium CA (every party's kit carries one).
+    tls: bool = True
+    mutual_tls: bool = False
 
     @property
     def public_host(self) -> str:
@@ -74,7 +78,7 @@ class NetworkConfig(BaseModel):
         host = self.public_host
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.http_port}"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,10 @@ class NetworkPaths:
         return self.filestore_dir / "db.sqlite3"
 
     @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
     def state(self) -> Path:
         return self.root / "state.json"
 
@@ -137,6 +145,8 @@ def init_network(
     http_port: int | None = None,
     broker: Literal["mosquitto", "embedded"] | None = None,
     max_upload_bytes: int | None = None,
+    tls: bool | None = None,
+    mutual_tls: bool | None = None,
 ) -> NetworkConfig:
     """Create the directory layout and write `network.toml`; given values override the stored ones.
 
@@ -154,14 +164,19 @@ def init_network(
         "http_port": http_port,
         "broker": broker,
         "max_upload_bytes": max_upload_bytes,
+        "tls": tls,
+        "mutual_tls": mutual_tls,
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = validate(NetworkConfig, data, str(paths.config))
     save_config(paths.root, cfg)
-    if old is not None and (old.public_host, old.mqtt_port, old.http_port) != (
+    if cfg.tls:
+        pki.CertificateAuthority.ensure(paths.pki)
+    if old is not None and (old.public_host, old.mqtt_port, old.http_port, old.tls) != (
         cfg.public_host,
         cfg.mqtt_port,
         cfg.http_port,
+        cfg.tls,
     ):
         refresh_credentials(paths.root, cfg)
     return cfg
@@ -222,8 +237,11 @@ def _write_parties(paths: NetworkPaths, parties: dict[str, dict[str, Any]]) -> N
     os.replace(tmp, paths.parties)  # a new inode: readers keyed on stat see the change at once
 
 
-def add_party(netdir: str | Path, name: str, role: str) -> Credentials:
-    """Register a party, write its credentials file and make a running broker accept it."""
+def add_party(netdir: str | Path, name: str, role: str, csr: bytes | None = None) -> Credentials:
+    """Register a party, write its credentials file and make a running broker accept it.
+
+    With TLS on, the party gets a certificate: for a fresh key, or for the site's key in `csr` (then the
+    credentials carry no key: the site adds its own, `kits.accept_kit`)."""
     paths = network_paths(netdir)
     if not NAME_PATTERN.match(name):
         raise ConfigError(
@@ -252,6 +270,7 @@ def add_party(netdir: str | Path, name: str, role: str) -> Credentials:
             role=role,  # type: ignore[arg-type]
             mqtt=MqttSettings(host=cfg.public_host, port=cfg.mqtt_port, username=name, password=password),
             filestore=FileStoreSettings(url=cfg.filestore_url, token=token),
+            tls=pki.party_tls(paths.pki, name, role, csr) if cfg.tls else None,
         )
         creds.save(paths.credentials(name))
         _write_parties(paths, parties)
@@ -283,8 +302,10 @@ def refresh_credentials(netdir: str | Path, cfg: NetworkConfig | None = None) ->
         )
         if new != creds:
             new.save(path)
+                "tls": (creds.tls or pki.party_tls(paths.pki, creds.party, creds.role)) if cfg.tls else None,
             changed.append(path)
     return changed
+        new = Credentials.model_validate(new.model_dump())  # shares (or drops) `tls` with mqtt and filestore
 
 
 # ---------------------------------------------------------------------------------------- ACL

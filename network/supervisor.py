@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.processes import exit_reason, free_port, kill_group
 
-from . import provision, stale
+from . import pki, provision, stale
 from .credentials import Credentials
 
 log = logging.getLogger("fedsilo.network.supervisor")
@@ -276,6 +276,8 @@ def prepare(
     if provision.DEFAULT_RESEARCHER not in provision.load_parties(paths.root):
         provision.add_party(paths.root, provision.DEFAULT_RESEARCHER, "researcher")
     provision.ensure_monitor(paths.root)  # before the broker starts: mosquitto reads its passwords once
+    if cfg.tls:  # the servers' certificate, re-issued when the host changed
+        pki.ensure_server(paths.pki, [cfg.host, cfg.public_host])
     provision.write_broker_files(paths.root)
     return cfg
 

@@ -38,13 +38,14 @@ def node() -> None:
 
 @node.command()
 @click.option("--dir", "nodedir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--name", required=True, help="Node name; also its id on the network.")
+@click.option("--name", default=None, help="Node name; also its id on the network (default: the kit's party).")
 @click.option(
+    "--kit",
     "--network",
     "network",
     required=True,
     type=click.Path(exists=True, path_type=Path),
-    help="A network directory (registers this node) or a node credentials file.",
+    help="A startup kit (folder or .tar.gz), a node credentials file, or a network directory (registers this node).",
 )
 @click.option("--data-root", "data_roots", multiple=True, type=click.Path(path_type=Path), help="Repeatable.")
 @click.option("--no-approval", is_flag=True, help="Run plans without approval (not for real data).")
@@ -56,10 +57,10 @@ def node() -> None:
 )
 @friendly_errors
 def init(
-    nodedir: Path, name: str, network: Path, data_roots: tuple[Path, ...], no_approval: bool, threads: int | None
+    nodedir: Path, name: str | None, network: Path, data_roots: tuple[Path, ...], no_approval: bool, threads: int | None
 ) -> None:
     """Create a node directory and its credentials."""
-    from fedsilo.network.credentials import Credentials
+    from fedsilo.network.kits import is_kit, load_kit
 
     from .audit import AuditLog
     from .datasets import DatasetStore
@@ -72,12 +73,15 @@ def init(
     for r in roots:
         if not Path(r).is_dir():
             raise ConfigError(f"data root '{r}' is not a directory")
-    if network.is_dir():
+    if network.is_dir() and not is_kit(network):
         from fedsilo.network.provision import add_party
+        if name is None:
+            raise ConfigError("give the node's --name to register it on the network directory")
 
         creds = add_party(network, name, "node")
     else:
-        creds = Credentials.load(network)
+        creds = load_kit(network)  # a kit folder or archive, or a credentials file
+        name = name or creds.party
         if creds.role != "node":
             raise ConfigError(f"{network}: credentials for a {creds.role}, not a node")
     cfg = NodeConfig.create(

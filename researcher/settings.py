@@ -12,6 +12,7 @@ from typing import Any
 
 from fedsilo.common.errors import ConfigError, FedsiloError
 from fedsilo.network.credentials import Credentials
+from fedsilo.network.kits import is_kit, load_kit
 
 NETWORK_ENV = "FEDSILO_NETWORK"
 EXPERIMENTS_ENV = "FEDSILO_EXPERIMENTS"
@@ -29,9 +30,12 @@ def resolve_credentials(network: str | Path | Credentials | None) -> Credentials
     if not network:
         raise ConfigError(f"no network given: pass network=<network folder or credentials file>, or set ${NETWORK_ENV}")
     path = Path(network).expanduser()
-    if path.is_dir():
-        path = path / "credentials" / "researcher.json"
-    creds = Credentials.load(path)
+    if is_kit(path):  # a startup kit, folder or .tar.gz (`fedsilo provision`)
+        creds = load_kit(path)
+    else:
+        if path.is_dir():
+            path = path / "credentials" / "researcher.json"
+        creds = Credentials.load(path)
     if creds.role != "researcher":
         raise ConfigError(f"{path}: credentials of a {creds.role}, not of a researcher")
     return creds

@@ -1,4 +1,4 @@
-"""Running the file store (waitress, see serve.py) as a child process of `fedsilo network start`."""
+"""Running the file store (uvicorn, see serve.py) as a child process of `fedsilo network start`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-import requests
-
-from fedsilo.common.errors import FedsiloError
+from fedsilo.common.errors import ConfigError, FedsiloError
 from fedsilo.common.processes import die_with_parent
 
-from ..provision import NetworkConfig, network_paths
+from ..credentials import Credentials
+from ..filestore_client import store_healthy
+from ..provision import MONITOR, NetworkConfig, network_paths
 
 
 class FileStoreError(FedsiloError):
@@ -38,7 +38,7 @@ class FileStoreProcess:
     @property
     def health_url(self) -> str:
         host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "") else self.cfg.host
-        return f"http://{host}:{self.cfg.http_port}/api/v1/health"
+        return f"{'https' if self.cfg.tls else 'http'}://{host}:{self.cfg.http_port}/api/v1/health"
 
     def start(self, timeout: float) -> None:
         self.paths.tmp.mkdir(parents=True, exist_ok=True)
@@ -64,9 +64,11 @@ class FileStoreProcess:
 
     def healthy(self) -> bool:
         try:
-            return requests.get(self.health_url, timeout=1).status_code == 200
-        except requests.RequestException:
+            probe = Credentials.load(self.paths.credentials(MONITOR)).filestore
+        except ConfigError:
             return False
+        # the probe party's TLS settings: the network's CA, and a client certificate for mutual TLS
+        return store_healthy(probe, self.health_url)
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

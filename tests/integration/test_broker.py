@@ -19,6 +19,7 @@ from fedsilo.network.broker import broker_accepts
 from fedsilo.network.credentials import Credentials, MqttSettings
 from fedsilo.network.messages import Message, PingRequest, Presence
 from fedsilo.network.messaging import BrokerUnavailable, Messaging
+from fedsilo.network.pki import paho_tls
 from tests.support.procs import NetworkHandle, start_network, start_process, stop_process
 
 WAIT = 20.0
@@ -85,6 +86,7 @@ def suback_codes(settings: MqttSettings, topic: str) -> list[int]:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"suback-{settings.username}",
                          protocol=mqtt.MQTTv311)
     client.username_pw_set(settings.username, settings.password)
+    paho_tls(client, settings)
     client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
 
     def on_subscribe(_c, _u, _mid, reason_codes, _p) -> None:

@@ -1,4 +1,4 @@
-"""The file store under waitress, through raw HTTP and through FileStoreClient (no mocks)."""
+"""The file store under uvicorn, through raw HTTPS and through FileStoreClient (no mocks)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ LIMIT_MB = 8
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> NetworkHandle:
     handle = start_network(tmp_path_factory.mktemp("fs"), broker="embedded", max_upload_mb=LIMIT_MB)
-    yield handle
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REQUESTS_CA_BUNDLE", str(handle.ca_path))  # raw `requests` calls trust the network's CA
+        yield handle
     handle.stop()
 
 
@@ -187,7 +189,7 @@ def test_tampered_blob_is_refused_by_the_client(net: NetworkHandle, client: File
 
 
 def test_client_errors_are_readable(net: NetworkHandle) -> None:
-    bad = FileStoreClient(FileStoreSettings(url=net.filestore_url, token="wrong"))
+    bad = FileStoreClient(net.credentials("researcher").filestore.model_copy(update={"token": "wrong"}))
     with pytest.raises(BlobTransferError) as err:
         bad.upload_bytes(b"data")
     assert err.value.status == 401

@@ -8,6 +8,7 @@ import hashlib
 import os
 import socket
 import sqlite3
+import ssl
 import subprocess
 import threading
 import time
@@ -23,6 +24,7 @@ from fedsilo.common.errors import TransferError
 from fedsilo.common.processes import FEDSILO, free_port
 from fedsilo.network import provision
 from fedsilo.network.filestore_client import BlobTransferError, FileStoreClient
+from fedsilo.network.pki import client_context
 from tests.support.procs import NetworkHandle
 
 QUOTA_BLOBS = 12
@@ -76,7 +78,7 @@ def node_b(net: NetworkHandle) -> Iterator[FileStoreClient]:
 def _raw(net: NetworkHandle, method: str, sha: str, party: str, suffix: str = "", **kw: object) -> requests.Response:
     headers = {"Authorization": f"Token {net.credentials(party).filestore.token}", **kw.pop("headers", {})}
     url = f"{net.filestore_url}/api/v1/blobs/{sha}{suffix}"
-    return requests.request(method, url, headers=headers, timeout=10, **kw)
+    return requests.request(method, url, headers=headers, timeout=10, verify=net.ca_path, **kw)
 
 
 def _blob_file(net: NetworkHandle, sha: str) -> Path:
@@ -88,8 +90,9 @@ class Tricklers:
     """Connections that send one byte every half second (headers, or an upload's body), and
     connections that ask for a large blob and never read it; all closed on `stop()` or after 60 s."""
 
-    def __init__(self, addr: tuple[str, int]) -> None:
+    def __init__(self, addr: tuple[str, int], tls: ssl.SSLContext) -> None:
         self.addr = addr
+        self.tls = tls
         self.socks: list[socket.socket] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._trickle, daemon=True)
@@ -99,6 +102,7 @@ class Tricklers:
         if rcvbuf:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         s.connect(self.addr)
+        s = self.tls.wrap_socket(s, server_hostname=self.addr[0])
         s.sendall(head)
         self.socks.append(s)
 
@@ -123,7 +127,7 @@ def test_slow_clients_do_not_hold_the_store(net: NetworkHandle, researcher: File
     big = researcher.upload_bytes(os.urandom(8 << 20))
     host, port = net.filestore_url.rsplit("//", 1)[1].rsplit(":", 1)
     token = net.credentials("researcher").filestore.token
-    slow = Tricklers((host, int(port)))
+    slow = Tricklers((host, int(port)), client_context(net.credentials("researcher").filestore.tls))
     try:
         for i in range(12):  # no token needed to trickle headers
             slow.open(f"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Slow-{i}: ".encode())
@@ -139,7 +143,8 @@ def test_slow_clients_do_not_hold_the_store(net: NetworkHandle, researcher: File
         probe = FileStoreClient(net.credentials("node-a").filestore)
         for _ in range(3):
             t0 = time.monotonic()
-            assert requests.get(f"{net.filestore_url}/api/v1/health", timeout=LIVENESS_S).status_code == 200
+            assert requests.get(f"{net.filestore_url}/api/v1/health", timeout=LIVENESS_S,
+                                verify=net.ca_path).status_code == 200  # fmt: skip
             data = os.urandom(1000)
             ref = probe.upload_bytes(data)
             assert probe.download_bytes(ref) == data

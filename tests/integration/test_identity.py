@@ -16,6 +16,7 @@ import pytest
 from fedsilo.network import topics
 from fedsilo.network.messages import PingReply, PingRequest, Presence
 from fedsilo.network.messaging import Messaging
+from fedsilo.network.pki import paho_tls
 from fedsilo.researcher.requests import Requests
 from tests.support.procs import NetworkHandle, start_network
 
@@ -59,6 +60,7 @@ def raw_client(net: NetworkHandle, party: str, client_id: str, password: str | N
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                          clean_session=False)  # fmt: skip
     client.username_pw_set(creds.username, password or creds.password)
+    paho_tls(client, creds)
     client.on_connect = lambda *_: done.set()
     client.connect(creds.host, creds.port)
     client.loop_start()
