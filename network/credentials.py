@@ -60,13 +60,6 @@ class Credentials(BaseModel):
     role: Literal["node", "researcher", "admin"]
     mqtt: MqttSettings
     filestore: FileStoreSettings
-
-    def save(self, path: str | Path) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(self.model_dump_json(indent=2))
     tls: TlsSettings | None = None
     """The broker and the file store speak TLS with this CA (and this certificate for mutual TLS)."""
 
@@ -75,6 +68,13 @@ class Credentials(BaseModel):
         if self.tls is not None:
             self.mqtt.tls = self.filestore.tls = self.tls
         return self
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(self.model_dump_json(indent=2))
         return p
 
     @classmethod

@@ -298,14 +298,14 @@ def refresh_credentials(netdir: str | Path, cfg: NetworkConfig | None = None) ->
             update={
                 "mqtt": creds.mqtt.model_copy(update={"host": cfg.public_host, "port": cfg.mqtt_port}),
                 "filestore": creds.filestore.model_copy(update={"url": cfg.filestore_url}),
+                "tls": (creds.tls or pki.party_tls(paths.pki, creds.party, creds.role)) if cfg.tls else None,
             }
         )
+        new = Credentials.model_validate(new.model_dump())  # shares (or drops) `tls` with mqtt and filestore
         if new != creds:
             new.save(path)
-                "tls": (creds.tls or pki.party_tls(paths.pki, creds.party, creds.role)) if cfg.tls else None,
             changed.append(path)
     return changed
-        new = Credentials.model_validate(new.model_dump())  # shares (or drops) `tls` with mqtt and filestore
 
 
 # ---------------------------------------------------------------------------------------- ACL

@@ -40,8 +40,8 @@ def node() -> None:
 @click.option("--dir", "nodedir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", default=None, help="Node name; also its id on the network (default: the kit's party).")
 @click.option(
-    "--kit",
     "--network",
+    "--kit",
     "network",
     required=True,
     type=click.Path(exists=True, path_type=Path),
@@ -75,9 +75,9 @@ def init(
             raise ConfigError(f"data root '{r}' is not a directory")
     if network.is_dir() and not is_kit(network):
         from fedsilo.network.provision import add_party
+
         if name is None:
             raise ConfigError("give the node's --name to register it on the network directory")
-
         creds = add_party(network, name, "node")
     else:
         creds = load_kit(network)  # a kit folder or archive, or a credentials file
