@@ -14,6 +14,7 @@ class ErrorCode(StrEnum):
     REQUEST_EXPIRED = "FS103"
     UNKNOWN_DATASET = "FS200"
     DATASET_LOAD_FAILED = "FS201"
+    DATASET_TOO_SMALL = "FS202"
     PLAN_NOT_APPROVED = "FS300"
     PLAN_REJECTED = "FS301"
     PLAN_HASH_MISMATCH = "FS302"
@@ -41,6 +42,8 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.REQUEST_EXPIRED: "the request is too old or from the future: check both machines' clocks (NTP)",
     ErrorCode.UNKNOWN_DATASET: "list the node's datasets (`fedsilo node dataset list`) and use a registered id",
     ErrorCode.DATASET_LOAD_FAILED: "the node administrator should check the dataset path and format",
+    ErrorCode.DATASET_TOO_SMALL: "the dataset holds fewer samples than the node's minimum ([node] min_count): "
+    "train on other nodes or datasets, or ask the node for more data",
     ErrorCode.PLAN_NOT_APPROVED: "ask the node's data manager to review and approve the plan with this hash",
     ErrorCode.PLAN_REJECTED: "the data manager rejected this plan; read their note and submit a revised plan",
     ErrorCode.PLAN_HASH_MISMATCH: "the plan changed in transit; re-send it",

@@ -9,7 +9,8 @@ from typing import Any
 from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
-from fedsilo.node.datasets import DATA_TYPES, DatasetError, UnknownDataset
+from fedsilo.common.datasets import names as type_names
+from fedsilo.node.datasets import DatasetError, UnknownDataset
 
 from .app import ctx, sentence
 from .auth import writer_required
@@ -86,7 +87,7 @@ def add() -> str | Response | tuple[str, int]:
     }
     keep = {k: v for k, v in form.items() if v and k != "path"}
     if request.method == "GET":
-        return render_template("datasets/add.html", form=form, roots=roots, data_types=DATA_TYPES, keep=keep)
+        return render_template("datasets/add.html", form=form, roots=roots, data_types=type_names(), keep=keep)
     errors = []
     if not roots:
         errors.append(
@@ -97,7 +98,7 @@ def add() -> str | Response | tuple[str, int]:
         errors.append("give the dataset a name")
     if not split_tags(form["tags"]):
         errors.append("give at least one tag (researchers find datasets by tags)")
-    if form["data_type"] not in DATA_TYPES:
+    if form["data_type"] not in type_names():
         errors.append("choose the data type (CSV file or image folder)")
     if not form["path"]:
         errors.append("choose the data with “Browse the data roots”")
@@ -120,7 +121,7 @@ def add() -> str | Response | tuple[str, int]:
             return redirect(url_for("datasets.detail", dataset_id=record["dataset_id"]))
     for error in errors:
         flash(f"Dataset not added: {sentence(error)}", "error")
-    return render_template("datasets/add.html", form=form, roots=roots, data_types=DATA_TYPES, keep=keep), 400
+    return render_template("datasets/add.html", form=form, roots=roots, data_types=type_names(), keep=keep), 400
 
 
 @dataclass(frozen=True)

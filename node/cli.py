@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import json
 from pathlib import Path
 
 import click
@@ -114,85 +113,6 @@ def dataset() -> None:
     """Register, list, show and remove datasets."""
 
 
-@dataset.command("add")
-@dir_option
-@click.option("--name", required=True)
-@click.option("--tags", required=True, help="Comma-separated, e.g. 'mnist,train'.")
-@click.option("--type", "data_type", required=True, type=click.Choice(["csv", "images"]))
-@click.option("--path", "path", required=True, type=click.Path(path_type=Path))
-@click.option("--description", default="")
-@click.option("--target", default=None, help="CSV target column (checked to exist).")
-@click.option(
-    "--missing",
-    type=click.Choice(["refuse", "keep"]),
-    default="refuse",
-    show_default=True,
-    help="CSV cells that are empty, NA, NaN or infinite: refuse the file (the error counts them per column), "
-    "or keep them with a warning in the summary researchers see (the training plan must handle them).",
-)
-@friendly_errors
-def dataset_add(
-    nodedir: Path,
-    name: str,
-    tags: str,
-    data_type: str,
-    path: Path,
-    description: str,
-    target: str | None,
-    missing: str,
-) -> None:
-    """Validate and register a dataset."""
-    from .datasets import DatasetStore
-
-    cfg = _load(nodedir)
-    store = DatasetStore(cfg.dir, data_roots=cfg.node.data_roots)
-    rec = store.add(
-        name, tags.split(","), data_type, path, description=description, added_by=_actor(), target=target,
-        missing=missing,
-    )  # fmt: skip
-    click.echo(f"added {rec['dataset_id']} '{rec['name']}' shape {rec['shape']} tags {','.join(rec['tags'])}")
-    for warning in rec["summary"].get("warnings", []):
-        click.echo(f"warning: {warning}", err=True)
-
-
-@dataset.command("list")
-@dir_option
-@friendly_errors
-def dataset_list(nodedir: Path) -> None:
-    from .datasets import DatasetStore
-
-    rows = DatasetStore(_load(nodedir).dir).list()
-    click.echo(
-        table(
-            ["id", "name", "type", "tags", "shape", "added"],
-            [[r["dataset_id"], r["name"], r["data_type"], r["tags"], r["shape"], r["added_at"][:19]] for r in rows],
-        )
-    )
-
-
-@dataset.command("show")
-@dir_option
-@click.argument("id_or_name")
-@friendly_errors
-def dataset_show(nodedir: Path, id_or_name: str) -> None:
-    from .datasets import DatasetStore
-
-    rec = DatasetStore(_load(nodedir).dir).get(id_or_name)
-    click.echo(json.dumps(rec, indent=2))
-
-
-@dataset.command("remove")
-@dir_option
-@click.argument("id_or_name")
-@friendly_errors
-def dataset_remove(nodedir: Path, id_or_name: str) -> None:
-    """Forget a dataset (files stay on disk)."""
-    from .datasets import DatasetStore
-
-    rec = DatasetStore(_load(nodedir).dir).remove(id_or_name, by=_actor())
-    click.echo(f"removed {rec['dataset_id']} '{rec['name']}' (files left in place)")
-
-
 # ------------------------------------------------------------------------------------------- plans
 @node.group()
 def plan() -> None:
@@ -260,6 +180,8 @@ def _decision(verb: str):
 
 for _verb in ("approve", "reject", "revoke"):
     plan.command(_verb)(_decision(_verb))
+
+from . import cli_datasets  # noqa: E402, F401  (registers `node dataset add|list|show|remove|types`)
 
 
 # ------------------------------------------------------------------------------------ config/start

@@ -61,6 +61,10 @@ class NodeSection(BaseModel):
     so the researcher never sees this node's update on its own."""
     data_roots: list[str] = Field(default_factory=list)
     """Datasets must live under one of these folders; empty = anywhere the node can read."""
+    min_count: int = Field(5, ge=1)
+    """Counts below this (samples, subjects, a category's rows, missing cells) are shown to researchers and in
+    the GUI as "< min_count", and a dataset with fewer samples is refused for training and evaluation (FS202):
+    its reply's sample count would tell the same number."""
     sandbox: Literal["bwrap", "off"] = "bwrap"
     """How plan code is confined (`node/sandbox.py`): "bwrap" = bubblewrap, no network, a read-only view of
     Python and the round's dataset, `[limits] sandbox_*` per round; a round is refused (FS505) when this

@@ -265,11 +265,11 @@ class NodeDaemon:
         if isinstance(msg, PingRequest):
             self._reply(msg.sender, self._answer(PingReply, msg, version=__version__, busy=self._current is not None))
         elif isinstance(msg, SearchRequest):
-            infos = [self.datasets.info(r) for r in self.datasets.search(msg.tags)]
+            infos = [self.datasets.info(r, self.cfg.node.min_count) for r in self.datasets.search(msg.tags)]
             log.info("search %s from %s: %d dataset(s) match", msg.tags, researcher, len(infos))
             self._reply(msg.sender, self._answer(SearchReply, msg, datasets=infos))
         elif isinstance(msg, ListRequest):
-            infos = [self.datasets.info(r) for r in self.datasets.list()]
+            infos = [self.datasets.info(r, self.cfg.node.min_count) for r in self.datasets.list()]
             self._reply(msg.sender, self._answer(ListReply, msg, datasets=infos))
         elif isinstance(msg, PlanStatusRequest):
             self._reply(

@@ -27,7 +27,7 @@ from fedsilo.network.messages import BlobRef, TrainRequest
 from .algorithms import job_state_dir
 from .audit import AuditLog
 from .config import NodeConfig
-from .datasets import DatasetStore
+from .datasets import DatasetStore, check_min_count
 from .dp_policy import effective_dp
 from .dp_round import charge_budget, log_raised, needs_dp, spend_budget
 from .plans import PlanStore
@@ -162,6 +162,7 @@ def load_dataset(r: DaemonRound) -> None:
     """The dataset's record, re-checked: it may have been removed or moved since the request was queued."""
     record = r.node.datasets.get(r.request.dataset_id)
     r.node.datasets.check_path(record["path"])
+    check_min_count(record, r.node.config.node.min_count)
     r.record = record
 
 

@@ -6,22 +6,16 @@ Every change is also written to the AuditLog with the acting person (`added_by` 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tinydb import Query
 
-from fedsilo.common.dataformats import (
-    DatasetFormatError,
-    list_image_folder,
-    load_image_array,
-    missing_counts,
-    read_csv,
-)
+from fedsilo.common.datasets import registry
+from fedsilo.common.datasets.registry import DatasetFormatError, DatasetType, UnknownDatasetType
 from fedsilo.common.errors import FedsiloError
 from fedsilo.network.messages import DatasetInfo
 
@@ -30,12 +24,16 @@ from .audit import AuditLog
 from .config import NodeConfig, node_paths
 
 SCHEMA_VERSION = 1
-DATA_TYPES = ("csv", "images")
-MISSING_POLICIES = ("refuse", "keep")
+DEFAULT_MIN_COUNT = 5
+"""`[node] min_count` when a store is used without a node configuration (tests, tools)."""
 
 
 class DatasetError(FedsiloError):
     """A dataset cannot be registered or used as asked; the message says why."""
+
+
+class DatasetTooSmall(DatasetError):
+    """The dataset holds fewer samples than the node's `min_count`: refused for training and evaluation."""
 
 
 class UnknownDataset(DatasetError, KeyError):
@@ -46,6 +44,13 @@ class UnknownDataset(DatasetError, KeyError):
 
 
 class DatasetStore:
+    """The node's datasets, each validated by its registered `DatasetType` when added.
+
+    store = DatasetStore(nodedir)
+    rec = store.add("adni", ["adni"], "csv", "/data/adni.csv", options={"target": "DX", "missing": "keep"})
+    store.describe(rec)        # what researchers and the GUI see (counts below min_count as "< N")
+    """
+
     TABLE = "datasets"
 
     def __init__(self, nodedir: str | Path, data_roots: list[str] | None = None) -> None:
@@ -65,6 +70,13 @@ class DatasetStore:
             roots = NodeConfig.load(self.nodedir).node.data_roots if cfg_file.is_file() else []
         return [Path(r).expanduser().resolve() for r in roots]
 
+    @property
+    def min_count(self) -> int:
+        """`[node] min_count` of the node's configuration (read each time: the data manager may change it)."""
+        if node_paths(self.nodedir).config.is_file():
+            return NodeConfig.load(self.nodedir).node.min_count
+        return DEFAULT_MIN_COUNT
+
     # ------------------------------------------------------------------ reads
     def list(self) -> list[dict[str, Any]]:
         with self._db.read() as db:
@@ -81,17 +93,24 @@ class DatasetStore:
         return [r for r in self.list() if wanted <= set(r["tags"])]
 
     @staticmethod
-    def info(record: dict[str, Any]) -> DatasetInfo:
-        """What researchers may see: everything but the path."""
+    def info(record: Mapping[str, Any], min_count: int = DEFAULT_MIN_COUNT) -> DatasetInfo:
+        """What researchers may see: the name, tags and type, and the type's privacy-safe description
+        (`summary`); never the path, a value of one patient, or a count below `min_count` (the shape is
+        left out for a dataset smaller than that)."""
+        summary = describe(record, min_count)
         return DatasetInfo(
             dataset_id=record["dataset_id"],
             name=record["name"],
             tags=record["tags"],
             data_type=record["data_type"],
-            shape=record.get("shape", []),
+            shape=summary.pop("shape", []),
             description=record.get("description", ""),
-            summary=record.get("summary", {}),
+            summary=summary,
         )
+
+    def describe(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """The record's privacy-safe description under this node's `min_count` (shape included)."""
+        return describe(record, self.min_count)
 
     # ------------------------------------------------------------------ writes
     def add(
@@ -103,34 +122,40 @@ class DatasetStore:
         description: str = "",
         added_by: str = "cli",
         target: str | None = None,
-        missing: str = "refuse",
+        missing: str | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Validate and register a dataset. `missing`: what to do with a CSV's missing or non-finite cells,
-        "refuse" (the error names the columns and counts) or "keep" (counted in the summary, with a warning
-        that researchers see)."""
+        """Validate and register a dataset with its type's `options` (the type's `form_fields`; `target`
+        and `missing` are shortcuts for the csv type's). A csv's `missing` policy: "refuse" (default; the
+        error names the columns and counts), "keep" (counted, with a warning that researchers see) or
+        "drop-rows"."""
         name = (name or "").strip()
         if not name:
             raise DatasetError("dataset name must not be empty")
         tags = _clean_tags(tags)
-        if data_type not in DATA_TYPES:
-            raise DatasetError(f"unknown data type '{data_type}'; use one of: {', '.join(DATA_TYPES)}")
+        dtype = _type(data_type)
         resolved = self.check_path(path)
-        if missing not in MISSING_POLICIES:
-            raise DatasetError(f"unknown missing-value policy '{missing}'; use one of: {', '.join(MISSING_POLICIES)}")
-        shape, summary, fingerprint = _inspect(resolved, data_type, target, self.data_roots, missing)
+        opts = self._options(dtype, {**(options or {}), **({"target": target} if target is not None else {}),
+                                     **({"missing": missing} if missing is not None else {})})  # fmt: skip
+        try:
+            found = dtype.validate(resolved, opts, self.data_roots)
+        except DatasetFormatError as exc:
+            raise DatasetError(str(exc)) from None
+        stored = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}, **found.options}
         record = {
             "dataset_id": "ds_" + uuid.uuid4().hex[:16],
             "name": name,
             "tags": tags,
-            "data_type": data_type,
+            "data_type": dtype.name,
             "path": str(resolved),
             "description": description,
-            "shape": shape,
-            "summary": summary,
-            "target": target,
+            "shape": found.shape,
+            "summary": {**found.summary, **({"warnings": found.warnings} if found.warnings else {})},
+            "target": stored.get("target"),
+            "options": stored,
             "added_by": added_by,
             "added_at": now_iso(),
-            "fingerprint": fingerprint,
+            "fingerprint": found.fingerprint,
         }
         q = Query()
         with self._db.write() as db:
@@ -142,6 +167,31 @@ class DatasetStore:
             "dataset_added", added_by, dataset_id=record["dataset_id"], name=name, tags=tags, path=record["path"]
         )
         return record
+
+    def _options(self, dtype: DatasetType, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The type's options checked against its form fields: unknown, missing required and bad choices
+        refused; path and file options resolved and confined to the data roots like the dataset's path."""
+        known = {f.name: f for f in dtype.form_fields}
+        unknown = sorted(k for k, v in given.items() if k not in known and v not in (None, ""))
+        if unknown:
+            raise DatasetError(f"data type '{dtype.name}' takes no option {', '.join(unknown)}"
+                               f"{'; it takes: ' + ', '.join(known) if known else ''}")  # fmt: skip
+        out: dict[str, Any] = {}
+        for f in dtype.form_fields:
+            value = given.get(f.name)
+            value = f.default if value is None or (isinstance(value, str) and not value.strip()) else value
+            if value is None:
+                if f.required:
+                    raise DatasetError(f"data type '{dtype.name}' needs {f.option} ({f.label.lower()})")
+                continue
+            if f.kind == "choice" and value not in f.choices:
+                raise DatasetError(f"{f.option} '{value}' is not one of: {', '.join(f.choices)}")
+            if f.kind in ("path", "file"):
+                value = self.check_path(value)
+                if f.kind == "file" and not value.is_file():
+                    raise DatasetError(f"{f.option} '{value}' is not a file")
+            out[f.name] = value.strip() if isinstance(value, str) else value
+        return out
 
     def update(
         self,
@@ -212,80 +262,25 @@ def _clean_tags(tags: list[str] | tuple[str, ...] | None) -> list[str]:
     return out
 
 
-def _inspect(
-    path: Path, data_type: str, target: str | None, roots: list[Path], policy: str
-) -> tuple[list[int], dict[str, Any], str]:
-    """Check content against the declared type: (shape, summary, fingerprint); `policy` for missing CSV cells."""
-    if data_type == "csv":
-        if not path.is_file():
-            raise DatasetError(f"'{path}' is a directory but data type 'csv' needs one CSV file")
-        try:
-            columns, data = read_csv(path)
-        except DatasetFormatError as exc:
-            raise DatasetError(f"not a numeric CSV with a header row: {exc}") from None
-        if target is not None and target not in columns:
-            raise DatasetError(f"target column '{target}' is not in the CSV; columns: {', '.join(columns)}")
-        missing = missing_counts(columns, data)
-        if missing and policy == "refuse":
-            raise DatasetError(
-                f"'{path}' has {_missing_text(missing)}; fix the file, or register it with `--missing keep` "
-                "if the training plan handles missing values"
-            )
-        summary = {"rows": int(data.shape[0]), "columns": _column_summary(columns, data), "target": target}
-        if missing:
-            summary["missing"] = missing
-            summary["warnings"] = [f"kept {_missing_text(missing)}: training fails on them unless the plan fills them"]
-        return [int(data.shape[0]), int(data.shape[1])], summary, _file_hash(path)
-    if not path.is_dir():
-        raise DatasetError(f"'{path}' is a file but data type 'images' needs a folder with one subfolder per class")
+def _type(name: str) -> DatasetType:
     try:
-        classes, samples = list_image_folder(path)
-    except DatasetFormatError as exc:
+        return registry.get(name)
+    except UnknownDatasetType as exc:
         raise DatasetError(str(exc)) from None
-    h = hashlib.sha256()
-    for f, _ in samples:
-        real = f.resolve()
-        if roots and not any(real.is_relative_to(r) for r in roots):
-            raise DatasetError(f"'{f}' links to {real}, outside the node's data roots")
-        st = f.stat()
-        h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    counts = {c: 0 for c in classes}
-    for _, i in samples:
-        counts[classes[i]] += 1
-    try:
-        first = list(load_image_array(samples[0][0]).shape)
-    except Exception as exc:  # pillow raises many types for unreadable files
-        raise DatasetError(f"'{samples[0][0]}' is not a readable image: {exc}") from None
-    summary = {"classes": counts, "image_shape": first, "images": len(samples)}
-    return [len(samples), *first], summary, h.hexdigest()
 
 
-def _column_summary(columns: list[str], data: Any) -> dict[str, dict[str, Any]]:
-    """dtype, min, max and mean of each column over its finite values (None when it has none)."""
-    out = {}
-    for i, c in enumerate(columns):
-        col = data[:, i]
-        col = col[np.isfinite(col)]
-        stats = (float(col.min()), float(col.max()), float(col.mean())) if col.size else (None, None, None)
-        out[c] = {
-            "dtype": "int64" if bool((col == col.round()).all()) else "float64",
-            **dict(zip(("min", "max", "mean"), stats, strict=True)),
-        }
-    return out
+def describe(record: Mapping[str, Any], min_count: int = DEFAULT_MIN_COUNT) -> dict[str, Any]:
+    """A dataset's privacy-safe description (its type's `describe`), `shape` included."""
+    return _type(str(record.get("data_type", ""))).describe(record, min_count)
 
 
-def _missing_text(missing: dict[str, int]) -> str:
-    """'3 missing or non-finite values: age (2), bmi (1)'."""
-    per_column = ", ".join(f"{c} ({n})" for c, n in missing.items())
-    return f"{sum(missing.values())} missing or non-finite values: {per_column}"
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def check_min_count(record: Mapping[str, Any], min_count: int) -> None:
+    """Refuse a dataset holding fewer samples than `min_count` (DatasetTooSmall, the count not named)."""
+    if _type(str(record.get("data_type", ""))).samples(record) < min_count:
+        raise DatasetTooSmall(
+            f"dataset '{record.get('name')}' holds fewer than {min_count} samples, this node's minimum "
+            "([node] min_count) for training and evaluation"
+        )
 
 
 def _find_row(table: Any, id_or_name: str) -> Any:

@@ -21,7 +21,7 @@ def test_same_content_is_parsed_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     path = _write(tmp_path / "a.csv", [(0.5, 1), (1.5, 0)])
     calls = []
     parse = datasets._parse_csv
-    monkeypatch.setattr(datasets, "_parse_csv", lambda p: calls.append(p) or parse(p))
+    monkeypatch.setattr(datasets, "_parse_csv", lambda p, *args: calls.append(p) or parse(p, *args))
     first = read_csv(path)
     second = read_csv(path)
     assert first[0] == second[0] == ["x", "label"]

@@ -91,12 +91,14 @@ def test_keep_records_counts_and_a_warning_researchers_see(node_env) -> None:
     assert r.exit_code == 0, r.output
     assert "warning: kept 4 missing or non-finite values" in r.output
     record = DatasetStore(nodedir).get("h")
-    info = DatasetStore.info(record)  # what a search reply carries
-    assert info.summary["missing"] == {"a": 2, "b": 1, "c": 1}
-    assert "a (2)" in info.summary["warnings"][0]
-    columns = info.summary["columns"]
-    assert columns["a"] == {"dtype": "int64", "min": 1.0, "max": 6.0, "mean": 4.0}  # over the values present
+    assert record["summary"]["missing"] == {"a": 2, "b": 1, "c": 1}  # the node keeps exact counts
+    columns = record["summary"]["columns"]
+    assert columns["a"] == {"type": "numeric", "dtype": "int64", "min": 1.0, "max": 6.0, "mean": 4.0}  # values present
     assert all(v is None or math.isfinite(v) for c in columns.values() for v in (c["min"], c["max"], c["mean"]))
+    info = DatasetStore.info(record, min_count=2)  # what a search reply carries: counts below min_count hidden
+    assert info.summary["missing"] == {"a": 2, "b": "< 2", "c": "< 2"}
+    assert "a (2)" in info.summary["warnings"][0] and "b (< 2)" in info.summary["warnings"][0]
+    assert info.summary["columns"]["a"] == {"type": "numeric", "dtype": "int64", "count": 4}  # no min, max, mean
     info.model_dump_json()  # no NaN left to be refused on the wire
 
 

@@ -80,7 +80,7 @@ def test_dataset_add_list_show_remove(env):
         ("duplicate", "already exists"),
         ("empty_tags", "at least one non-empty tag"),
         ("type_mismatch", "needs a folder"),
-        ("not_numeric", "numeric CSV"),
+        ("not_a_table", "not a CSV table"),
     ],
 )
 def test_dataset_add_validation(env, case, message):
@@ -104,8 +104,8 @@ def test_dataset_add_validation(env, case, message):
         tags = " , ,"
     elif case == "type_mismatch":
         dtype = "images"
-    elif case == "not_numeric":
-        (data / "words.csv").write_text("a,label\nfoo,1\n")
+    elif case == "not_a_table":  # text columns are categorical now; a row longer than the header is refused
+        (data / "words.csv").write_text("a,label\nfoo,1,2\n")
         path = str(data / "words.csv")
     r = run(runner, "dataset", "add", "--dir", str(nodedir), "--name", "x", "--tags", tags, "--type", dtype,
             "--path", path)  # fmt: skip

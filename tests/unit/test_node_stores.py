@@ -46,7 +46,8 @@ def test_dataset_add_summary_search_info(nodedir, csv_file):
     store = DatasetStore(nodedir)
     rec = store.add("tab", ["csv", "demo", "csv"], "csv", csv_file, description="d", target="label")
     assert rec["tags"] == ["csv", "demo"] and rec["shape"] == [3, 3]
-    assert rec["summary"]["columns"]["y"] == {"dtype": "float64", "min": 0.5, "max": 4.5, "mean": 2.5}
+    y = {"type": "numeric", "dtype": "float64", "min": 0.5, "max": 4.5, "mean": 2.5}
+    assert rec["summary"]["columns"]["y"] == y
     assert rec["summary"]["columns"]["x"]["dtype"] == "int64"
     assert store.get("tab")["dataset_id"] == rec["dataset_id"] == store.get(rec["dataset_id"])["dataset_id"]
     assert [r["name"] for r in store.search(["csv"])] == ["tab"]
