@@ -23,17 +23,12 @@ from .cli import _actor, _load, dataset, dir_option
 class _TypeOptionsCommand(click.Command):
     """A command whose options are completed, on first use, with every dataset type's form fields."""
 
-    _loaded = False
-
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if not self._loaded:
-            from fedsilo.common.datasets.registry import option_fields
+        from fedsilo.common.datasets.registry import option_fields
 
-            self._loaded = True
-            taken = {opt for p in self.params for opt in getattr(p, "opts", [])}
-            for f in option_fields().values():
-                if f.option in taken:
-                    continue
+        taken = {opt for p in self.params for opt in getattr(p, "opts", [])}  # a type registered later adds its own
+        for f in option_fields().values():
+            if f.option not in taken:
                 kind = click.Choice(list(f.choices)) if f.kind == "choice" else click.STRING
                 owners = ", ".join(_types_with(f.name))
                 default = f" (default {f.default})" if f.default else ""

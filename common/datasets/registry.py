@@ -127,6 +127,8 @@ class DatasetType:
 
 
 _types: dict[str, DatasetType] = {}
+RESERVED_FIELDS = frozenset({"name", "tags", "type", "data_type", "path", "description", "dir", "nodedir"})
+"""What every dataset is added with; a type's own field may not take these names (the CLI would hide it)."""
 _BUILTIN = ("tabular", "images", "medical_folder")
 """Modules under fedsilo.common.datasets that register a type when imported; imported on first use so
 a CLI command that does not touch datasets pays nothing. A missing one is skipped (it may not exist yet)."""
@@ -140,6 +142,9 @@ def register(dataset_type: DatasetType, replace: bool = False) -> DatasetType:
         raise ValueError("a DatasetType needs a non-empty `name`")
     if name in _types and not replace and type(_types[name]) is not type(dataset_type):
         raise ValueError(f"a dataset type named '{name}' is already registered")
+    clash = sorted({f.name for f in dataset_type.form_fields} & RESERVED_FIELDS)
+    if clash:
+        raise ValueError(f"dataset type '{name}': field names {', '.join(clash)} are the add form's own")
     _types[name] = dataset_type
     return dataset_type
 

@@ -1,0 +1,164 @@
+"""Real clinical tables: a semicolon file like Fed-BioMed's pseudo-ADNI tutorial, categorical and date
+columns, empty cells; the summary is typed, researchers see types and counts only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fedsilo.common.datasets import CsvDataset, DatasetFormatError, get, load
+from fedsilo.common.datasets.tables import read_table, sniff_delimiter
+from fedsilo.node.cli import node
+from fedsilo.node.datasets import DatasetError, DatasetStore
+
+# Pseudo-ADNI's layout (Fed-BioMed's tutorial): ';' separated, a subject id, a sex column, a visit date.
+ADNI = """RID;AGE;PTGENDER;EXAMDATE;MMSE;WholeBrain.bl;DX
+1001;71.2;F;2010-03-04;28;1.02e6;CN
+1002;65.0;M;2011-05-06;;0.98e6;MCI
+1003;80.1;M;2012-07-08;22;0.91e6;AD
+1004;;F;2013-09-10;29;1.05e6;CN
+1005;77.7;F;NA;27;1.01e6;CN
+1006;69.3;M;2014-01-02;26;0.99e6;MCI
+1007;73.4;F;2014-02-03;30;1.07e6;CN
+1008;68.8;M;2014-03-04;25;0.95e6;MCI
+1009;79.9;F;2014-04-05;21;0.90e6;AD
+1010;70.0;M;2014-05-06;29;1.03e6;CN
+1011;66.6;F;2014-06-07;28;1.00e6;CN
+1012;75.5;M;2014-07-08;24;0.94e6;MCI
+"""
+
+
+@pytest.fixture
+def adni(tmp_path: Path) -> Path:
+    path = tmp_path / "data" / "adni.csv"
+    path.parent.mkdir()
+    path.write_text(ADNI, encoding="utf-8")
+    return path
+
+
+def test_semicolons_are_sniffed_and_columns_typed(adni: Path) -> None:
+    assert sniff_delimiter(adni) == ";"
+    t = read_table(adni)
+    assert t.kinds == {"RID": "numeric", "AGE": "numeric", "PTGENDER": "categorical", "EXAMDATE": "date",
+                       "MMSE": "numeric", "WholeBrain.bl": "numeric", "DX": "categorical"}  # fmt: skip
+    assert t.labels["PTGENDER"] == ["F", "M"] and t.label_counts["DX"] == {"AD": 2, "CN": 6, "MCI": 4}
+    assert t.missing() == {"AGE": 1, "EXAMDATE": 1, "MMSE": 1}
+    assert t.data[0, t.columns.index("EXAMDATE")] == 14672.0  # 2010-03-04 in days since 1970-01-01
+
+
+def test_registration_refuses_then_keeps_or_drops_rows_with_empty_cells(tmp_path: Path, adni: Path) -> None:
+    store = DatasetStore(tmp_path / "node", data_roots=[str(adni.parent)])
+    store.ensure()
+    with pytest.raises(DatasetError, match=r"3 missing or non-finite values: AGE \(1\), EXAMDATE \(1\), MMSE \(1\)"):
+        store.add("adni", ["adni"], "csv", adni, target="DX")
+    kept = store.add("adni", ["adni"], "csv", adni, options={"target": "DX", "missing": "keep"})
+    assert kept["shape"] == [12, 7] and kept["options"] == {"target": "DX", "delimiter": ";", "missing": "keep"}
+    assert kept["summary"]["columns"]["PTGENDER"] == {"type": "categorical", "distinct": 2,
+                                                      "labels": {"F": 6, "M": 6}, "rest": 0}  # fmt: skip
+    assert kept["summary"]["columns"]["EXAMDATE"] == {"type": "date", "format": "%Y-%m-%d"}
+    dropped = store.add("adni-complete", ["adni"], "csv", adni, options={"target": "DX", "missing": "drop-rows"})
+    assert dropped["shape"] == [9, 7] and dropped["summary"]["rows_dropped"] == 3
+
+
+def test_an_explicit_delimiter_overrides_the_sniffer(tmp_path: Path, adni: Path) -> None:
+    store = DatasetStore(tmp_path / "node", data_roots=[str(adni.parent)])
+    store.ensure()
+    with pytest.raises(DatasetError, match="target column 'DX' is not in the CSV; columns: RID;AGE;PTGENDER"):
+        store.add("x", ["t"], "csv", adni, options={"delimiter": ",", "target": "DX"})  # one column of text
+    with pytest.raises(DatasetError, match="one character"):
+        store.add("x", ["t"], "csv", adni, options={"delimiter": ";;"})
+
+
+def test_loader_encodes_categoricals_and_dates_the_documented_way(tmp_path: Path, adni: Path) -> None:
+    store = DatasetStore(tmp_path / "node", data_roots=[str(adni.parent)])
+    store.ensure()
+    rec = store.add("adni", ["adni"], "csv", adni, options={"target": "DX", "missing": "drop-rows"})
+    ds = load(rec)  # the registry's loader, as the worker would build it
+    assert len(ds) == 9 and ds.rows_dropped == 3
+    assert ds.features == ["RID", "AGE", "PTGENDER", "EXAMDATE", "MMSE", "WholeBrain.bl"]
+    x, y = ds[0]
+    assert x[2].item() == 0.0 and x[3].item() == 14672.0 and y.item() == 1  # F, 2010-03-04, CN among AD<CN<MCI
+
+
+def test_plain_csvdataset_refuses_text_columns_unless_asked(adni: Path) -> None:
+    with pytest.raises(DatasetFormatError, match=r"must be numeric: PTGENDER \(categorical\), EXAMDATE \(date\)"):
+        CsvDataset(adni, target="MMSE", features=["AGE", "PTGENDER", "EXAMDATE"])
+    ds = CsvDataset(adni, target="MMSE", features=["AGE"], missing="drop-rows")
+    assert len(ds) == 10
+    with pytest.raises(DatasetFormatError, match="missing or non-finite"):
+        CsvDataset(adni, target="MMSE", features=["AGE"], missing="refuse")
+
+
+def test_fixed_categories_give_every_node_the_same_codes(tmp_path: Path) -> None:
+    # A node that has only M patients would code M as 0 by sorted labels; the plan's list makes it 1 everywhere.
+    only_m = tmp_path / "m.csv"
+    only_m.write_text("sex,label\nM,0\nM,1\n")
+    both = tmp_path / "b.csv"
+    both.write_text("sex,label\nF,0\nM,1\n")
+    assert CsvDataset(only_m, encode=True).x[:, 0].tolist() == [0.0, 0.0]  # sorted local labels: shifted
+    cats = {"sex": ["F", "M"]}
+    assert CsvDataset(only_m, categories=cats).x[:, 0].tolist() == [1.0, 1.0]
+    assert CsvDataset(both, categories=cats).x[:, 0].tolist() == [0.0, 1.0]
+    with pytest.raises(DatasetFormatError, match="1 row\\(s\\) whose label is not in the categories"):
+        CsvDataset(both, categories={"sex": ["M"]})
+
+
+def test_description_has_types_and_counts_but_no_values(tmp_path: Path, adni: Path) -> None:
+    store = DatasetStore(tmp_path / "node", data_roots=[str(adni.parent)])
+    store.ensure()
+    rec = store.add("adni", ["adni"], "csv", adni, options={"target": "DX", "missing": "keep"})
+    info = DatasetStore.info(rec, min_count=5)
+    cols = info.summary["columns"]
+    assert cols["AGE"] == {"type": "numeric", "dtype": "float64", "count": 11}
+    assert cols["DX"] == {"type": "categorical", "distinct": 3, "categories": {"CN": 6}, "other": 6, "count": 12}
+    assert cols["RID"] == {"type": "numeric", "dtype": "int64", "count": 12}
+    assert info.summary["missing"] == {"AGE": "< 5", "EXAMDATE": "< 5", "MMSE": "< 5"}
+    text = info.model_dump_json()
+    for value in ("1001", "71.2", "80.1", "2010", "MCI", 'AD"', "1.07e6", "1070000"):
+        assert value not in text, value
+
+
+def test_a_three_row_table_with_a_unique_patient_value_describes_nothing_of_it(tmp_path: Path) -> None:
+    """Attack: a dataset of 3 patients, one with a rare diagnosis and an identifying name."""
+    root = tmp_path / "data"
+    root.mkdir()
+    path = root / "tiny.csv"
+    path.write_text("name,age,dx,label\nAda Lovelace,36,porphyria,1\nBob,71,flu,0\nCy,52,flu,0\n")
+    store = DatasetStore(tmp_path / "node", data_roots=[str(root)])
+    store.ensure()
+    rec = store.add("tiny", ["t"], "csv", path, target="label")
+    info = DatasetStore.info(rec, min_count=5)
+    text = json.dumps(info.model_dump())
+    for value in ("Ada", "Lovelace", "porphyria", "flu", "36", "71", "52"):
+        assert value not in text, value
+    assert info.shape == [] and info.summary["samples"] == "< 5"
+    assert info.summary["columns"]["name"] == {"type": "categorical", "distinct": 3, "categories": {},
+                                               "other": "< 5", "count": "< 5"}  # fmt: skip
+
+
+def test_cli_adds_a_semicolon_table_with_type_options(tmp_path: Path, adni: Path) -> None:
+    runner = CliRunner()
+    nodedir = tmp_path / "node"
+    store = DatasetStore(nodedir, data_roots=[str(adni.parent)])
+    store.ensure()
+    from fedsilo.node.config import NodeConfig
+
+    NodeConfig.create(nodedir, {"node": {"name": "n", "node_id": "n", "data_roots": [str(adni.parent)]}}).save()
+    r = runner.invoke(node, ["dataset", "add", "--dir", str(nodedir), "--name", "adni", "--tags", "adni", "--type",
+                             "csv", "--path", str(adni), "--target", "DX", "--missing", "drop-rows"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "shape [9, 7]" in r.output
+    r = runner.invoke(node, ["dataset", "show", "--dir", str(nodedir), "adni", "--public"])
+    assert r.exit_code == 0 and '"samples": 9' in r.output and "1001" not in r.output, r.output
+    r = runner.invoke(node, ["dataset", "add", "--dir", str(nodedir), "--name", "i", "--tags", "t", "--type",
+                             "images", "--path", str(adni.parent), "--target", "DX"])  # fmt: skip
+    assert r.exit_code == 1 and "data type 'images' takes no option target" in r.output, r.output
+
+
+def test_csv_type_is_registered_with_its_fields() -> None:
+    t = get("csv")
+    assert [f.name for f in t.form_fields] == ["target", "delimiter", "missing"]
+    assert t.field("missing").choices == ("refuse", "keep", "drop-rows")
