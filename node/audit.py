@@ -25,6 +25,8 @@ EVENTS = (
     "login_failed",
     "round_executed",
     "request_refused",
+    "loading_plan_set",
+    "loading_plan_cleared",
 )
 
 
