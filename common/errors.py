@@ -12,8 +12,13 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_PROTOCOL = "FS101"
     SENDER_MISMATCH = "FS102"
     REQUEST_EXPIRED = "FS103"
+    SIGNATURE_INVALID = "FS104"
+    UNKNOWN_SIGNER = "FS105"
+    SIGNER_ROLE = "FS106"
+    RESEARCHER_NOT_ALLOWED = "FS107"
     UNKNOWN_DATASET = "FS200"
     DATASET_LOAD_FAILED = "FS201"
+    DATASET_NOT_ALLOWED = "FS210"
     DATASET_TOO_SMALL = "FS202"
     PLAN_NOT_APPROVED = "FS300"
     PLAN_REJECTED = "FS301"
@@ -39,9 +44,18 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.MALFORMED_MESSAGE: "the message did not match the protocol schema; check versions on both sides",
     ErrorCode.UNSUPPORTED_PROTOCOL: "upgrade the older side so both speak the same protocol version",
     ErrorCode.SENDER_MISMATCH: "a message's sender must be the party whose credentials published it",
+    ErrorCode.SIGNATURE_INVALID: "messages must carry a valid Ed25519 signature by their sender (credentials made "
+    "before signed messages lack `signing_key`: re-issue them)",
+    ErrorCode.UNKNOWN_SIGNER: "the signer is not in the consortium roster this party holds; ask the network operator "
+    "to add the party (`fedsilo network add-party`), which publishes a new roster",
+    ErrorCode.SIGNER_ROLE: "the signer's roster role may not send this (nodes answer researchers, researchers ask nodes)",
+    ErrorCode.RESEARCHER_NOT_ALLOWED: "this node takes requests only from the researchers in its `[node] researchers`; "
+    "ask its administrator",
     ErrorCode.REQUEST_EXPIRED: "the request is too old or from the future: check both machines' clocks (NTP)",
     ErrorCode.UNKNOWN_DATASET: "list the node's datasets (`fedsilo node dataset list`) and use a registered id",
     ErrorCode.DATASET_LOAD_FAILED: "the node administrator should check the dataset path and format",
+    ErrorCode.DATASET_NOT_ALLOWED: "the data manager has not allowed this researcher on this dataset "
+    "(`fedsilo node dataset allow`)",
     ErrorCode.DATASET_TOO_SMALL: "the dataset holds fewer samples than the node's minimum ([node] min_count): "
     "train on other nodes or datasets, or ask the node for more data",
     ErrorCode.PLAN_NOT_APPROVED: "ask the node's data manager to review and approve the plan with this hash",

@@ -58,6 +58,13 @@ class Credentials(BaseModel):
     format_version: int = 1
     party: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     role: Literal["node", "researcher", "admin"]
+    signing_key: str | None = None
+    """This party's Ed25519 private key (base64 of 32 bytes): it signs every message the party publishes."""
+    authority_key: str | None = None
+    """The consortium authority's Ed25519 public key: the roster it signed says whose signatures to trust."""
+    roster: str | None = None
+    """The authority-signed roster as it was when these credentials were made (`common/signing.py`); newer
+    ones arrive retained on `topics.ROSTER`."""
     mqtt: MqttSettings
     filestore: FileStoreSettings
     tls: TlsSettings | None = None

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator
 
 from fedsilo.common import PROTOCOL_VERSION
 from fedsilo.common.algorithms import AlgorithmError, AlgorithmSpec
@@ -45,9 +45,20 @@ class Message(BaseModel):
     request_id: _ID = Field(default_factory=new_id)
     sender: _ID
     timestamp: float = Field(default_factory=time.time)
+    _signature: tuple[str, str] | None = PrivateAttr(None)
+    """(signer, base64 signature) once `Messaging` verified the bytes this was parsed from; never sent."""
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode("utf-8")
+
+    @property
+    def signer(self) -> str:
+        """The party whose signature on this message was verified ("" when none was: an unsigned channel)."""
+        return self._signature[0] if self._signature else ""
+
+    @property
+    def signature(self) -> str:
+        return self._signature[1] if self._signature else ""
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -437,6 +448,15 @@ class MessageError(ValueError):
         self.reason, self.sender, self.request_id = reason, sender, request_id
         self.field = field
         """Where validation failed, after the kind: e.g. `training_args` or `algorithm.config`."""
+
+
+class UntrustedMessage(MessageError):
+    """A payload refused before parsing: unsigned, badly signed, signed by a party the roster does not name
+    or names with another role, or by another party than the one that published it. `code` is the answer."""
+
+    def __init__(self, reason: str, code: ErrorCode, signer: str, payload: bytes | bytearray | str) -> None:
+        super().__init__(reason, *_salvage_ids(payload))
+        self.code, self.signer = code, signer
 
 
 def parse_message(payload: bytes | bytearray | str) -> AnyMessage:

@@ -272,10 +272,14 @@ def add_party(netdir: str | Path, name: str, role: str, csr: bytes | None = None
             filestore=FileStoreSettings(url=cfg.filestore_url, token=token),
             tls=pki.party_tls(paths.pki, name, role, csr) if cfg.tls else None,
         )
+        from . import roster  # roster imports this module
+
+        creds = roster.enrol(paths.root, creds)  # its signing key, in a re-signed roster
         creds.save(paths.credentials(name))
         _write_parties(paths, parties)
         write_broker_files(paths.root, parties)
-    reload_broker(paths.root, check=creds)
+    if reload_broker(paths.root, check=creds):
+        roster.publish_roster(paths.root)  # running parties learn the new one from the retained roster
     return creds
 
 
@@ -317,6 +321,7 @@ def acl_rules(name: str, role: str) -> list[tuple[str, str]]:
         return [
             ("read", topics.BROADCAST_ALL),
             ("read", topics.node_inbox(name)),
+            ("read", topics.ROSTER),
             ("write", topics.researcher("+", name)),
             ("write", topics.presence(name)),
         ]
@@ -324,10 +329,11 @@ def acl_rules(name: str, role: str) -> list[tuple[str, str]]:
         return [
             ("read", topics.researcher_inbox(name)),
             ("read", topics.PRESENCE_ALL),
+            ("read", topics.ROSTER),
             ("write", topics.broadcast(name)),
             ("write", topics.node("+", name)),
         ]
-    return []
+    return [("write", topics.ROSTER)] if role == "admin" else []
 
 
 def topic_matches(pattern: str, topic: str) -> bool:

@@ -38,6 +38,8 @@ def presence(node_id: str) -> str:
 
 BROADCAST_ALL = broadcast("+")
 PRESENCE_ALL = presence("+")
+ROSTER = f"{ROOT}/roster"
+"""The consortium's roster, signed by its authority (retained; only the network's `_monitor` party writes it)."""
 
 
 def node_inbox(node_id: str) -> str:

@@ -25,8 +25,7 @@ EVENTS = (
     "login_failed",
     "round_executed",
     "request_refused",
-    "loading_plan_set",
-    "loading_plan_cleared",
+    "dataset_access_changed",
 )
 
 

@@ -113,9 +113,6 @@ def dataset() -> None:
     """Register, list, show and remove datasets."""
 
 
-from . import cli_dlp  # noqa: E402, F401  (registers `node dataset dlp set|show|clear`)
-
-
 # ------------------------------------------------------------------------------------------- plans
 @node.group()
 def plan() -> None:

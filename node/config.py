@@ -82,6 +82,9 @@ class NodeSection(BaseModel):
     """sha256 of plans allowed to run their own `training_routine`: the node cannot enforce its caps, DP,
     wall-clock limit or batch policy on such a loop (the reply says so in `applied_caps`). Refused under
     `[dp] required` whatever this list says."""
+    researchers: list[str] | None = None
+    """Researchers whose requests this node runs (FS107 otherwise); unset = every researcher the consortium's
+    signed roster names; `[]` = none (`node/access.py`)."""
 
 
 class Limits(BaseModel):

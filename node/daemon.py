@@ -42,12 +42,15 @@ from fedsilo.network.messages import (
     SearchRequest,
     TaskAck,
     TaskRequest,
+    UntrustedMessage,
 )
 from fedsilo.network.messaging import Messaging
 
+from .access import DatasetAccess, node_permits
 from .config import NodeConfig
 from .datasets import DatasetStore, UnknownDataset
 from .plans import PlanStore
+from .replay import SeenRequests
 from .secagg import SecaggSessions
 from .secagg import refusal as secagg_refusal
 from .tasks import TaskQueue
@@ -77,10 +80,12 @@ class NodeDaemon:
         self._current: dict[str, Any] | None = None
         self._audit: Any = None
         self.secagg = SecaggSessions(self.node_id)
+        self.access = DatasetAccess(config.dir)
         self.exit_code = 0
-        self.messaging = Messaging(
-            client_id=self.node_id,
-            settings=self.creds.mqtt,
+        self._seen: SeenRequests | None = None
+        self.messaging = Messaging.of(  # signs what it publishes, verifies what arrives (`common/signing.py`)
+            self.creds,
+            roster_store=self.paths.db / "roster.signed",
             on_message=self._on_message,
             subscriptions=[topics.BROADCAST_ALL, topics.node_inbox(self.node_id)],
             on_invalid=self._on_invalid,
@@ -107,6 +112,8 @@ class NodeDaemon:
         if not self.cfg.node.require_approval:
             log.warning("plan approval is OFF: this node runs any plan a researcher sends (not for real data)")
         self.queue = TaskQueue(self.paths.queue)
+        node = self.cfg.node
+        self._seen = SeenRequests(self.paths.db / "requests.sqlite3", node.request_max_age_s + node.clock_skew_s)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
@@ -151,6 +158,8 @@ class NodeDaemon:
         self.messaging.stop(farewell=(topics.presence(self.node_id), self._presence(False)))
         if self.queue is not None:
             self.queue.close()
+        if self._seen is not None:
+            self._seen.close()
         if self._filestore is not None:
             self._filestore.close()
         with contextlib.suppress(FileNotFoundError):
@@ -207,6 +216,10 @@ class NodeDaemon:
         if not researcher:
             return
         code, stage = ErrorCode.MALFORMED_MESSAGE, "receive"
+        if isinstance(exc, UntrustedMessage):  # refused before parsing: unsigned, forged, unknown or wrong role
+            self._dispatch_safe(self._refuse, researcher, exc.request_id or "unknown", exc.code, exc.reason,
+                                {"signer": exc.signer})  # fmt: skip
+            return
         if exc.field.split(".")[0] in ("training_args", "algorithm"):  # validated once, here, on receipt
             code, stage = ErrorCode.TRAINING_ARGS_INVALID, "arguments"
         self._dispatch_safe(self._error, researcher, exc.request_id or "unknown", code, exc.reason, stage)
@@ -225,16 +238,29 @@ class NodeDaemon:
         self._reply(to, self._answer(ErrorReply, request_id, code=code, message=text[:3900], stage=stage, **extra))
 
     def _admissible(self, msg: Message, researcher: str) -> bool:
-        """Checks every request passes: the sender it names is the party that published it, it is fresh,
-        and both sides speak the same protocol. A refusal is answered to the real publisher and logged."""
+    def _refuse(self, researcher: str, request_id: str, code: ErrorCode | None, reason: str,
+                details: dict[str, Any] | None = None, stage: str = "receive", **extra: Any) -> None:  # fmt: skip
+        """A request refused on who sent it: a WARNING, an audit `request_refused` (actor = the party that
+        published it, as the ACL proves), and an error reply to that party unless `code` is None."""
+        log.warning("[%s] request published by %s refused: %s", request_id, researcher, reason)
+        self.audit().record("request_refused", f"researcher:{researcher}", request_id=request_id, reason=reason,
+                            code=str(code or ""), **(details or {}))  # fmt: skip
+        if code is not None:
+            self._error(researcher, request_id, code, reason, stage, **extra)
+
+        """Checks every request passes, in order: the sender it names is the party that published it (and
+        signed it: `Messaging` checked), it is no replay, it is fresh, both sides speak the same protocol, and
+        this node takes requests from that researcher. A refusal is answered to the real publisher and logged."""
         if msg.sender != researcher:
-            log.warning("[%s] %s published a request claiming to come from %r: refused", msg.request_id,
-                        researcher, msg.sender)  # fmt: skip
-            self.audit().record("request_refused", f"researcher:{researcher}", request_id=msg.request_id,
-                                reason=f"sender field says {msg.sender!r}")  # fmt: skip
-            self._error(researcher, msg.request_id, ErrorCode.SENDER_MISMATCH,
-                        f"the request says it comes from {msg.sender!r} but was published by {researcher!r}",
-                        "receive")  # fmt: skip
+            lie = f"the request says it comes from {msg.sender!r} but was published by {researcher!r}"
+            self._refuse(researcher, msg.request_id, ErrorCode.SENDER_MISMATCH, lie)
+            return False
+        assert self._seen is not None
+        if self._seen.replayed(researcher, msg.request_id, msg.timestamp):
+            # Not answered: a QoS 1 redelivery looks exactly like a replay, and the first copy was answered;
+            # a researcher that still waits re-sends with a fresh timestamp, which is admitted.
+            self._refuse(researcher, msg.request_id, None, "replay: a copy of this request as new or newer "
+                         "was accepted before", {"timestamp": msg.timestamp, "signer": msg.signer})  # fmt: skip
             return False
         if msg.protocol_version != PROTOCOL_VERSION:
             self._error(researcher, msg.request_id, ErrorCode.UNSUPPORTED_PROTOCOL,
@@ -249,6 +275,11 @@ class NodeDaemon:
                         f"with {node.clock_skew_s:g}s of clock skew", "receive")  # fmt: skip
             return False
         return True
+        self._seen.record(researcher, msg.request_id, msg.timestamp)
+        if not node_permits(node.researchers, researcher):
+            self._refuse(researcher, msg.request_id, ErrorCode.RESEARCHER_NOT_ALLOWED,
+                         f"node '{node.name}' does not take requests from researcher {researcher!r}")  # fmt: skip
+            return False
 
     def audit(self) -> Any:
         if self._audit is None:
@@ -258,18 +289,20 @@ class NodeDaemon:
         return self._audit
 
     def _handle(self, msg: Message, researcher: str) -> None:
-        if isinstance(msg, TaskRequest) and self._answer_duplicate(msg, researcher):
-            return  # a re-sent copy: answered with the request's state, before any freshness check
         if not self._admissible(msg, researcher):
             return
         if isinstance(msg, PingRequest):
+        if isinstance(msg, TaskRequest) and self._answer_duplicate(msg, researcher):
+            return  # a re-sent copy (a newer timestamp): answered with the request's state
             self._reply(msg.sender, self._answer(PingReply, msg, version=__version__, busy=self._current is not None))
         elif isinstance(msg, SearchRequest):
-            infos = [self.datasets.info(r, self.cfg.node.min_count) for r in self.datasets.search(msg.tags)]
+            infos = [self.datasets.info(r, self.cfg.node.min_count)
+                     for r in self._usable(self.datasets.search(msg.tags), researcher)]
             log.info("search %s from %s: %d dataset(s) match", msg.tags, researcher, len(infos))
             self._reply(msg.sender, self._answer(SearchReply, msg, datasets=infos))
         elif isinstance(msg, ListRequest):
-            infos = [self.datasets.info(r, self.cfg.node.min_count) for r in self.datasets.list()]
+            infos = [self.datasets.info(r, self.cfg.node.min_count)
+                     for r in self._usable(self.datasets.list(), researcher)]
             self._reply(msg.sender, self._answer(ListReply, msg, datasets=infos))
         elif isinstance(msg, PlanStatusRequest):
             self._reply(
@@ -294,6 +327,10 @@ class NodeDaemon:
                 self._handle_train(msg)
 
     def _answer_duplicate(self, msg: TaskRequest, researcher: str) -> bool:
+    def _usable(self, records: list[dict[str, Any]], researcher: str) -> list[dict[str, Any]]:
+        """The datasets `researcher` may use: a researcher is not told about datasets closed to it."""
+        return [r for r in records if self.access.permits(r["dataset_id"], researcher)]
+
         """A request id seen before gets its current state again: its ack while it is queued or running,
         its reply once done. Requesters re-send what they have no answer for (a broker may have lost it)."""
         assert self.queue is not None
@@ -325,11 +362,17 @@ class NodeDaemon:
         assert self.queue is not None
         extra = {"job_id": msg.job_id, "round": msg.round}
         try:
-            self.datasets.get(msg.dataset_id)
+            record = self.datasets.get(msg.dataset_id)
         except UnknownDataset as exc:
             self._error(msg.sender, msg.request_id, ErrorCode.UNKNOWN_DATASET, str(exc), "dataset_lookup", **extra)
             return
         # Refused now when the store already says no (cheap); an unknown plan goes on to the worker, which
+        if not self.access.permits(record["dataset_id"], msg.sender):
+            reason = f"researcher {msg.sender!r} is not allowed on dataset {record['dataset_id']} of node " \
+                     f"'{self.cfg.node.name}'"  # fmt: skip
+            self._refuse(msg.sender, msg.request_id, ErrorCode.DATASET_NOT_ALLOWED, reason,
+                         {"dataset_id": record["dataset_id"]}, "dataset_lookup", **extra)  # fmt: skip
+            return
         # fetches it and records it as pending; the worker checks again (approval may be revoked meanwhile).
         status = self.plans.status(msg.plan.sha256)
         if self.cfg.node.require_approval and status in ("pending", "rejected"):
@@ -338,7 +381,8 @@ class NodeDaemon:
             self._error(msg.sender, msg.request_id, code, f"plan {msg.plan.sha256} ('{msg.plan_name}') is {status} "
                         f"on node '{self.cfg.node.name}'{note}", "plan_check", **extra)  # fmt: skip
             return
-        if self.queue.put(msg.request_id, {"request": msg.model_dump_json(), "reply_to": msg.sender}):
+        item = {"request": msg.model_dump_json(), "reply_to": msg.sender, "signature": msg.signature}
+        if self.queue.put(msg.request_id, item):
             log.info("[%s] queued: job %s round %d from %s, dataset %s, plan %s (%d in queue)", msg.request_id,
                      msg.job_id, msg.round, msg.sender, msg.dataset_id, msg.plan.sha256[:12],
                      self.queue.size)  # fmt: skip

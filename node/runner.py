@@ -100,6 +100,8 @@ class TaskRunner:
         data = item["data"]
         rid, reply_to = data["request_id"], data["reply_to"]
         request = parse_task(data["request"])
+        if data.get("signature"):  # the daemon queues only what its signer (= reply_to) signed
+            request._signature = (reply_to, data["signature"])
         if d.queue.seen(rid) == "done":  # queued twice by a redelivery; answered already
             d.queue.done(item)
             return
@@ -132,7 +134,8 @@ class TaskRunner:
         scratch = Path(tempfile.mkdtemp(prefix="fedsilo-task-"))
         r = DaemonRound(request, self.node, scratch)
         audit = {"plan_sha256": request.plan.sha256, "dataset_id": request.dataset_id, "job_id": request.job_id,
-                 "round": request.round, "request_id": rid}  # fmt: skip
+                 "round": request.round, "request_id": rid, "signed_by": request.signer,
+                 "signature": request.signature}  # fmt: skip
         try:
             run_stages(BEFORE_WORKER, r, rid)
             outcome = self._in_worker(rid, r, topic)

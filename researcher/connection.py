@@ -6,6 +6,8 @@ take each other over. Messages are routed to waiters by request id (replies) and
 
 Who said what: a node publishes only on `researcher/<me>/<its name>` and `presence/<its name>` (the ACL
 enforces it), so a reply or presence whose `node_id` differs from its topic is a lie, logged and dropped.
+Before that, `Messaging` drops (and logs) whatever is not signed by the node of its topic, that node being
+a node in the consortium's roster: the broker cannot speak for a node either.
 
 Requests are re-sent until answered: a broker restart loses what it had not delivered, and nodes
 answer a re-sent request id with its state (ack while running, the kept reply once done).
@@ -153,9 +155,8 @@ class Connection:
         self._by_job: dict[str, list[Waiter]] = {}
         self._waiters: list[Waiter] = []
         self.log_listeners: list[Callable[[LogMessage], None]] = []
-        self.messaging = Messaging(
-            credentials.party,
-            credentials.mqtt,
+        self.messaging = Messaging.of(  # signed requests out; only replies and presence a node signed in
+            credentials,
             on_message=self._route,
             subscriptions=[topics.researcher_inbox(self.party), topics.PRESENCE_ALL],
             on_connected=self._on_connected,

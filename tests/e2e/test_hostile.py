@@ -100,9 +100,14 @@ def test_a_re_sent_request_gets_its_answer_again(fed: Federation, approved: Appr
     first = client.ask(name, req, ("train_reply",), timeout=120)
     again = client.ask(name, req.model_copy(update={"timestamp": time.time()}), ("train_reply",), timeout=30)
     assert again.params == first.params and again.in_reply_to == req.request_id
-    # a copy stamped a day ago is still answered: the request id is known, nothing runs again
-    stale = client.ask(name, req.model_copy(update={"timestamp": time.time() - 86400}), ("train_reply",), timeout=30)
-    assert stale.params == first.params
+    # a copy stamped earlier than one accepted is a replay: refused (audited, not answered), nothing runs again
+    stale = req.model_copy(update={"timestamp": time.time() - 86400})
+    client.send(name, stale)
+    assert client.ping(name).node_id == name  # the node answers one researcher in order: a barrier
+    assert [m for m in client.received(req.request_id) if m.kind != "task_ack"] == []
+    refused = AuditLog(fed.nodedir(name)).list(event="request_refused")
+    assert any(e["details"]["request_id"] == req.request_id and e["details"]["reason"].startswith("replay")
+               for e in refused)  # fmt: skip
 
 
 def test_deep_json_silences_neither_a_node_nor_the_researcher(

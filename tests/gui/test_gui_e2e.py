@@ -37,9 +37,8 @@ class Publisher:
     def __init__(self, creds: Credentials) -> None:
         self.creds = creds
         self.inbox: queue.Queue[Message] = queue.Queue()
-        self.messaging = Messaging(
-            creds.party,
-            creds.mqtt,
+        self.messaging = Messaging.of(  # nodes run signed requests only
+            creds,
             on_message=lambda msg, topic: self.inbox.put(msg),
             subscriptions=[topics.researcher_inbox(creds.party)],
             persistent=False,

@@ -142,8 +142,8 @@ def test_a_node_taken_over_by_its_own_credentials_reconnects(net: NetworkHandle,
 def test_the_researcher_believes_presence_and_replies_only_from_the_node_they_name(net: NetworkHandle) -> None:
     req = Requests(net.credentials("researcher"))
     req.start()
-    n1 = Messaging("n1", net.credentials("n1").mqtt, on_message=lambda *_: None)
-    n2 = Messaging("n2", net.credentials("n2").mqtt, on_message=lambda *_: None)
+    n1 = Messaging.of(net.credentials("n1"), on_message=lambda *_: None)  # signed, as a node daemon's
+    n2 = Messaging.of(net.credentials("n2"), on_message=lambda *_: None)
     n1.start(WAIT)
     n2.start(WAIT)
     try:
@@ -196,7 +196,7 @@ def test_a_new_connection_sees_every_online_node_not_just_the_first_presence(net
             net.add_party(name, "node")
     nodes = {}
     for name in ("n1", "n3", "n4"):
-        m = Messaging(name, net.credentials(name).mqtt, on_message=lambda *_: None)
+        m = Messaging.of(net.credentials(name), on_message=lambda *_: None)
         m.start(WAIT)
         m.publish(topics.presence(name), Presence(sender=name, node_id=name, online=True), retain=True)
         nodes[name] = m

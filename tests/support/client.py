@@ -11,8 +11,10 @@ import queue
 import time
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsilo.common.serialization import params_to_bytes
+from fedsilo.common.signing import sign_json
 from fedsilo.network import topics
 from fedsilo.network.credentials import Credentials
 from fedsilo.network.filestore_client import BlobTransferError, FileStoreClient
@@ -24,7 +26,8 @@ from fedsilo.network.messaging import Messaging
 class RawResearcher:
     """MQTT + file-store client with a researcher's credentials. Brokers bind a client id to its party,
     so it must not share a party with an `Experiment` that runs meanwhile: use `for_network`, which
-    gives it a researcher party of its own."""
+    gives it a researcher party of its own. It signs what it sends as a researcher does; `send_raw` and
+    `send_forged` send unsigned or falsely signed bytes."""
 
     def __init__(self, creds: Credentials, timeout: float = 20.0) -> None:
         self.creds = creds
@@ -32,9 +35,8 @@ class RawResearcher:
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._kept: list[Message] = []  # received while waiting for something else
         self.scalars: list[ScalarMessage] = []  # training curves streamed by nodes, in arrival order
-        self.messaging = Messaging(
-            creds.party,
-            creds.mqtt,
+        self.messaging = Messaging.of(
+            creds,
             on_message=self._receive,
             subscriptions=[topics.researcher_inbox(creds.party)],
             persistent=False,
@@ -67,8 +69,17 @@ class RawResearcher:
                     self.files.ensure_readers(ref, [node_id])
         self.messaging.publish(topics.node(node_id, self.party), msg).wait_for_publish(10)
 
-    def send_raw(self, node_id: str, payload: bytes) -> None:
-        self.messaging.publish_raw(topics.node(node_id, self.party), payload).wait_for_publish(10)
+    def send_raw(self, node_id: str, payload: bytes, sign: bool | None = None) -> None:
+        """`payload` as it is, or signed; `sign=None`: signed when it can be (a JSON object's bytes), so that
+        junk shaped like a message reaches the node's parser and other junk its signature check."""
+        if sign is None:
+            sign = payload[:1] == b"{" and payload[-1:] == b"}" and len(payload) > 2
+        self.messaging.publish_raw(topics.node(node_id, self.party), payload, sign=sign).wait_for_publish(10)
+
+    def send_forged(self, node_id: str, msg: Message, signer: str, key: Ed25519PrivateKey) -> None:
+        """`msg` published with this client's credentials but signed as `signer` with `key` (a forgery)."""
+        wire = sign_json(msg.to_json(), signer, key)
+        self.messaging.publish_raw(topics.node(node_id, self.party), wire, sign=False).wait_for_publish(10)
 
     # ------------------------------------------------------------------ receiving
     def wait(self, request_id: str, kinds: tuple[str, ...], timeout: float = 120.0) -> Message:

@@ -49,9 +49,8 @@ class FakeNode:
         self.files = FileStoreClient(creds.filestore)
         self._seen: set[str] = set()  # the researcher re-sends unanswered requests; answer each once
         self._work = ThreadPoolExecutor(1)  # handlers run on paho's thread: uploads happen here instead
-        self.messaging = Messaging(
-            name,
-            creds.mqtt,
+        self.messaging = Messaging.of(  # signed: researchers take replies a roster node signed, only
+            creds,
             on_message=lambda msg, topic: self._work.submit(self._handle, msg, topic),
             subscriptions=[topics.BROADCAST_ALL, topics.node_inbox(name)],
             will=(topics.presence(name), self._presence(False)),
