@@ -235,9 +235,12 @@ class TorchTrainingPlan:
 
 
 def batch_len(target: Any) -> int:
-    """Samples in a batch, from its target (a tensor's first dimension, else len(), else 1)."""
+    """Samples in a batch, from its target (a tensor's first dimension, a dictionary's first value, else len(),
+    else 1). A dictionary is MONAI's form of a batch (`MedicalFolderDataset`): its len() counts keys."""
     if isinstance(target, torch.Tensor):
         return int(target.shape[0]) if target.ndim > 0 else 1
+    if isinstance(target, dict) and target:
+        return batch_len(next(iter(target.values())))
     try:
         return len(target)
     except TypeError:

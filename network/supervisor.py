@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.processes import exit_reason, free_port, kill_group
 
-from . import pki, provision, stale
+from . import pki, provision, roster, stale
 from .credentials import Credentials
 
 log = logging.getLogger("fedsilo.network.supervisor")
@@ -197,6 +197,8 @@ class Supervisor:
             down,
         )
         self.write_state()
+        if child.key == "broker":  # the embedded broker keeps no retained message across a restart
+            roster.publish_roster(self.paths.root)
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -279,6 +281,7 @@ def prepare(
     if cfg.tls:  # the servers' certificate, re-issued when the host changed
         pki.ensure_server(paths.pki, [cfg.host, cfg.public_host])
     provision.write_broker_files(paths.root)
+    roster.ensure_keys(paths.root, paths.credentials_dir)  # directories made before messages were signed
     return cfg
 
 
@@ -319,6 +322,7 @@ def run(
         supervisor = Supervisor(paths, cfg)
         supervisor.start()
         check_probe(paths)
+        roster.publish_roster(paths.root)  # retained: parties learn of parties made after their credentials
         supervisor.write_state()
         print(summary(paths, cfg), flush=True)
         supervisor.watch()

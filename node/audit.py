@@ -26,6 +26,8 @@ EVENTS = (
     "round_executed",
     "request_refused",
     "dataset_access_changed",
+    "loading_plan_set",
+    "loading_plan_cleared",
 )
 
 

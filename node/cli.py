@@ -113,6 +113,9 @@ def dataset() -> None:
     """Register, list, show and remove datasets."""
 
 
+from . import cli_dlp  # noqa: E402, F401  (registers `node dataset dlp set|show|clear`)
+
+
 # ------------------------------------------------------------------------------------------- plans
 @node.group()
 def plan() -> None:
@@ -207,3 +210,6 @@ def start(nodedir: Path) -> None:
     from .daemon import run
 
     run(_load(nodedir))
+
+
+from . import cli_access  # noqa: E402, F401  (registers `node dataset allow|deny|open|access`)

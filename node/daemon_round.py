@@ -30,6 +30,7 @@ from .config import NodeConfig
 from .datasets import DatasetStore, check_min_count
 from .dp_policy import effective_dp
 from .dp_round import charge_budget, log_raised, needs_dp, spend_budget
+from .loading_plans import attach as attach_loading_plan
 from .plans import PlanStore
 from .secagg import mask_update, open_shares
 from .stages import stage
@@ -163,7 +164,7 @@ def load_dataset(r: DaemonRound) -> None:
     record = r.node.datasets.get(r.request.dataset_id)
     r.node.datasets.check_path(record["path"])
     check_min_count(record, r.node.config.node.min_count)
-    r.record = record
+    r.record = attach_loading_plan(record, r.node.config.paths.root)  # the worker applies it (loading_plan.bind)
 
 
 @stage("params_download", ErrorCode.TRANSFER_FAILED)

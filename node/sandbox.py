@@ -42,6 +42,9 @@ BWRAP = "/usr/bin/bwrap"
 
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
 """All of /etc the worker sees: the loader's cache (shared libraries load without a directory search)."""
+_USER_ENV = ("--setenv", "USER", "fedsilo-worker", "--setenv", "LOGNAME", "fedsilo-worker")
+"""getpass.getuser() reads these before /etc/passwd, which the sandbox hides: `import monai` calls it and
+raised KeyError('getpwuid(): uid not found') in every MONAI plan."""
 
 ROOT_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 """Merged-/usr links (Debian 12: /lib -> usr/lib), recreated as links; a real folder is bound read-only."""
@@ -94,7 +97,7 @@ def dataset_paths(record: Mapping[str, Any]) -> list[str]:
     """The files a dataset's record names: its `path`, and absolute paths among its `dataset_parameters`
     (a medical folder's demographics table may live elsewhere)."""
     paths = [str(record["path"])]
-    extra = record.get("dataset_parameters")
+    extra = record.get("options") or record.get("dataset_parameters")  # the registry stores a type's options
     if isinstance(extra, Mapping):
         paths += [v for v in extra.values() if isinstance(v, str) and v.startswith("/") and os.path.exists(v)]
     return paths
@@ -145,7 +148,7 @@ def bwrap_argv(command: Sequence[str], home: str, datasets: Sequence[str], hidde
     # Nothing else is writable: not the sandbox's root, /tmp or /dev/shm, which would outlive a round and
     # hand what one plan wrote to the next researcher's; the worker empties `home` after each round.
     argv += ["--remount-ro", "/", "--remount-ro", "/dev", "--chdir", home, "--setenv", "HOME", home,
-             "--setenv", "TMPDIR", home, "--"]  # fmt: skip
+             "--setenv", "TMPDIR", home, *_USER_ENV, "--"]  # fmt: skip
     return argv + list(command)
 
 
