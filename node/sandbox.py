@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 BWRAP = "/usr/bin/bwrap"
-"""Debian's bubblewrap (not setuid: it relies on unprivileged user namespaces, or on root)."""
+"""Debian's bubblewrap (not setuid: it relies on unprivileged user namespaces, or on root); the daemon's
+`FEDSILO_BWRAP` names another binary (a site's own build, or a test's stand-in that fails)."""
 
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
 """All of /etc the worker sees: the loader's cache (shared libraries load without a directory search)."""
@@ -75,7 +76,7 @@ def probe(mode: str) -> SandboxState:
     if mode == "off":
         return SandboxState("off", False, 'sandbox = "off" in config.toml: plan code runs with the daemon\'s '
                             "user, files and network")  # fmt: skip
-    path = shutil.which("bwrap") or (BWRAP if os.access(BWRAP, os.X_OK) else None)
+    path = _bwrap()
     if path is None:
         return SandboxState(mode, False, "bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
     try:
@@ -129,7 +130,7 @@ def bwrap_argv(command: Sequence[str], home: str, datasets: Sequence[str], hidde
                writable: Sequence[str] = ()) -> list[str]:  # fmt: skip
     """The bwrap command line that runs `command` in the sandbox (see the module's docstring): `home` is its
     working folder, `datasets` are read-only, `writable` folders (the daemon's exchange folder) read-write."""
-    argv = [shutil.which("bwrap") or BWRAP, "--unshare-all", "--cap-drop", "ALL", "--die-with-parent",
+    argv = [_bwrap() or BWRAP, "--unshare-all", "--cap-drop", "ALL", "--die-with-parent",
             "--new-session", "--ro-bind", "/usr", "/usr"]  # fmt: skip
     for link in ROOT_LINKS:
         if os.path.islink(link):
@@ -150,6 +151,14 @@ def bwrap_argv(command: Sequence[str], home: str, datasets: Sequence[str], hidde
     argv += ["--remount-ro", "/", "--remount-ro", "/dev", "--chdir", home, "--setenv", "HOME", home,
              "--setenv", "TMPDIR", home, *_USER_ENV, "--"]  # fmt: skip
     return argv + list(command)
+
+
+def _bwrap() -> str | None:
+    """The bwrap binary: `$FEDSILO_BWRAP` when set (None when it is not executable), else bwrap on PATH."""
+    chosen = os.environ.get("FEDSILO_BWRAP")
+    if chosen:
+        return chosen if os.access(chosen, os.X_OK) else None
+    return shutil.which("bwrap") or (BWRAP if os.access(BWRAP, os.X_OK) else None)
 
 
 def _outermost(paths: list[str]) -> list[str]:

@@ -66,6 +66,7 @@ ERRORS: dict[type[BaseException], tuple[ErrorCode, str | None]] = {
     NonFiniteError: (ErrorCode.NON_FINITE, None),
     DPRequestRefused: (ErrorCode.DP_REQUEST_REFUSED, "arguments"),
     BudgetExceeded: (ErrorCode.PRIVACY_BUDGET_EXCEEDED, "privacy_budget"),
+    MemoryError: (ErrorCode.RESOURCE_LIMIT, None),  # in the sandbox: past [limits] sandbox_memory_mb
 }
 """Exception type -> (code, stage or None for the failing stage's label)."""
 
