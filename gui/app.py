@@ -89,9 +89,9 @@ def create_app(nodedir: str | Path, *, secure_cookies: bool = False) -> Flask:
     app.extensions["fedsilo"] = _PerProcess(nodedir, config)
     CSRFProtect(app)
 
-    from . import activity, auth, datasets, plans, status
+    from . import activity, auth, budget, datasets, plans, status
 
-    for module in (auth, datasets, plans, activity, status):
+    for module in (auth, datasets, plans, activity, budget, status):
         app.register_blueprint(module.bp)
     auth.install(app)
 

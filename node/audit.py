@@ -25,6 +25,8 @@ EVENTS = (
     "login_failed",
     "round_executed",
     "request_refused",
+    "privacy_budget_set",
+    "privacy_budget_cleared",
     "dataset_access_changed",
     "loading_plan_set",
     "loading_plan_cleared",

@@ -202,6 +202,9 @@ def config_show(nodedir: Path) -> None:
     click.echo(cfg.paths.config.read_text(encoding="utf-8"))
 
 
+from . import cli_budget  # noqa: E402, F401  (registers `node budget`, `node dataset budget`)
+
+
 @node.command()
 @dir_option
 @friendly_errors

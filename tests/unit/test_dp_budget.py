@@ -153,7 +153,7 @@ def test_a_re_run_request_is_charged_once_and_a_dataset_budget_overrides_the_nod
     assert ledger.budget("ds").source == "dataset" and ledger.budget("other").epsilon == 100.0
     with pytest.raises(BudgetExceeded, match=r"has 0 epsilon left of its budget of 0.5 \(delta 1e-06"):
         ledger.charge(_charge("q2"))
-    assert ledger.clear_budget("ds") and ledger.budget("ds").source == "node"
+    assert ledger.clear_budget("ds", by="cli:dm") and ledger.budget("ds").source == "node"
 
 
 def test_two_researchers_share_a_dataset_and_the_summary_says_who_spent_what(tmp_path: Path):
