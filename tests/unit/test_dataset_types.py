@@ -73,7 +73,7 @@ def env(tmp_path: Path, lines_type: LinesType) -> tuple[Path, Path, DatasetStore
 def test_builtin_types_are_registered() -> None:
     assert {"csv", "images"} <= set(names())
     assert get("images").path_kind == "dir" and get("csv").path_kind == "file"
-    with pytest.raises(UnknownDatasetType, match="unknown data type 'nope'; use one of: csv, images"):
+    with pytest.raises(UnknownDatasetType, match="unknown data type 'nope'; use one of: csv, images, medical-folder"):
         get("nope")
 
 
