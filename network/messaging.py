@@ -150,7 +150,12 @@ class Messaging:
         if not self._first_done.wait(timeout):
             self.stop()
             raise BrokerUnavailable(
-                f"no answer from the broker at {s.host}:{s.port} within {timeout:.0f}s; is the network started?"
+                f"no answer from the broker at {s.host}:{s.port} within {timeout:.0f}s; is the network started? "
+                + (  # a failed TLS handshake looks like silence from here: say what to check
+                    "(TLS: the broker's certificate must come from the CA in these credentials)"
+                    if s.tls is not None
+                    else "(plain TCP: a network with TLS on refuses it; use the party's startup kit)"
+                )
             )
         if self._first_result:
             self.stop()

@@ -1,1 +1,1 @@
-"""The content-addressed blob store: a Django project served by waitress (serve.py)."""
+"""The content-addressed blob store: a Django project served over HTTPS by uvicorn (serve.py, asgi.py)."""

@@ -63,7 +63,7 @@ def build_settings(netdir: str | Path) -> dict[str, Any]:
             "loggers": {
                 "django": {"handlers": ["stderr"], "level": "WARNING"},
                 "fedsilo": {"handlers": ["stderr"], "level": "INFO"},
-                "waitress": {"handlers": ["stderr"], "level": "WARNING"},
+                "uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
             },
         },
     }

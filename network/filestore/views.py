@@ -104,7 +104,7 @@ class BlobView(APIView):
         meta = raw.META
         length_header = meta.get("CONTENT_LENGTH") or ""
         if not length_header:
-            # waitress de-chunks a chunked body before the view runs and sets Content-Length to its size.
+            # a chunked body has arrived whole before the view runs, and asgi.py sets Content-Length to its size.
             raise ApiError(411, "send the blob as the raw request body with Content-Length or chunked encoding")
         try:
             length = int(length_header)

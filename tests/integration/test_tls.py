@@ -86,7 +86,7 @@ def test_the_network_speaks_tls_only(net: NetworkHandle) -> None:
 def test_a_plain_mqtt_connection_is_refused_on_the_tls_listener(net: NetworkHandle) -> None:
     plain = _with_tls(net.credentials("r1"), None)
     assert not broker_accepts(plain.mqtt, timeout=3)
-    with pytest.raises(BrokerUnavailable):
+    with pytest.raises(BrokerUnavailable, match="plain TCP: a network with TLS on refuses it"):
         Messaging("r1", plain.mqtt, on_message=lambda *_: None).start(timeout=5)
     # the raw bytes of an MQTT CONNECT get no CONNACK (0x20) back
     with socket.create_connection(("127.0.0.1", net.mqtt_port), 5) as s:
