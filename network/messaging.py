@@ -72,6 +72,7 @@ class Messaging:
         self._signer = signer
         self._trust = trust
         self._held: list[tuple[bytes, str]] = []
+        self._held_lock = threading.Lock()  # paho's thread holds, the watchdog's may release
         self._hold_until = 0.0
         if trust is not None:  # first: its retained roster then arrives before what the other filters bring
             subscriptions = [topics.ROSTER, *[t for t in subscriptions if t != topics.ROSTER]]
@@ -107,6 +108,7 @@ class Messaging:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_subscribe = self._handle_subscribe
         self._sub_mid: int | None = None
+        self._pending_ready = False
         self._client.on_message = self._handle_message
         self._client.on_socket_open = _no_delay
 
@@ -239,19 +241,23 @@ class Messaging:
         self._connected_at = time.monotonic()
         if self._trust is not None:
             self._hold_until = self._connected_at + self.ROSTER_WAIT_S
-        if not self._subscriptions:
+        self._pending_ready = True
+        if self._subscriptions:
+            self._sub_mid = client.subscribe([(topic, 1) for topic in self._subscriptions])[1]
+        # With a session the broker kept, its filters are live already; otherwise `connected` (a daemon's
+        # `broker_connected`) waits for the SUBACK: a node daemon that said it was connected on its first
+        # connection once missed a request sent right after (test_signatures, machine under load).
+        if not self._subscriptions or getattr(flags, "session_present", False):
             self._ready()
-            return
-        # One SUBSCRIBE, and `connected` (a daemon's `broker_connected`) only once the broker acknowledged it: a
-        # node daemon that said it was connected once missed a request sent right after (test_signatures, machine
-        # under load), its filters not yet taken by the broker.
-        self._sub_mid = client.subscribe([(topic, 1) for topic in self._subscriptions])[1]
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if mid == self._sub_mid:
             self._ready()
 
     def _ready(self) -> None:
+        if not self._pending_ready:  # once per connection
+            return
+        self._pending_ready = False
         self._connected.set()
         self._first_done.set()
         log.debug("connected to broker as %s", self.client_id)
@@ -327,10 +333,11 @@ class Messaging:
     MAX_HELD = 64
 
     def _hold(self, payload: bytes, topic: str) -> bool:
-        if time.monotonic() >= self._hold_until or len(self._held) >= self.MAX_HELD:
-            return False
-        self._held.append((payload, topic))
-        return True
+        with self._held_lock:
+            if time.monotonic() >= self._hold_until or len(self._held) >= self.MAX_HELD:
+                return False
+            self._held.append((payload, topic))
+            return True
 
     def _take_roster(self, payload: bytes) -> None:
         assert self._trust is not None
@@ -344,9 +351,10 @@ class Messaging:
 
     def _release_held(self) -> None:
         """Deliver what waited for the roster, once it came or the wait is over (paho's or the watchdog's thread)."""
-        if not self._held or time.monotonic() < self._hold_until:
-            return
-        held, self._held = self._held, []
+        with self._held_lock:
+            if not self._held or time.monotonic() < self._hold_until:
+                return
+            held, self._held = self._held, []
         for payload, topic in held:
             self._deliver(payload, topic, may_hold=False)
 
