@@ -1,4 +1,5 @@
-"""Datasets: list, add through a server-side path picker confined to the data roots, edit, remove."""
+"""Datasets: list, add through a server-side path picker confined to the data roots, edit, remove, and the
+data loading plan. Forms and descriptions come from the dataset-type registry (`dataset_forms.py`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,23 @@ from typing import Any
 from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
-from fedsilo.common.datasets import names as type_names
+from fedsilo.common.datasets import types
+from fedsilo.common.errors import FedsiloError
 from fedsilo.node.datasets import DatasetError, UnknownDataset
 
 from .app import ctx, sentence
 from .auth import writer_required
+from .dataset_forms import (
+    BASE_FIELDS,
+    chosen_type,
+    loading_plan_form,
+    loading_plan_text,
+    option_values,
+    path_fields,
+    picker_actions,
+    sections,
+    size_text,
+)
 
 bp = Blueprint("datasets", __name__, url_prefix="/datasets")
 
@@ -36,8 +49,32 @@ def index() -> str:
 
 @bp.route("/<dataset_id>")
 def detail(dataset_id: str) -> str:
+    """The record as the node knows it (location, options) and its privacy-safe description, the one
+    researchers get in search replies."""
+    from fedsilo.node.loading_plans import LoadingPlanStore
+
     record = _get_or_404(dataset_id)
-    return render_template("datasets/detail.html", ds=record)
+    description = ctx().datasets.describe(record)
+    plan = LoadingPlanStore(ctx().nodedir).get(record["dataset_id"])
+    return render_template("datasets/detail.html", ds=record, dtype=chosen_type(record["data_type"]),
+                           size=size_text(description), sections=sections(description), plan=plan,
+                           plan_form=loading_plan_text(plan))  # fmt: skip
+
+
+@bp.route("/<dataset_id>/loading-plan", methods=["POST"])
+@writer_required
+def loading_plan(dataset_id: str) -> Response:
+    """Set (or, all fields empty, clear) the dataset's data loading plan; the store audits the change."""
+    from fedsilo.node.loading_plans import LoadingPlanStore
+
+    record = _get_or_404(dataset_id)
+    try:
+        saved = LoadingPlanStore(ctx().nodedir).set(record["dataset_id"], loading_plan_form(request.form), by=actor())
+    except FedsiloError as exc:
+        flash(f"Loading plan not saved: {sentence(exc)}", "error")
+    else:
+        flash("Loading plan cleared." if saved.is_empty() else "Loading plan saved.", "success")
+    return redirect(url_for("datasets.detail", dataset_id=record["dataset_id"]))
 
 
 @bp.route("/<dataset_id>/edit", methods=["POST"])
@@ -77,17 +114,13 @@ def remove(dataset_id: str) -> str | Response:
 @writer_required
 def add() -> str | Response | tuple[str, int]:
     roots = ctx().datasets.data_roots
-    form: dict[str, Any] = {
-        "name": request.values.get("name", "").strip(),
-        "tags": request.values.get("tags", "").strip(),
-        "data_type": request.values.get("data_type", ""),
-        "path": request.values.get("path", "").strip(),
-        "description": request.values.get("description", "").strip(),
-        "target": request.values.get("target", "").strip(),
-    }
-    keep = {k: v for k, v in form.items() if v and k != "path"}
+    form: dict[str, Any] = {k: request.values.get(k, "").strip() for k in BASE_FIELDS}
+    dtype = chosen_type(form["data_type"])
+    options = option_values(dtype, request.values)
+    keep = {k: v for k, v in {**form, **options}.items() if v}
+    page = {"form": form, "options": options, "roots": roots, "dtype": dtype, "types": types(), "keep": keep}
     if request.method == "GET":
-        return render_template("datasets/add.html", form=form, roots=roots, data_types=type_names(), keep=keep)
+        return render_template("datasets/add.html", **page)
     errors = []
     if not roots:
         errors.append(
@@ -98,22 +131,18 @@ def add() -> str | Response | tuple[str, int]:
         errors.append("give the dataset a name")
     if not split_tags(form["tags"]):
         errors.append("give at least one tag (researchers find datasets by tags)")
-    if form["data_type"] not in type_names():
-        errors.append("choose the data type (CSV file or image folder)")
+    if dtype is None:
+        errors.append(f"choose the data type ({', '.join(t.label for t in types())})")
     if not form["path"]:
         errors.append("choose the data with “Browse the data roots”")
     if not errors:
         try:
             picked = confined_path(form["path"])
-            record = ctx().datasets.add(
-                form["name"],
-                split_tags(form["tags"]),
-                form["data_type"],
-                picked,
-                description=form["description"],
-                added_by=actor(),
-                target=form["target"] or None,
-            )
+            for f in path_fields(dtype):
+                if f.name in options:
+                    options[f.name] = str(confined_path(options[f.name]))
+            record = ctx().datasets.add(form["name"], split_tags(form["tags"]), form["data_type"], picked,
+                                        description=form["description"], added_by=actor(), options=options)  # fmt: skip
         except DatasetError as exc:
             errors.append(str(exc))
         else:
@@ -121,7 +150,7 @@ def add() -> str | Response | tuple[str, int]:
             return redirect(url_for("datasets.detail", dataset_id=record["dataset_id"]))
     for error in errors:
         flash(f"Dataset not added: {sentence(error)}", "error")
-    return render_template("datasets/add.html", form=form, roots=roots, data_types=type_names(), keep=keep), 400
+    return render_template("datasets/add.html", **page), 400
 
 
 @dataclass(frozen=True)
@@ -129,6 +158,7 @@ class Entry:
     name: str
     path: Path
     is_dir: bool
+    actions: tuple[tuple[str, str], ...] = ()
 
 
 @bp.route("/browse")
@@ -136,32 +166,38 @@ class Entry:
 def browse() -> str | Response:
     """The path picker: folders and files under the data roots only."""
     roots = ctx().datasets.data_roots
-    keep = {k: request.args[k] for k in ("name", "tags", "data_type", "description", "target") if request.args.get(k)}
-    raw = request.args.get("path", "")
+    dtype = chosen_type(request.args.get("data_type", ""))
+    keep = {k: v for k, v in {**{k: request.args.get(k, "").strip() for k in BASE_FIELDS},
+                              **option_values(dtype, request.args)}.items() if v}  # fmt: skip
+    field = request.args.get("field", "path")
+    field = field if field == "path" or (dtype is not None and dtype.field(field) is not None) else "path"
+    raw = request.args["at"] if "at" in request.args else request.args.get(field, "")
     if not roots:
         flash(
             "This node has no data roots configured; an administrator sets [node] data_roots in config.toml.", "error"
         )
-        return render_template("datasets/browse.html", roots=[], here=None, entries=[], keep=keep, crumbs=[])
+        return render_template("datasets/browse.html", roots=[], here=None, entries=[], keep=keep, crumbs=[],
+                               field=field)  # fmt: skip
     if not raw:
-        return render_template("datasets/browse.html", roots=roots, here=None, entries=[], keep=keep, crumbs=[])
+        return render_template("datasets/browse.html", roots=roots, here=None, entries=[], keep=keep, crumbs=[],
+                               field=field)  # fmt: skip
     try:
         here = confined_path(raw)
     except DatasetError as exc:
         flash(f"Cannot open that location: {sentence(exc)}", "error")
-        return redirect(url_for("datasets.browse", **keep))
+        return redirect(url_for("datasets.browse", **{k: v for k, v in keep.items() if k != field}, field=field))
     if not here.is_dir():
         here = here.parent
     root = next(r for r in roots if here.is_relative_to(r))
-    entries, truncated = _list_dir(here, roots)
+    entries, truncated = _list_dir(here, roots, dtype, field, keep)
     if truncated:
         flash(f"This folder holds more than {MAX_ENTRIES} entries; only the first {MAX_ENTRIES} are shown.", "info")
     crumbs = [root, *[p for p in reversed(here.parents) if p.is_relative_to(root) and p != root]]
     if here != root:
         crumbs.append(here)
-    return render_template(
-        "datasets/browse.html", roots=roots, here=here, root=root, entries=entries, keep=keep, crumbs=crumbs
-    )
+    here_actions = picker_actions(here, True, dtype, field, keep)
+    return render_template("datasets/browse.html", roots=roots, here=here, root=root, entries=entries, keep=keep,
+                           crumbs=crumbs, field=field, here_actions=here_actions)  # fmt: skip
 
 
 def confined_path(raw: str) -> Path:
@@ -176,7 +212,7 @@ def confined_path(raw: str) -> Path:
     return ctx().datasets.check_path(path)
 
 
-def _list_dir(here: Path, roots: list[Path]) -> tuple[list[Entry], bool]:
+def _list_dir(here: Path, roots: list[Path], dtype: Any, field: str, keep: dict[str, str]) -> tuple[list[Entry], bool]:
     entries: list[Entry] = []
     try:
         children = sorted(here.iterdir(), key=lambda p: (not p.is_dir(), p.name.lower()))
@@ -193,7 +229,8 @@ def _list_dir(here: Path, roots: list[Path]) -> tuple[list[Entry], bool]:
         # A symlink that leads out of the data roots is not offered at all.
         if not any(real.is_relative_to(r) for r in roots):
             continue
-        entries.append(Entry(child.name, child, real.is_dir()))
+        is_dir = real.is_dir()
+        entries.append(Entry(child.name, child, is_dir, tuple(picker_actions(child, is_dir, dtype, field, keep))))
         if len(entries) >= MAX_ENTRIES:
             return entries, True
     return entries, False
@@ -208,7 +245,17 @@ def _get_or_404(dataset_id: str) -> dict[str, Any]:
 
 @bp.app_template_filter("dataset_size")
 def _size_text(record: dict[str, Any]) -> str:
-    summary = record.get("summary", {})
-    if record["data_type"] == "csv":
-        return f"{summary.get('rows', '?')} rows, {len(summary.get('columns', {}))} columns"
-    return f"{summary.get('images', '?')} images in {len(summary.get('classes', {}))} classes"
+    return size_text(ctx().datasets.describe(record))
+
+
+@bp.app_template_filter("dataset_type_label")
+def _type_label(name: str) -> str:
+    dtype = chosen_type(name)
+    return dtype.label if dtype is not None else name
+
+
+@bp.app_template_filter("dataset_contents")
+def _contents(record: dict[str, Any]) -> str:
+    """The names in the first table of the description (columns, classes or modalities)."""
+    tables = [s for s in sections(ctx().datasets.describe(record)) if s.get("rows")]
+    return ", ".join(str(row[0]) for row in tables[0]["rows"]) if tables else ""

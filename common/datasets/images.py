@@ -25,6 +25,7 @@ class ImagesType(DatasetType):
     label = "Images (one folder per class)"
     path_kind = "dir"
     path_help = "a folder holding one subfolder of images per class"
+    pick_text = "Use as image folder"
 
     def validate(self, path: Path, options: Mapping[str, Any], roots: Sequence[Path] = ()) -> Validated:
         if not path.is_dir():

@@ -97,6 +97,10 @@ class DatasetType:
     label: ClassVar[str] = ""
     path_kind: ClassVar[Literal["file", "dir"]] = "file"
     path_help: ClassVar[str] = ""
+    path_suffixes: ClassVar[tuple[str, ...]] = ()
+    """File name endings the GUI's picker offers for a "file" type (lower case); empty: any file."""
+    pick_text: ClassVar[str] = ""
+    """The picker's link for choosing a path as this type (default "Use as <name>")."""
     form_fields: ClassVar[tuple[FormField, ...]] = ()
 
     def validate(self, path: Path, options: Mapping[str, Any], roots: Sequence[Path] = ()) -> Validated:
@@ -124,6 +128,16 @@ class DatasetType:
 
     def field(self, name: str) -> FormField | None:
         return next((f for f in self.form_fields if f.name == name), None)
+
+    def accepts(self, path: Path, is_dir: bool) -> bool:
+        """Whether the picker offers `path` for this type (by kind and name only; `validate` decides)."""
+        if is_dir:
+            return self.path_kind == "dir"
+        return self.path_kind == "file" and (not self.path_suffixes or path.name.lower().endswith(self.path_suffixes))
+
+    @property
+    def pick_label(self) -> str:
+        return self.pick_text or f"Use as {self.name}"
 
 
 _types: dict[str, DatasetType] = {}

@@ -33,6 +33,8 @@ class CsvType(DatasetType):
     label = "Table (CSV)"
     path_kind = "file"
     path_help = "one CSV file with a header row"
+    path_suffixes = (".csv", ".tsv", ".txt")
+    pick_text = "Use this CSV file"
     form_fields = (
         FormField("target", "Target column", "text", help="the column a plan predicts (checked to exist)"),
         FormField("delimiter", "Delimiter", "text", help="one character; empty: detected (, ; tab |)"),

@@ -108,7 +108,7 @@ def test_add_dataset_through_path_picker(manager, node: dict[str, Any], screensh
     page.get_by_label("Target column").fill("label")
     page.get_by_label("Description").fill("Cardiology cohort 2024")
     page.get_by_role("button", name="Add the dataset").click()
-    assert "Dataset 'heart' added (64 rows, 5 columns)." in flashes(page)
+    assert "Dataset 'heart' added (64 samples, shape 64 × 5)." in flashes(page)
     expect(page.get_by_role("heading", name="Dataset heart")).to_be_visible()
     page.screenshot(path=screenshots / "dataset-detail.png", full_page=True)
     record = DatasetStore(node["dir"]).get("heart")
