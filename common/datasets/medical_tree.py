@@ -116,13 +116,14 @@ def _entries(folder: Path) -> list[Path]:
 
 
 def _modality_source(folder: Path, root: Path) -> Source:
-    files = [p for p in _entries(folder) if p.is_file() or p.is_symlink()]
-    nifti = [p for p in files if p.name.lower().endswith(NIFTI_SUFFIXES)]
+    nifti = [p for p in _entries(folder) if p.name.lower().endswith(NIFTI_SUFFIXES)]
     if len(nifti) > 1:
         raise VolumeError(f"{len(nifti)} NIfTI files; a modality folder holds one volume")
     if nifti:
         if not inside(nifti[0], root):
             raise VolumeError("links outside the dataset folder")
+        if not nifti[0].is_file():  # a FIFO (or a link to one) would block the reader for good
+            raise VolumeError("not a regular file")
         return Source(nifti[0], "nifti")
     if dicom.series_files(folder, root):
         return Source(folder, "dicom")

@@ -288,3 +288,17 @@ def test_a_dicom_folder_mixing_two_series_or_holding_junk_is_reported(tmp_path):
 def register_plain(root: Path) -> dict:
     v = get("medical-folder").validate(root, {})
     return {"path": str(root), "shape": v.shape, "summary": v.summary, "options": v.options}
+
+
+def test_a_fifo_named_nii_is_not_opened(tree):
+    import os
+
+    (tree / "sub-1" / "T1" / "sub-1_T1.nii.gz").unlink()
+    os.mkfifo(tree / "fifo")
+    (tree / "sub-1" / "T1" / "sub-1_T1.nii").symlink_to(tree / "fifo")  # inside the tree: only its kind refuses it
+    (tree / "sub-5" / "T1").mkdir(parents=True)
+    os.mkfifo(tree / "sub-5" / "T1" / "slice.dcm")  # a DICOM series of one FIFO
+    unreadable = register(tree)["summary"]["unreadable"]
+    assert unreadable["sub-1"] == {"T1": "not a regular file"}
+    assert unreadable["sub-5"] == {"T1": "no NIfTI file or DICOM series"}
+    assert MedicalFolderDataset(tree, "T1", target_modalities=None).subjects == ["sub-2", "sub-3", "sub-4"]
