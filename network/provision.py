@@ -170,14 +170,11 @@ def init_network(
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = validate(NetworkConfig, data, str(paths.config))
     save_config(paths.root, cfg)
+    new_ca = cfg.tls and not pki.CertificateAuthority.exists(paths.pki)  # e.g. a directory made before TLS
     if cfg.tls:
         pki.CertificateAuthority.ensure(paths.pki)
-    if old is not None and (old.public_host, old.mqtt_port, old.http_port, old.tls) != (
-        cfg.public_host,
-        cfg.mqtt_port,
-        cfg.http_port,
-        cfg.tls,
-    ):
+    where = (cfg.public_host, cfg.mqtt_port, cfg.http_port, cfg.tls)
+    if old is not None and (new_ca or (old.public_host, old.mqtt_port, old.http_port, old.tls) != where):
         refresh_credentials(paths.root, cfg)
     return cfg
 

@@ -184,6 +184,27 @@ def test_a_node_daemon_joins_from_its_kit(net: NetworkHandle, tmp_path: Path) ->
         node.stop()
 
 
+@pytest.mark.parametrize("broker", BROKERS)
+def test_a_network_made_before_tls_switches_to_it_on_its_next_start(broker: str, tmp_path: Path) -> None:
+    netdir = tmp_path / "network"
+    provision.init_network(netdir, mqtt_port=free_port(), http_port=free_port(), broker=broker, tls=False)  # type: ignore[arg-type]
+    before = provision.add_party(netdir, "old-node", "node")
+    toml = netdir / "network.toml"  # as written before network.toml had a tls key
+    toml.write_text("".join(line for line in toml.read_text().splitlines(True) if "tls" not in line))
+    assert before.tls is None and before.filestore.url.startswith("http://")
+    handle = NetworkHandle(netdir=netdir, broker=broker, log_path=tmp_path / "network.log")
+    handle.start()
+    try:
+        after = handle.credentials("old-node")
+        assert after.tls is not None and after.filestore.url.startswith("https://")
+        assert after.mqtt.password == before.mqtt.password and after.filestore.token == before.filestore.token
+        assert broker_accepts(after.mqtt) and not broker_accepts(before.mqtt, timeout=3)
+        with FileStoreClient(after.filestore) as client:
+            assert client.download_bytes(client.upload_bytes(b"upgraded")) == b"upgraded"
+    finally:
+        handle.stop()
+
+
 # ------------------------------------------------------------------------------------ mutual TLS
 def test_mutual_tls_refuses_a_client_without_a_certificate(mutual: NetworkHandle) -> None:
     creds = mutual.credentials("r1")
