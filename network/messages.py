@@ -94,11 +94,13 @@ _SHARE = Annotated[str, Field(pattern=r"^[0-9a-f]{136}$")]
 
 
 class SecaggKeys(BaseModel):
-    """A node's two x25519 public keys of a round (hex): `c` encrypts shares to it, `s` derives its masks."""
+    """A node's two x25519 public keys of a round (hex): `c` encrypts shares to it, `s` derives its masks; `sig`:
+    the node's Ed25519 signature over them (`node/secagg_auth.py`), which every other node checks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     c: _HEX32
     s: _HEX32
+    sig: Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{86}==$")] | None = None
 
 
 class SecaggTask(BaseModel):

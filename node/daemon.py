@@ -53,6 +53,7 @@ from .plans import PlanStore
 from .replay import SeenRequests
 from .secagg import SecaggSessions
 from .secagg import refusal as secagg_refusal
+from .secagg_auth import KeyAuthority
 from .tasks import TaskQueue
 from .worker import Worker, setup_file_logging
 
@@ -79,7 +80,7 @@ class NodeDaemon:
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._current: dict[str, Any] | None = None
         self._audit: Any = None
-        self.secagg = SecaggSessions(self.node_id)
+        self.secagg = SecaggSessions(self.node_id, KeyAuthority.of(self.creds, self.paths.db / "roster.signed"))
         self.access = DatasetAccess(config.dir)
         self.exit_code = 0
         self._seen: SeenRequests | None = None

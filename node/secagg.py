@@ -40,6 +40,7 @@ from fedsilo.network.messages import (
     TrainRequest,
 )
 
+from .secagg_auth import KeyAuthority, statement
 from .stages import stage
 
 if TYPE_CHECKING:
@@ -76,8 +77,12 @@ class SecaggSessions:
             reply = sessions.answer(msg, daemon._answer)
     """
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, authority: KeyAuthority | None = None) -> None:
         self.node_id = node_id
+        self.authority = authority
+        """Signs this node's keys and checks the others' (None: keys relayed unauthenticated, logged)."""
+        if authority is None:
+            log.warning("no signing key: secure-aggregation keys are not authenticated (researcher trusted)")
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str, int], _Entry] = OrderedDict()
 
@@ -131,9 +136,12 @@ class SecaggSessions:
         common = {"job_id": msg.job_id, "round": msg.round}
         if isinstance(msg, SecaggSetupRequest):
             c, s = session.public_keys()
-            return answer(SecaggKeysReply, msg, keys=SecaggKeys(c=c.hex(), s=s.hex()), **common)
+            sig = self.authority.sign(statement(msg.sender, msg.job_id, msg.round, self.node_id, c, s)) \
+                if self.authority is not None else None  # fmt: skip
+            return answer(SecaggKeysReply, msg, keys=SecaggKeys(c=c.hex(), s=s.hex(), sig=sig), **common)
         if isinstance(msg, SecaggShareRequest):
             keys = {n: (bytes.fromhex(k.c), bytes.fromhex(k.s)) for n, k in msg.keys.items()}
+            self._authenticate(msg, keys)
             boxes, commitments = session.share_keys(keys)
             return answer(SecaggSharesReply, msg, boxes={v: b.hex() for v, b in boxes.items()},
                           commitments=commitments, **common)  # fmt: skip
@@ -144,6 +152,18 @@ class SecaggSessions:
             return answer(SecaggUnmaskReply, msg, b_shares={k: v.hex() for k, v in b.items()},
                           s_shares={k: v.hex() for k, v in s.items()}, **common)  # fmt: skip
         raise SecaggError(f"unknown secure-aggregation stage {msg.kind}")
+
+    def _authenticate(self, msg: SecaggShareRequest, keys: dict[str, tuple[bytes, bytes]]) -> None:
+        """Every other node's keys must carry its own signature for this researcher, job and round."""
+        if self.authority is None:
+            return
+        for node, (c, s) in sorted(keys.items()):
+            if node == self.node_id:
+                continue
+            sig = msg.keys[node].sig
+            if sig is None:
+                raise SecaggError(f"the keys given for '{node}' carry no signature")
+            self.authority.verify(node, statement(msg.sender, msg.job_id, msg.round, node, c, s), sig)
 
     @contextmanager
     def session_for(self, request: TaskRequest) -> Iterator[NodeSession]:

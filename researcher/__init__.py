@@ -45,6 +45,7 @@ from .evaluation import EvaluationFailed, EvaluationReport
 from .experiment import Experiment
 from .history import History, NodeResult, RoundRecord
 from .requests import Requests
+from .secagg import SecureAggregation
 from .settings import ExperimentError
 from .strategies import DefaultStrategy, Drop, RoundFailed, RoundOutcome, Strategy
 
@@ -89,6 +90,7 @@ __all__ = [
     "RoundRecord",
     "Scaffold",
     "ScaffoldConfig",
+    "SecureAggregation",
     "Strategy",
     "TorchTrainingPlan",
     "TrainingArgs",

@@ -26,6 +26,7 @@ from fedsilo.common.secagg.config import SecaggConfig
 from fedsilo.common.secagg.layout import from_blob, unflatten
 from fedsilo.network.messages import (
     Reply,
+    SecaggKeys,
     SecaggKeysReply,
     SecaggSetupRequest,
     SecaggShareRequest,
@@ -133,11 +134,13 @@ class SecaggRound:
         t0, party = time.perf_counter(), self.ctx.requests.party
         common: dict[str, Any] = {"job_id": self.ctx.job_id, "round": self.index}
         setup = SecaggSetupRequest(sender=party, nodes=self.nodes, config=self.config, **common)
+        signed: dict[str, SecaggKeys] = {}  # relayed as the nodes signed them: each checks the others' signatures
         for node, reply in self._collect(setup, self.nodes, SecaggKeysReply, drop).items():
             assert isinstance(reply, SecaggKeysReply)
             self.session.add_keys(node, (bytes.fromhex(reply.keys.c), bytes.fromhex(reply.keys.s)))
-        keyed = sorted(self.session.keys)
-        share = SecaggShareRequest(sender=party, keys={n: setup_keys(self.session.keys[n]) for n in keyed}, **common)
+            signed[node] = reply.keys
+        share = SecaggShareRequest(sender=party, keys=signed, **common)
+        keyed = sorted(signed)
         for node, reply in self._collect(share, keyed, SecaggSharesReply, drop).items():
             assert isinstance(reply, SecaggSharesReply)
             try:
@@ -181,10 +184,6 @@ class SecaggRound:
         log.info("round %d: secure aggregate of %d node(s) (%d dropped after sharing), %d samples", self.index,
                  len(survivors), len(dropped), weight)  # fmt: skip
         return NodeUpdate(AGGREGATE_NODE, {"params": params}, weight)
-
-
-def setup_keys(keys: tuple[bytes, bytes]) -> dict[str, str]:
-    return {"c": keys[0].hex(), "s": keys[1].hex()}
 
 
 def _unhex(shares: Mapping[str, str]) -> dict[str, bytes]:

@@ -159,6 +159,8 @@ class NodeSession(_Round):
             raise SecaggError("the unmask request names nodes outside the round")
         if self.stage not in ("ready", "masked"):
             raise SecaggError(f"stage 'unmask' asked while this round is at '{self.stage}'")
+        if self.stage == "masked" and self.me in gone:  # its s share would unmask its own input with its b share
+            raise SecaggError("this node sent its masked input: it cannot be named dropped")
         self.stage = "done"
         self._b = b""
         b = {u: self._held[u][0] for u in sorted(alive) if u in self._held}

@@ -159,46 +159,51 @@ def test_algorithms_that_need_each_update_are_refused(fed: Federation, approved:
             exp.run_once()
 
 
-def test_hostile_researcher_cannot_replay_or_skip_stages(fed: Federation, approved: Approved,
-                                                         client: RawResearcher) -> None:  # fmt: skip
-    """With valid credentials: a second setup of a round, a second unmask asking for the other shares, and a
-    masked round without any setup are each refused with FS800; a re-sent copy gets the same answer."""
-    node, others = ALL[1], [ALL[0], ALL[2]]
-    config = SecaggConfig(threshold=2)
+def test_hostile_researcher_cannot_substitute_keys_replay_or_skip_stages(fed: Federation, approved: Approved,
+                                                                          client: RawResearcher) -> None:  # fmt: skip
+    """With valid credentials, relaying for the three real nodes: keys of its own making in place of a node's
+    (signed or not), a second setup of a round, a second unmask asking for the other shares, and a masked round
+    without any setup are each refused with FS800; a re-sent copy gets the same answer."""
+    node, config = ALL[1], SecaggConfig(threshold=2)
     common = {"sender": client.party, "job_id": "hostile", "round": 1}  # train_request sends round 1
-    setup = SecaggSetupRequest(nodes=ALL, config=config, **common)
-    keys = client.ask(node, setup, ("secagg_keys_reply", "error"), 30)
-    assert keys.kind == "secagg_keys_reply", keys
-    again = client.ask(node, SecaggSetupRequest(nodes=ALL, config=config, **common), ("secagg_keys_reply", "error"))
-    assert again.kind == "error" and again.code == "FS800" and "already set up" in again.message
-    resent = client.ask(node, setup.model_copy(update={"timestamp": setup.timestamp + 1}), ("secagg_keys_reply",))
-    assert resent.keys == keys.keys
 
-    # the researcher plays the two other parties itself (an honest-but-curious model: see docs/security.md)
-    fakes = {p: NodeSession(p, "hostile", 1, ALL, config) for p in others}
-    all_keys = {p: SecaggKeys(c=s.public_keys()[0].hex(), s=s.public_keys()[1].hex()) for p, s in fakes.items()}
-    all_keys[node] = keys.keys
-    shares = client.ask(node, SecaggShareRequest(keys=all_keys, **common), ("secagg_shares_reply", "error"))
-    assert shares.kind == "secagg_shares_reply" and sorted(shares.boxes) == others, shares
-    raw = {p: (bytes.fromhex(k.c), bytes.fromhex(k.s)) for p, k in all_keys.items()}
-    boxes = {p: fakes[p].share_keys(raw)[0][node].hex() for p in others}
+    def ask(party: str, msg, kind: str):
+        return client.ask(party, msg, (kind, "error"), 60)
+
+    setups = {p: SecaggSetupRequest(nodes=ALL, config=config, **common) for p in ALL}
+    keys = {p: ask(p, setups[p], "secagg_keys_reply") for p in ALL}
+    assert all(k.kind == "secagg_keys_reply" and k.keys.sig for k in keys.values()), keys
+    again = ask(node, SecaggSetupRequest(nodes=ALL, config=config, **common), "secagg_keys_reply")
+    assert again.kind == "error" and again.code == "FS800" and "already set up" in again.message
+    resent = ask(node, setups[node].model_copy(update={"timestamp": setups[node].timestamp + 1}), "secagg_keys_reply")
+    assert resent.keys == keys[node].keys
+
+    real = {p: k.keys for p, k in keys.items()}
+    mine = NodeSession(ALL[0], "hostile", 1, ALL, config)  # the researcher's own key pair posing as hospital-a
+    c, s = mine.public_keys()
+    for forged in (SecaggKeys(c=c.hex(), s=s.hex(), sig=real[ALL[0]].sig), SecaggKeys(c=c.hex(), s=s.hex())):
+        refused = ask(node, SecaggShareRequest(keys={**real, ALL[0]: forged}, **common), "secagg_shares_reply")
+        assert refused.kind == "error" and refused.code == "FS800", refused
+        assert "'hospital-a'" in refused.message and ("not signed by it" in refused.message
+                                                       or "no signature" in refused.message)  # fmt: skip
+
+    shares = {p: ask(p, SecaggShareRequest(keys=real, **common), "secagg_shares_reply") for p in ALL}
+    assert all(r.kind == "secagg_shares_reply" for r in shares.values()), shares
+    boxes = {u: shares[u].boxes[node] for u in ALL if u != node}
     train = client.train_request(approved.source, "LogReg", fed.datasets[node], params=zero_params(),
                                  model_args=MODEL_ARGS, job_id="hostile", epochs=1)  # fmt: skip
-    train = train.model_copy(update={"secagg": SecaggTask(shares=boxes)})
-    reply = client.ask(node, train, ("train_reply", "error"), 120)
+    reply = ask(node, train.model_copy(update={"secagg": SecaggTask(shares=boxes)}), "train_reply")
     assert reply.kind == "train_reply", reply
-    assert reply.params.size > 0 and reply.applied_caps["secure_aggregation"]["applied"] is True
+    assert reply.applied_caps["secure_aggregation"]["applied"] is True
 
-    first = client.ask(node, SecaggUnmaskRequest(survivors=ALL[:2], dropped=[ALL[2]], **common),
-                       ("secagg_unmask_reply", "error"))  # fmt: skip
+    first = ask(node, SecaggUnmaskRequest(survivors=ALL[:2], dropped=[ALL[2]], **common), "secagg_unmask_reply")
     assert first.kind == "secagg_unmask_reply", first
     assert sorted(first.b_shares) == ALL[:2] and list(first.s_shares) == [ALL[2]]
-    second = client.ask(node, SecaggUnmaskRequest(survivors=[ALL[1], ALL[2]], dropped=[ALL[0]], **common),
-                        ("secagg_unmask_reply", "error"))  # fmt: skip
+    second = ask(node, SecaggUnmaskRequest(survivors=[ALL[1], ALL[2]], dropped=[ALL[0]], **common),
+                 "secagg_unmask_reply")  # fmt: skip
     assert second.kind == "error" and second.code == "FS800" and "at 'done'" in second.message, second
 
     orphan = client.train_request(approved.source, "LogReg", fed.datasets[node], params=zero_params(),
                                   model_args=MODEL_ARGS, job_id="never-set-up", epochs=1)  # fmt: skip
-    orphan = orphan.model_copy(update={"secagg": SecaggTask(shares=boxes)})
-    refused = client.ask(node, orphan, ("train_reply", "error"), 120)
+    refused = ask(node, orphan.model_copy(update={"secagg": SecaggTask(shares=boxes)}), "train_reply")
     assert refused.kind == "error" and refused.code == "FS800" and "no secure-aggregation setup" in refused.message

@@ -248,6 +248,8 @@ def test_a_node_answers_each_stage_once_and_never_both_shares_of_a_node() -> Non
         a.unmask(["a", "b"], ["b"])
     with pytest.raises(SecaggError, match="fewer than threshold"):
         a.unmask(["a"], ["b", "c"])
+    with pytest.raises(SecaggError, match="cannot be named dropped"):  # its own s share after it masked
+        a.unmask(["b", "c"], ["a"])
     a.unmask(["a", "b"], ["c"])
     with pytest.raises(SecaggError, match="at 'done'"):  # a second ask (b's s share now) is refused
         a.unmask(["a", "c"], ["b"])
