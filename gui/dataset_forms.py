@@ -72,12 +72,17 @@ def sections(description: Mapping[str, Any]) -> list[dict[str, Any]]:
             for inner in value.values():
                 headers += [h for h in inner if h not in headers]
             rows = [[name, *[_text(inner.get(h, "")) for h in headers]] for name, inner in value.items()]
-            tables.append({"title": title, "headers": [key.rstrip("s").capitalize(), *headers], "rows": rows})
+            tables.append({"title": title, "headers": [_singular(key).capitalize(), *headers], "rows": rows})
         elif isinstance(value, Mapping):
             tables.append({"title": title, "headers": ["", ""], "rows": [[k, _text(v)] for k, v in value.items()]})
         else:
             facts.append((title, _text(value)))
     return [{"title": "", "facts": facts}, *tables] if facts else tables
+
+
+def _singular(word: str) -> str:
+    """'modalities' -> 'modality', 'columns' -> 'column' (table headers)."""
+    return word[:-3] + "y" if word.endswith("ies") else word[:-1] if word.endswith("s") else word
 
 
 def _text(value: Any) -> str:
