@@ -18,6 +18,7 @@ from fedsilo.network.credentials import Credentials
 from .aggregators import Aggregator
 from .breakpoints import read_breakpoint, save_breakpoint
 from .rounds import ROUNDS_DIR, RoundArchive
+from .secagg import SecureAggregation
 from .settings import EXPERIMENTS_ENV, ExperimentError, class_path, restore
 from .strategies import Strategy
 
@@ -45,6 +46,7 @@ class ExperimentBreakpoints:
             "training_args": self._training_args.model_dump(mode="json"),
             "aggregator": {"class": class_path(self._aggregator), "settings": self._aggregator.settings()},
             "strategy": {"class": class_path(self._strategy), "state": self._strategy.state()},
+            "secure_aggregation": SecureAggregation.state_of(self._secagg),  # a resumed job stays secure
             "tensorboard": self._tensorboard,
             "save_breakpoints": self._save_breakpoints,
             "experimentation_folder": str(self._root),
@@ -97,6 +99,7 @@ class ExperimentBreakpoints:
         settings = state["aggregator"].get("settings", {})
         exp._aggregator = aggregator or restore(state["aggregator"], Aggregator, "aggregator", **settings)
         exp._strategy = node_selection_strategy or restore(state["strategy"], Strategy, "node_selection_strategy")
+        exp._secagg = SecureAggregation.from_state(state.get("secure_aggregation"), exp._aggregator)
         if aggregator is None:
             exp._aggregator.load_state(*algorithm_state)
         if node_selection_strategy is None:

@@ -15,6 +15,7 @@ SCAFFOLD's control variates would travel in clear.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -82,6 +83,16 @@ class SecureAggregation:
             raise ExperimentError(f"secure_aggregation must be True, False or a SecureAggregation, got {value!r}")
         cls.check_algorithm(algorithm)
         return cls() if value is True else value
+
+    @staticmethod
+    def state_of(settings: SecureAggregation | None) -> dict[str, Any] | None:
+        """The settings as breakpoint JSON (None: off)."""
+        return None if settings is None else dataclasses.asdict(settings)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, algorithm: FedAlgorithm) -> SecureAggregation | None:
+        """Settings back from `state_of` (checked against the resumed algorithm like a new experiment's)."""
+        return None if state is None else cls.of(cls(**state), algorithm)
 
     def config_for(self, nodes: list[str]) -> SecaggConfig:
         n = len(nodes)
