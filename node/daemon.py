@@ -178,7 +178,7 @@ class NodeDaemon:
                 "broker_connected": self.messaging.connected,
                 "receiver_restarts": self.messaging.restarts,
                 "worker_pid": self.worker.pid,
-                "sandbox": self.worker.sandbox.as_status() if self.worker.sandbox else None,
+                "sandbox": self.worker.sandbox.as_status(),
                 "queued": self.queue.size if self.queue is not None else 0,
                 "current_task": self._current,
             }

@@ -91,9 +91,10 @@ class Worker:
         self._closing = threading.Event()  # set by terminate(): the daemon is stopping
         self.datasets: tuple[str, ...] = ()
         """The dataset files in the sandboxed worker's view."""
-        self.sandbox: SandboxState | None = None
-        """What the last start found (status.json and the GUI show it); None before the first start."""
+        self.sandbox: SandboxState = probe(NodeConfig.load(nodedir).node.sandbox)
+        """What the last start (or the daemon's own start) found; status.json and the GUI show it."""
         self._rounds = 0
+        self._started_once = False
 
     @property
     def pid(self) -> int | None:
@@ -105,7 +106,7 @@ class Worker:
     @property
     def refused(self) -> bool:
         """The config asks for a sandbox this machine cannot enforce: rounds are refused."""
-        return self.sandbox is not None and self.sandbox.mode != "off" and not self.sandbox.active
+        return self.sandbox.mode != "off" and not self.sandbox.active
 
     @property
     def alive(self) -> bool:
@@ -122,10 +123,10 @@ class Worker:
             return
         cfg = NodeConfig.load(self.nodedir)
         state = probe(cfg.node.sandbox)
-        if state != self.sandbox:
+        if state != self.sandbox or not self._started_once:
             log.log(logging.ERROR if state.mode != "off" and not state.active else logging.INFO, "sandbox %s: %s%s",
                     state.mode, "active" if state.active else "INACTIVE", f" ({state.detail})")  # fmt: skip
-        self.sandbox = state
+        self.sandbox, self._started_once = state, True
         if self.refused:
             return
         parent, child = Pipe()
@@ -178,7 +179,7 @@ class Worker:
             max_reply_bytes: int) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
         """Run one task; returns the worker's result frame (header, blobs). `WorkerCrashed` when the process
         dies, `WorkerProtocolError` when it sends what is not a frame or more than `max_reply_bytes`."""
-        if self.sandbox is None or self.sandbox.mode != "off":
+        if self.sandbox.mode != "off":
             wanted = tuple(dataset_paths(header.get("record") or {}))
             if not self.alive or wanted != self.datasets:
                 if self.alive:
@@ -186,7 +187,6 @@ class Worker:
                 self.kill()
                 self.start(wanted)
         if self.refused:
-            assert self.sandbox is not None
             raise RoundFailure(ErrorCode.SANDBOX_UNAVAILABLE, f"this node's config asks for sandbox "
                                f"'{self.sandbox.mode}', which this machine cannot enforce; the round is refused "
                                "rather than run with less", "sandbox")  # fmt: skip

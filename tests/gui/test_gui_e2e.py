@@ -129,6 +129,7 @@ def test_gui_decision_governs_the_next_round(browser, platform: dict[str, Any], 
         login(page, url, "alice")
         page.goto("/status/")
         expect(page.locator("#daemon-state")).to_have_text("online")
+        expect(page.locator("#sandbox-state")).to_have_text("bwrap: active")  # plan code runs in bubblewrap
         expect(page.get_by_text("connected", exact=True)).to_be_visible()
         page.screenshot(path=screenshots / "status-online.png", full_page=True)
 
