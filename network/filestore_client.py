@@ -41,7 +41,10 @@ class BlobTransferError(TransferError):
 
 
 class TlsAdapter(HTTPAdapter):
-    """HTTPS with the consortium's TLS context (`pki.client_context`): its CA only, the party's certificate."""
+    """HTTPS with the consortium's TLS context (`pki.client_context`): its CA only, the party's certificate.
+
+        session.mount("https://", TlsAdapter(client_context(creds.tls)))
+    """
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self._context = context

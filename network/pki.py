@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -130,18 +131,25 @@ class CertificateAuthority:
 
     @classmethod
     def exists(cls, folder: Path) -> bool:
-        return (folder / "ca.crt").is_file() and (folder / "ca.key").is_file()
+        """Whether `folder` holds a CA certificate (its key may be kept elsewhere: `load` needs it)."""
+        return (folder / "ca.crt").is_file()
 
     @classmethod
     def load(cls, folder: Path) -> CertificateAuthority:
         if not cls.exists(folder):
             raise ConfigError(f"{folder}: no consortium CA here (ca.crt and ca.key); run `fedsilo provision` first")
+        if not (folder / "ca.key").is_file():
+            raise ConfigError(
+                f"{folder}/ca.key is not there (kept offline?): put it back to add a party or to re-issue the "
+                "servers' certificate; the running network needs only ca.crt and server.crt/server.key"
+            )
         return cls(folder, load_cert((folder / "ca.crt").read_bytes()), load_key((folder / "ca.key").read_bytes()))
 
     @classmethod
     def ensure(cls, folder: Path, consortium: str = "fedsilo consortium") -> CertificateAuthority:
-        """Load the CA in `folder`, or create it (self-signed, path length 0: it signs end entities only)."""
-        if cls.exists(folder):
+        """Load the CA in `folder`, or create it (self-signed, path length 0: it signs end entities only).
+        A CA certificate without its key is never replaced: `load` says to put the key back."""
+        if cls.exists(folder) or (folder / "ca.key").exists():
             return cls.load(folder)
         folder.mkdir(parents=True, exist_ok=True)
         os.chmod(folder, 0o700)
@@ -226,14 +234,8 @@ class CertificateAuthority:
     def server_certificate(self, hosts: Iterable[str]) -> tuple[Path, Path]:
         """(cert, key) paths of the servers' certificate for `hosts`; re-issued when the hosts changed."""
         cert_path, key_path = self.folder / "server.crt", self.folder / "server.key"
-        wanted = _san(server_hosts(*hosts))
-        if cert_path.is_file() and key_path.is_file():
-            with contextlib.suppress(ConfigError, x509.ExtensionNotFound):
-                cert = load_cert(cert_path.read_bytes())
-                fresh = cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=30)
-                same = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == wanted
-                if fresh and same and cert.issuer == self.cert.subject:
-                    return cert_path, key_path
+        if _server_current(self.folder, hosts):
+            return cert_path, key_path
         key = new_key()
         cert = self.issue("server", "server", key.public_key(), server_hosts(*hosts))
         write_private(key_path, key_pem(key))
@@ -244,6 +246,22 @@ class CertificateAuthority:
         """A fresh key and certificate for a party, with the CA, as its credentials carry them."""
         key = new_key()
         return TlsSettings(ca=self.pem, cert=cert_pem(self.issue(name, role, key.public_key())), key=key_pem(key))
+
+
+def _server_current(folder: Path, hosts: Iterable[str]) -> bool:
+    """Whether the servers' certificate in `folder` names exactly `hosts` (and loopback), comes from the CA there
+    and has more than 30 days left; checked without the CA key."""
+    _, cert_path, key_path = server_files(folder)
+    if not (cert_path.is_file() and key_path.is_file()):
+        return False
+    with contextlib.suppress(ConfigError, x509.ExtensionNotFound, InvalidSignature, TypeError, ValueError, OSError):
+        cert = load_cert(cert_path.read_bytes())
+        ca = load_cert((folder / "ca.crt").read_bytes())
+        fresh = cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=30)
+        same = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == _san(server_hosts(*hosts))
+        cert.verify_directly_issued_by(ca)
+        return fresh and same
+    return False
 
 
 def make_csr(name: str) -> tuple[str, str]:
@@ -315,15 +333,22 @@ def party_tls(folder: Path, name: str, role: str, csr: bytes | None = None) -> T
     return TlsSettings(ca=ca.pem, cert=cert_pem(ca.sign_csr(csr, name, role)))
 
 
+def ensure_ca(folder: Path) -> None:
+    """Make the consortium CA in `folder` unless its certificate is there (the key may be kept offline)."""
+    if not CertificateAuthority.exists(folder):
+        CertificateAuthority.ensure(folder)
+
+
 def server_files(folder: Path) -> tuple[Path, Path, Path]:
     """(CA certificate, server certificate, server key) in a network's `pki` folder (`ensure_server` makes them)."""
     return folder / "ca.crt", folder / "server.crt", folder / "server.key"
 
 
 def ensure_server(folder: Path, hosts: Iterable[str]) -> tuple[Path, Path, Path]:
-    """Make sure the servers' certificate in `folder` covers `hosts` (re-issued when not); its paths."""
-    ca = CertificateAuthority.ensure(folder)
-    ca.server_certificate(hosts)
+    """Make sure the servers' certificate in `folder` covers `hosts` (re-issued when not: that needs the CA key);
+    its paths."""
+    if not _server_current(folder, hosts):
+        CertificateAuthority.ensure(folder).server_certificate(hosts)
     return server_files(folder)
 
 

@@ -172,7 +172,7 @@ def init_network(
     save_config(paths.root, cfg)
     new_ca = cfg.tls and not pki.CertificateAuthority.exists(paths.pki)  # e.g. a directory made before TLS
     if cfg.tls:
-        pki.CertificateAuthority.ensure(paths.pki)
+        pki.ensure_ca(paths.pki)
     where = (cfg.public_host, cfg.mqtt_port, cfg.http_port, cfg.tls)
     if old is not None and (new_ca or (old.public_host, old.mqtt_port, old.http_port, old.tls) != where):
         refresh_credentials(paths.root, cfg)

@@ -54,7 +54,10 @@ async def _plain(send: Send, status: int, text: str) -> None:
 
 
 class FileStoreHandler(ASGIHandler):
-    """Django's ASGI handler with a body limit, Content-Length for chunked bodies and streamed file responses."""
+    """Django's ASGI handler with a body limit, Content-Length for chunked bodies and streamed file responses.
+
+        uvicorn.run(FileStoreHandler(max_body=1 << 30), ssl_certfile=..., ssl_keyfile=...)   # after configure(netdir)
+    """
 
     def __init__(self, max_body: int) -> None:
         super().__init__()

@@ -242,3 +242,25 @@ def test_a_crafted_kit_archive_is_read_not_unpacked(net: Path, tmp_path: Path) -
 def _pem_csr(der: bytes) -> str:
     body = "\n".join(textwrap.wrap(base64.b64encode(der).decode(), 64))
     return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n"
+
+
+def test_the_ca_key_can_be_kept_offline(tmp_path: Path) -> None:
+    """The running network needs the CA certificate and the servers' certificate only: with ca.key moved away,
+    `network init` and the servers' certificate still work, and adding a party says to put the key back,
+    instead of a new CA silently replacing the one every kit trusts."""
+    netdir = tmp_path / "net"
+    invoke(provision_cli, "--dir", netdir, "--nodes", "a", "--http-port", "18801", "--mqtt-port", "18831")
+    ca_crt, server_crt = (netdir / "pki" / "ca.crt").read_bytes(), (netdir / "pki" / "server.crt").read_bytes()
+    (netdir / "pki" / "ca.key").rename(tmp_path / "ca.key")
+    cfg = provision.init_network(netdir)
+    pki.ensure_server(netdir / "pki", [cfg.host, cfg.public_host])
+    assert (netdir / "pki" / "ca.crt").read_bytes() == ca_crt
+    assert (netdir / "pki" / "server.crt").read_bytes() == server_crt
+    refused = invoke(provision_cli, "add", "--dir", netdir, "--node", "b", ok=False)
+    assert refused.exit_code == 1 and "ca.key is not there" in refused.output
+    assert "b" not in provision.load_parties(netdir) and not (netdir / "credentials" / "b.json").exists()
+    with pytest.raises(ConfigError, match="put it back"):
+        pki.ensure_server(netdir / "pki", ["fl.example.org"])  # a new host needs the key
+    (tmp_path / "ca.key").rename(netdir / "pki" / "ca.key")
+    invoke(provision_cli, "add", "--dir", netdir, "--node", "b")
+    assert (netdir / "pki" / "ca.crt").read_bytes() == ca_crt
