@@ -49,6 +49,7 @@ from fedsilo.network.messaging import Messaging
 from .access import DatasetAccess, node_permits
 from .config import NodeConfig
 from .datasets import DatasetStore, UnknownDataset
+from .loading_plans import attach as attach_loading_plan
 from .plans import PlanStore
 from .replay import SeenRequests
 from .secagg import SecaggSessions
@@ -290,6 +291,10 @@ class NodeDaemon:
             self._audit = AuditLog(self.cfg.dir)
         return self._audit
 
+    def _info(self, record: dict[str, Any]) -> Any:
+        """A dataset as researchers see it: described with the names its data loading plan serves (`T1w`)."""
+        return self.datasets.info(attach_loading_plan(record, self.cfg.paths.root), self.cfg.node.min_count)
+
     def _handle(self, msg: Message, researcher: str) -> None:
         if not self._admissible(msg, researcher):
             return
@@ -298,13 +303,11 @@ class NodeDaemon:
             return  # a re-sent copy (a newer timestamp): answered with the request's state
             self._reply(msg.sender, self._answer(PingReply, msg, version=__version__, busy=self._current is not None))
         elif isinstance(msg, SearchRequest):
-            infos = [self.datasets.info(r, self.cfg.node.min_count)
-                     for r in self._usable(self.datasets.search(msg.tags), researcher)]
+            infos = [self._info(r) for r in self._usable(self.datasets.search(msg.tags), researcher)]
             log.info("search %s from %s: %d dataset(s) match", msg.tags, researcher, len(infos))
             self._reply(msg.sender, self._answer(SearchReply, msg, datasets=infos))
         elif isinstance(msg, ListRequest):
-            infos = [self.datasets.info(r, self.cfg.node.min_count)
-                     for r in self._usable(self.datasets.list(), researcher)]
+            infos = [self._info(r) for r in self._usable(self.datasets.list(), researcher)]
             self._reply(msg.sender, self._answer(ListReply, msg, datasets=infos))
         elif isinstance(msg, PlanStatusRequest):
             self._reply(

@@ -58,8 +58,9 @@ def prostate(fed: Federation, tmp_path_factory: pytest.TempPathFactory) -> str:
     return nodedir
 
 
-def _round(fed: Federation, folder: Path) -> dict:
+def _round(fed: Federation, folder: Path, served: set[str]) -> dict:
     with fed.experiment(folder, plan=TinySegmenter, tags=[TAG], training_args=ARGS, round_limit=1) as exp:
+        assert set(exp.training_data()[NODE].summary["modalities"]) == served  # the search reply's names
         exp.run()
         return exp.training_replies()[0]
 
@@ -67,14 +68,14 @@ def _round(fed: Federation, folder: Path) -> dict:
 def test_without_a_loading_plan_the_node_says_it_has_no_T1w(fed: Federation, prostate: str, tmp_path: Path) -> None:
     fedsilo("node", "dataset", "dlp", "clear", "--dir", prostate, "prostate")
     with pytest.raises(RemoteError, match="modality T1w is not on this node; it has: T1, label"):
-        _round(fed, tmp_path)
+        _round(fed, tmp_path, served={"T1", "label"})
 
 
 def test_a_plan_asking_for_T1w_trains_on_a_node_whose_files_say_T1(fed: Federation, prostate: str,
                                                                    tmp_path: Path) -> None:  # fmt: skip
     out = fedsilo("node", "dataset", "dlp", "set", "--dir", prostate, "prostate", "--alias", "T1=T1w", "--by", "e2e")
     assert "alias   T1 -> T1w" in out
-    replies = _round(fed, tmp_path)
+    replies = _round(fed, tmp_path, served={"T1w", "label"})
     reply = replies[NODE]
     assert reply["dropped"] is None, reply
     assert reply["sample_size"] == SUBJECTS - 1  # the subject without a mask is left out, not a crash
