@@ -152,10 +152,12 @@ def test_without_a_target_modality_the_target_is_the_demographics_row(tree):
     assert batch_len(batch) == 2
 
 
-def test_a_modality_nobody_has_is_a_clear_error_naming_what_the_node_has(tree):
-    ds = MedicalFolderDataset(tree, "T2", target_modalities="label")
-    with pytest.raises(DatasetFormatError, match="modality T2 is not on this node; it has: T1, label"):
+@pytest.mark.parametrize("asked", ["T2", "../sub-1/T1", "sub-1"])
+def test_a_modality_nobody_has_is_a_clear_error_naming_what_the_node_has(tree, asked):
+    ds = MedicalFolderDataset(tree, asked, target_modalities="label")  # a name is a key, never a path
+    with pytest.raises(DatasetFormatError, match="it has: T1, label") as err:
         len(ds)
+    assert str(err.value).startswith(f"modality {asked} is not on this node")
 
 
 def test_four_dimensional_volumes_are_channel_first(tmp_path):
