@@ -198,3 +198,14 @@ def test_cli_sets_extends_shows_and_clears_a_plan(store):
     assert r.exit_code == 1 and "no modality T9" in r.output
     assert run("clear", "prostate").output.strip() == "cleared"
     assert "no data loading plan" in run("show", "prostate").output
+
+
+def test_the_sandbox_binds_a_demographics_table_kept_outside_the_folder(tmp_path, tree):
+    from fedsilo.node.sandbox import dataset_paths
+
+    table = tmp_path / "data" / "tables" / "participants.csv"
+    table.parent.mkdir()
+    (tree / "participants.csv").rename(table)
+    record = DatasetStore(tmp_path / "node").add("p2", ["p"], "medical-folder", tree, options={
+        "demographics": str(table), "index_col": "participant_id"})  # fmt: skip
+    assert dataset_paths(record) == [str(tree), str(table)]
