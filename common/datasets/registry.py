@@ -208,6 +208,13 @@ def option_fields() -> dict[str, FormField]:
 def load(record: Mapping[str, Any], loading_plan: Any | None = None) -> Any:
     """The torch Dataset of a dataset record (its `path` included), through its type's `loader`.
 
-    `loading_plan`: the node's data loading plan for this dataset, or None. The worker calls this with
-    the record and plan the daemon handed it; a training plan reaches it through its own record."""
+    `loading_plan`: the node's data loading plan for this dataset; None takes the record's own (the daemon
+    attaches it under "loading_plan"). In a training plan:
+
+        DataManager(load({**self.dataset, "path": self.dataset_path}), batch_size=batch_size, shuffle=True)
+    """
+    if loading_plan is None and record.get("loading_plan"):
+        from .loading_plan import DataLoadingPlan
+
+        loading_plan = DataLoadingPlan.parse(record["loading_plan"])
     return get(str(record.get("data_type", ""))).loader(record, loading_plan)

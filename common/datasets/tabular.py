@@ -104,10 +104,15 @@ class CsvType(DatasetType):
     def loader(self, record: Mapping[str, Any], loading_plan: Any | None = None) -> Any:
         from .torch_datasets import CsvDataset
 
+        if isinstance(loading_plan, Mapping):
+            from .loading_plan import DataLoadingPlan
+
+            loading_plan = DataLoadingPlan.parse(loading_plan)
         options = record.get("options") or {}
-        target = options.get("target") or record.get("target") or "label"
-        return CsvDataset(record["path"], target=target, delimiter=options.get("delimiter"), encode=True,
-                          missing=options.get("missing", "keep"), loading_plan=loading_plan)  # fmt: skip
+        target = options.get("target") or record.get("target") or "label"  # the file's name for it
+        renames = getattr(loading_plan, "renames", None) or {}
+        return CsvDataset(record["path"], target=renames.get(target, target), delimiter=options.get("delimiter"),
+                          encode=True, missing=options.get("missing", "keep"), loading_plan=loading_plan)  # fmt: skip
 
 
 def _columns(table: Table) -> dict[str, dict[str, Any]]:

@@ -162,3 +162,29 @@ def test_csv_type_is_registered_with_its_fields() -> None:
     t = get("csv")
     assert [f.name for f in t.form_fields] == ["target", "delimiter", "missing"]
     assert t.field("missing").choices == ("refuse", "keep", "drop-rows")
+
+
+def test_the_nodes_loading_plan_renames_columns_and_maps_labels_for_plans(tmp_path: Path, adni: Path) -> None:
+    """The consortium's plan asks for `sex` and `diagnosis` coded 0/1/2; this node's file says PTGENDER and DX."""
+    from fedsilo.common.datasets.loading_plan import DataLoadingPlan, bind
+    from fedsilo.node.loading_plans import LoadingPlanStore, attach
+
+    nodedir = tmp_path / "node"
+    store = DatasetStore(nodedir, data_roots=[str(adni.parent)])
+    store.ensure()
+    rec = store.add("adni", ["adni"], "csv", adni, options={"target": "DX", "missing": "keep"})
+    plan = DataLoadingPlan(renames={"PTGENDER": "sex", "DX": "diagnosis"}, label_map={"CN": 0, "MCI": 1, "AD": 2},
+                           missing="drop")  # fmt: skip
+    LoadingPlanStore(nodedir).set("adni", plan, by="test")
+    record = attach(store.get("adni"), nodedir)  # what the daemon hands the worker
+    ds = load(record)
+    assert "sex" in ds.columns and "PTGENDER" not in ds.columns and len(ds) == 9  # "drop": incomplete rows left out
+    assert ds[0][1].item() == 0 and sorted(set(ds.y.tolist())) == [0, 1, 2]  # CN -> 0 whatever the local codes
+    # A plan that built its own CsvDataset with the served names gets the same data once the worker binds it.
+    own = CsvDataset(adni, target="DX", features=["AGE", "PTGENDER"], encode=True, missing="drop-rows")
+    assert own.y.tolist()[:2] == [1, 2]  # local codes: AD < CN < MCI
+    served = CsvDataset(adni, target="diagnosis", features=ds.features, encode=True,
+                        loading_plan=DataLoadingPlan.parse(record["loading_plan"]))  # fmt: skip
+    bind(served, record)
+    assert served.y.tolist() == ds.y.tolist() and "sex" in served.features
+    assert rec["dataset_id"] == record["dataset_id"]
