@@ -27,6 +27,7 @@ datasets, which the sandbox exists to prevent.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 import shutil
@@ -95,12 +96,13 @@ def probe(mode: str) -> SandboxState:
 
 
 def dataset_paths(record: Mapping[str, Any]) -> list[str]:
-    """The files a dataset's record names: its `path`, and absolute paths among its `dataset_parameters`
-    (a medical folder's demographics table may live elsewhere)."""
-    paths = [str(record["path"])]
-    extra = record.get("options") or record.get("dataset_parameters")  # the registry stores a type's options
-    if isinstance(extra, Mapping):
-        paths += [v for v in extra.values() if isinstance(v, str) and v.startswith("/") and os.path.exists(v)]
+    """The files a dataset's record names: its `path`, and absolute paths among its `options` and
+    `dataset_parameters` (a medical folder's demographics table may live outside its folder)."""
+    paths = [str(record["path"])] if record.get("path") else []
+    for key in ("options", "dataset_parameters"):
+        extra = record.get(key)
+        if isinstance(extra, Mapping):
+            paths += [v for v in extra.values() if isinstance(v, str) and v.startswith("/") and os.path.exists(v)]
     return paths
 
 
@@ -127,9 +129,10 @@ def python_paths(hidden: Iterable[Path] = ()) -> list[str]:
 
 
 def bwrap_argv(command: Sequence[str], home: str, datasets: Sequence[str], hidden: Iterable[Path] = (),
-               writable: Sequence[str] = ()) -> list[str]:  # fmt: skip
+               writable: Sequence[str] = (), gpu: bool = False) -> list[str]:  # fmt: skip
     """The bwrap command line that runs `command` in the sandbox (see the module's docstring): `home` is its
-    working folder, `datasets` are read-only, `writable` folders (the daemon's exchange folder) read-write."""
+    working folder, `datasets` are read-only, `writable` folders (the daemon's exchange folder) read-write;
+    `gpu` (`[limits] allow_gpu`) adds NVIDIA's device nodes and a read-only /sys, which CUDA reads."""
     argv = [_bwrap() or BWRAP, "--unshare-all", "--cap-drop", "ALL", "--die-with-parent",
             "--new-session", "--ro-bind", "/usr", "/usr"]  # fmt: skip
     for link in ROOT_LINKS:
@@ -142,6 +145,10 @@ def bwrap_argv(command: Sequence[str], home: str, datasets: Sequence[str], hidde
     for path in ETC_FILES:
         argv += ["--ro-bind-try", path, path]
     argv += ["--proc", "/proc", "--dev", "/dev"]
+    if gpu:
+        for device in [*sorted(glob.glob("/dev/nvidia*")), "/dev/dri"]:
+            argv += ["--dev-bind-try", device, device]
+        argv += ["--ro-bind-try", "/sys", "/sys"]
     for path in datasets:  # the recorded path, backed by the file it resolves to (links are not followed inside)
         argv += ["--ro-bind", os.path.realpath(path), os.path.abspath(path)]
     for path in [home, *writable]:

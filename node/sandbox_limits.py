@@ -4,9 +4,10 @@ The worker (`worker_process.py`) forks one child per round; the child calls `con
 
     confine(SandboxLimits(memory_mb=4096, cpu_s=3600, file_mb=1024))   # then plan code runs
 
-- memory: `RLIMIT_AS` = the address space the child inherited plus `memory_mb` (torch maps about
-  1.1 GB of address space on import; the budget is what plan code may add). An allocation past it fails
-  with MemoryError/RuntimeError in the plan; nothing else on the machine is touched.
+- memory: `RLIMIT_AS` = the address space the child inherited plus `memory_mb` (the warm worker maps
+  0.7 GB of address space: VmSize 713 MB here after torch's import and warm-up; the budget is what plan code
+  may add; none with `[limits] allow_gpu`, as CUDA reserves far more address space than it uses). An
+  allocation past it fails with MemoryError/RuntimeError in the plan; nothing else on the machine is touched.
 - CPU time: `RLIMIT_CPU` (hard = soft + 5 s): SIGXCPU ends the child at the soft limit, SIGKILL at the
   hard one. A fresh child per round starts at zero: a long-lived process could not have its hard limit
   raised again for the next round.
@@ -61,7 +62,8 @@ class SandboxLimits:
     512
     """
 
-    memory_mb: int = 4096
+    memory_mb: int | None = 4096
+    """None: no address-space limit (CUDA reserves tens of GB of address space: a GPU node's rounds go without)."""
     cpu_s: int = 3600
     file_mb: int = 1024
 
@@ -90,8 +92,8 @@ def confine(limits: SandboxLimits) -> None:
     """Apply `limits` to this process and forbid new processes; irreversible. Call after fork, before
     plan code."""
     libc = ctypes.CDLL(None, use_errno=True)
-    vm = _address_space()
-    _set(resource.RLIMIT_AS, vm + limits.memory_mb * 2**20)
+    if limits.memory_mb is not None:
+        _set(resource.RLIMIT_AS, _address_space() + limits.memory_mb * 2**20)
     _set(resource.RLIMIT_CPU, limits.cpu_s, limits.cpu_s + 5)
     _set(resource.RLIMIT_FSIZE, limits.file_mb * 2**20)
     _set(resource.RLIMIT_CORE, 0)

@@ -139,7 +139,8 @@ class Worker:
         if cfg.node.sandbox != "off":
             self.datasets = tuple(datasets) if datasets is not None else self.datasets or _latest_dataset(self.nodedir)
             self._state = tempfile.mkdtemp(prefix="fedsilo-state-")
-            args = bwrap_argv([*args, "--confine"], self._home, self.datasets, [self.nodedir], [self._state])
+            args = bwrap_argv([*args, "--confine"], self._home, self.datasets, [self.nodedir], [self._state],
+                              gpu=cfg.limits.allow_gpu)  # fmt: skip
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=env, cwd=self._home, pass_fds=(child.fileno(),))  # fmt: skip
         child.close()

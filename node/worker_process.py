@@ -169,7 +169,8 @@ def _death(status: int, cpu_s: float, limits: SandboxLimits, confined: bool) -> 
 def _limits(header: dict[str, Any]) -> SandboxLimits:
     limits = (header.get("config") or {}).get("limits") or {}
     default = SandboxLimits()
-    return SandboxLimits(memory_mb=int(limits.get("sandbox_memory_mb", default.memory_mb)),
+    memory = None if limits.get("allow_gpu") else int(limits.get("sandbox_memory_mb", default.memory_mb or 0))
+    return SandboxLimits(memory_mb=memory,
                          cpu_s=int(limits.get("sandbox_cpu_s", default.cpu_s)),
                          file_mb=int(limits.get("sandbox_file_mb", default.file_mb)))  # fmt: skip
 

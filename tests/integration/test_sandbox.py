@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsilo.node.sandbox import bwrap_argv, python_paths
+from fedsilo.node.sandbox import bwrap_argv, dataset_paths, probe, python_paths
 from fedsilo.node.sandbox_limits import SandboxLimits, confine
 from fedsilo.node.worker_process import _death
 from tests.support.one_node import OneNode, approve
@@ -183,3 +183,20 @@ def test_a_node_that_cannot_sandbox_refuses_rounds(broken: OneNode) -> None:
     sandbox = broken.status()["sandbox"]
     assert sandbox["active"] is False and "user namespaces" in sandbox["detail"], sandbox
     assert broken.round(LOGREG_PLAN).code == "FS505"  # every round, until the administrator fixes it
+
+
+def test_probe_says_what_it_can_enforce(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert probe("bwrap").active  # Debian's bubblewrap on this machine
+    off = probe("off")
+    assert not off.active and "daemon's user, files and network" in off.detail
+    monkeypatch.setenv("FEDSILO_BWRAP", str(tmp_path / "missing"))
+    missing = probe("bwrap")
+    assert not missing.active and "not installed" in missing.detail
+
+
+def test_a_medical_folder_brings_its_demographics_table(tmp_path: Path) -> None:
+    table = tmp_path / "elsewhere" / "demographics.csv"
+    table.parent.mkdir()
+    table.write_text("id,age\n")
+    record = {"path": str(tmp_path / "folder"), "options": {"demographics": str(table), "index_col": "id"}}
+    assert dataset_paths(record) == [str(tmp_path / "folder"), str(table)]
