@@ -186,14 +186,14 @@ def get(name: str) -> DatasetType:
 
 
 def names() -> list[str]:
-    """Registered type names, in registration order."""
+    """Registered type names, sorted (registration order depends on which module was imported first)."""
     _load_builtins()
-    return list(_types)
+    return sorted(_types)
 
 
 def types() -> list[DatasetType]:
-    _load_builtins()
-    return list(_types.values())
+    """Registered types, sorted by name."""
+    return [_types[n] for n in names()]
 
 
 def option_fields() -> dict[str, FormField]:
