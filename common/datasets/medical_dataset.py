@@ -22,6 +22,9 @@ from .registry import DatasetFormatError
 log = logging.getLogger("fedsilo.datasets.medical_folder")
 
 Transform = Callable[[Any], Any]
+CACHE_MAX_BYTES = 4 << 30
+"""`cache=True` keeps decoded volumes up to this many bytes: a round of 25 updates of batch 8 over 12 subjects
+reads each volume about 16 times, and decoding a 64^3 .nii.gz pair costs 40-60 ms on this machine."""
 
 
 class MedicalFolderDataset(Dataset):
@@ -43,7 +46,8 @@ class MedicalFolderDataset(Dataset):
     and the node's data loading plan (`set_dlp`: a plan asking for `T1w` reads the node's `T1`). Subjects
     without a requested modality or demographics row are left out (the node's log names them;
     `report` holds the ids, `len()` the count) unless the loading plan says `missing="refuse"`. Volumes are
-    read when an item is asked for, never kept.
+    read when an item is asked for and not kept, unless `cache=True` (decoded volumes kept in memory, up to
+    `CACHE_MAX_BYTES`, for datasets read many times a round).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class MedicalFolderDataset(Dataset):
         demographics: str | Path | None = None,
         index_col: str | None = None,
         loading_plan: DataLoadingPlan | None = None,
+        cache: bool = False,
     ) -> None:
         self.root = Path(root)
         self.data_modalities = _names(data_modalities)
@@ -77,6 +82,9 @@ class MedicalFolderDataset(Dataset):
         self._tree: Tree | None = None
         self._subjects: list[Subject] | None = None
         self._table: Demographics | None = None
+        self.cache = cache
+        self._cache: dict[Path, tuple[Any, Any, tuple[float, ...]]] = {}
+        self._cached_bytes = 0
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], loading_plan: DataLoadingPlan | None = None,
@@ -202,12 +210,19 @@ class MedicalFolderDataset(Dataset):
 
     def _volume(self, i: int, subject: Subject, modality: str, is_target: bool) -> Any:
         source = subject.sources[self.dlp.local_modality(modality)]
-        try:
-            array, affine, spacing = read_volume(source)
-        except VolumeError as exc:
-            # the researcher may see this message (a failed batch): the subject's position, not its id or path
-            log.warning("medical folder %s: %s: %s", self.root, source.path, exc)
-            raise DatasetFormatError(f"subject #{i}, modality {modality}: {exc}") from None
+        hit = self._cache.get(source.path)
+        if hit is not None:
+            array, affine, spacing = hit[0].copy(), hit[1], hit[2]  # a transform may write into what it gets
+        else:
+            try:
+                array, affine, spacing = read_volume(source)
+            except VolumeError as exc:
+                # the researcher may see this message (a failed batch): the subject's position, not its id or path
+                log.warning("medical folder %s: %s: %s", self.root, source.path, exc)
+                raise DatasetFormatError(f"subject #{i}, modality {modality}: {exc}") from None
+            if self.cache and self._cached_bytes + array.nbytes <= CACHE_MAX_BYTES:
+                self._cache[source.path] = (array.copy(), affine, spacing)
+                self._cached_bytes += array.nbytes
         if is_target and self.dlp.label_map:
             array = self.dlp.map_labels(array)
         return _meta_tensor(array, affine, spacing)

@@ -304,3 +304,26 @@ def test_a_fifo_named_nii_is_not_opened(tree):
     assert unreadable["sub-1"] == {"T1": "not a regular file"}
     assert unreadable["sub-5"] == {"T1": "no NIfTI file or DICOM series"}
     assert MedicalFolderDataset(tree, "T1", target_modalities=None).subjects == ["sub-2", "sub-3", "sub-4"]
+
+
+def test_cache_keeps_decoded_volumes_and_hands_out_copies(tree):
+    ds = MedicalFolderDataset(tree, "T1", target_modalities="label", cache=True)
+    first, _ = ds[0]
+    (tree / "sub-1" / "T1" / "sub-1_T1.nii.gz").write_bytes(b"gone")  # read once: the cache answers now
+    first["T1"].zero_()  # a transform writing into its input does not reach the cache
+    again, _ = ds[0]
+    assert float(again["T1"].max()) > 100
+    assert "sub-1" not in MedicalFolderDataset(tree, "T1", target_modalities="label").subjects  # it is gone
+
+
+def test_a_volume_that_fails_after_its_header_names_no_subject_or_path(tree, caplog):
+    big = tree / "sub-1" / "T1" / "sub-1_T1.nii.gz"
+    volume(big, np.random.default_rng(0).random((40, 40, 40)).astype(np.float32))
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])  # the header survives, the voxels do not
+    ds = MedicalFolderDataset(tree, "T1", target_modalities=None)
+    assert ds.subjects[0] == "sub-1"
+    with pytest.raises(DatasetFormatError) as err:
+        ds[0]
+    assert str(err.value).startswith("subject #0, modality T1: cannot decode the volume")
+    assert "sub-1" not in str(err.value) and str(tree) not in str(err.value)  # it may reach a researcher
+    assert str(big) in caplog.text  # the node's log says which file
