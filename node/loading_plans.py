@@ -30,7 +30,10 @@ SCHEMA_VERSION = 1
 
 
 class LoadingPlanStore:
-    """Get, set and clear the data loading plan of a dataset (by id or name); see the module docstring."""
+    """Get, set and clear the data loading plan of a dataset (by id or name).
+
+        LoadingPlanStore(nodedir).set("prostate", {"aliases": {"T1": "T1w"}}, by="gui:alice")
+    """
 
     TABLE = "loading_plans"
 

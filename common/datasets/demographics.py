@@ -25,7 +25,10 @@ MAX_BYTES = 64 << 20
 
 @dataclass
 class Demographics:
-    """The parsed table: column types, rows by subject id, ids seen more than once (left out)."""
+    """The parsed table: column types, rows by subject id, ids seen more than once (left out).
+
+        read_demographics(path, "participant_id").rows["sub-001"]["age"]
+    """
 
     index_col: str
     columns: dict[str, str]

@@ -45,6 +45,8 @@ class DataLoadingPlan(BaseModel):
     `aliases`: local modality folder -> name served to plans. `renames`: local column (a table's, or a
     medical folder's demographics) -> name served. `label_map`: local label value -> value served (keys
     are text, as in JSON; numbers for image masks). `missing`: None keeps the dataset's own policy.
+
+        DataLoadingPlan(aliases={"T1": "T1w"}).local_modality("T1w")     # 'T1'
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -63,7 +63,10 @@ class Subject:
 
 @dataclass
 class Tree:
-    """A scanned medical folder: subjects by folder name (sorted), the modality names seen anywhere."""
+    """A scanned medical folder: subjects by folder name (sorted), the modality names seen anywhere.
+
+        tree = scan_tree("/data/prostate"); tree.subjects["sub-001"].sources["T1"].path
+    """
 
     root: Path
     subjects: dict[str, Subject]
