@@ -31,6 +31,9 @@ from .csvfiles import MISSING_MARKERS, cached_parse, read_csv
 from .registry import DatasetFormatError
 
 DELIMITERS = ",;\t|"
+"""What the sniffer chooses among."""
+ALLOWED_DELIMITERS = ",;\t|: "
+_ALIASES = {"tab": "\t", "\\t": "\t", "space": " "}
 DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%d/%m/%Y", "%d.%m.%Y", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S")
 """Tried in this order; day-first before month-first: "03/04/2020" is 3 April (European consortia)."""
 SNIFF_BYTES = 64 << 10
@@ -93,9 +96,11 @@ def read_table(
     path: str | Path, delimiter: str | None = None, categories: Mapping[str, Sequence[str]] | None = None
 ) -> Table:
     """Parse a CSV with a header row into a typed `Table` (cached by content like `read_csv`)."""
-    delimiter = delimiter or sniff_delimiter(path)
+    delimiter = _ALIASES.get(delimiter, delimiter) if delimiter else sniff_delimiter(path)
     if len(delimiter) != 1:
         raise DatasetFormatError(f"delimiter must be one character, got {delimiter!r}")
+    if delimiter not in ALLOWED_DELIMITERS:  # a quote, a letter or a newline cannot delimit (the csv module raises)
+        raise DatasetFormatError(f"delimiter {delimiter!r} is not one of: , ; | : space tab")
     fixed = {str(k): [str(x) for x in v] for k, v in (categories or {}).items()}
     kind = f"table:{delimiter}:{sorted(fixed.items())!r}"
     return cached_parse(path, kind, lambda p: _parse(p, delimiter, fixed)).copy()

@@ -37,7 +37,7 @@ class CsvType(DatasetType):
     pick_text = "Use this CSV file"
     form_fields = (
         FormField("target", "Target column", "text", help="the column a plan predicts (checked to exist)"),
-        FormField("delimiter", "Delimiter", "text", help="one character; empty: detected (, ; tab |)"),
+        FormField("delimiter", "Delimiter", "text", help=", ; | : tab or space; empty: detected"),
         FormField("missing", "Missing values", "choice", choices=MISSING_POLICIES, default="refuse",
                   help="cells that are empty, NA, NaN or infinite: refuse the file (the error counts them per "
                   "column), keep them with a warning researchers see (the plan must handle them), or drop "

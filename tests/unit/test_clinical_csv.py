@@ -70,6 +70,16 @@ def test_an_explicit_delimiter_overrides_the_sniffer(tmp_path: Path, adni: Path)
         store.add("x", ["t"], "csv", adni, options={"delimiter": ",", "target": "DX"})  # one column of text
     with pytest.raises(DatasetError, match="one character"):
         store.add("x", ["t"], "csv", adni, options={"delimiter": ";;"})
+    for hostile in ('"', "\0", "x"):
+        with pytest.raises(DatasetError, match=r"is not one of: , ; \| : space tab"):
+            store.add("x", ["t"], "csv", adni, options={"delimiter": hostile})
+    assert store.list() == []
+    for hostile in ("\n", "\r"):  # the csv module raises TypeError on these: a clear error instead
+        with pytest.raises(DatasetFormatError, match="is not one of"):
+            read_table(adni, hostile)
+    tabs = adni.with_name("adni.tsv")
+    tabs.write_text(ADNI.replace(";", "\t"))
+    assert store.add("tsv", ["t"], "csv", tabs, options={"delimiter": "tab", "missing": "keep"})["shape"] == [12, 7]
 
 
 def test_loader_encodes_categoricals_and_dates_the_documented_way(tmp_path: Path, adni: Path) -> None:
