@@ -3,7 +3,8 @@
 A secure round's global model equals a plain round's (within the fixed-point error); a node killed after the
 share stage, or after its masked input arrived, still leaves the right aggregate of the others; a node with
 `force_secure_aggregation` refuses a plain round; a hostile researcher with valid credentials cannot make a
-node answer a stage twice or mask without a setup."""
+node answer a stage twice, mask without a setup, or take keys of the researcher's making. Measured: 6 minutes per
+broker on the shared 2-core machine at load 14 (two plain reference rounds, five secure ones, two node restarts)."""
 
 from __future__ import annotations
 
