@@ -17,12 +17,15 @@ new processes). `sandbox = "off"` runs the worker as before (the daemon's user, 
     argv = bwrap_argv(worker_argv, home=..., datasets=[...], hidden=[nodedir])
 
 The dataset is bound when the worker starts, so a worker serves one dataset: a round on another
-dataset restarts it (`worker.Worker.run`). Measured on the 2-core dev machine (2026-11-30, load 3-6):
-a worker's start to ready takes 2.2-2.6 s under bwrap against 2.0-2.4 s without (bwrap itself: 15 ms;
-the rest is importing torch), and the per-round fork plus confinement 20-35 ms. A node serving rounds
-on two datasets in turn pays a start per switch; one experiment's rounds on one dataset pay it once.
-Binding every registered dataset into one worker would save that but let a plan read the other
-datasets, which the sandbox exists to prevent.
+dataset restarts it (`worker.Worker.run`). Measured by `bench/sandbox_cost.py` on the shared 2-core dev
+machine (2026-11-30, two sittings at load 9-12 from other suites, 8 runs each): bwrap adds 25-35 ms to a
+Python start (`python -c pass`: medians 143 and 205 ms in the sandbox, 118 and 171 ms without); the
+per-round fork, confinement and exit: medians 54 and 128 ms. A worker's start to ready (torch's import
+and warm-up) took 8-15 s in the sandbox and 13-19 s without at load 9-15, the noise hiding bwrap's share.
+A node serving rounds on two datasets in turn pays a worker start per switch; one experiment's rounds on
+one dataset pay it once (the daemon's first worker binds the most recently added dataset). Binding every registered
+dataset into one worker would save that but let a plan read the other datasets, which the sandbox exists
+to prevent; hiding them again per round needs mounts in a nested user namespace (not done).
 """
 
 from __future__ import annotations
