@@ -23,7 +23,10 @@ NO_CUDA = "this node allows GPU use but torch sees no CUDA device; the round ran
 
 @dataclass(frozen=True)
 class DeviceChoice:
-    """The device a round runs on, whether the researcher asked for a GPU, and why not one if asked."""
+    """The device a round runs on, whether the researcher asked for a GPU, and why not one if asked.
+
+        DeviceChoice(torch.device("cpu"), gpu_requested=True, fallback=NO_CUDA).report()["used"]   # "cpu"
+    """
 
     device: torch.device
     gpu_requested: bool

@@ -6,6 +6,7 @@ whole-split value is checked against MONAI's own cumulative metric objects or by
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -130,6 +131,19 @@ def test_multiclass_auc_and_f1_match_monai_over_the_concatenated_split() -> None
     assert f1.compute() == pytest.approx(float(reference_f1.aggregate()[0].nanmean()))  # per class, then macro
     accuracy = Accuracy.of(logits[:30], labels[:30]).merge(Accuracy.of(logits[30:], labels[30:]))
     assert accuracy.compute() == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+
+
+def test_binary_auc_with_ties_over_many_batches_is_monais_value() -> None:
+    gen = torch.Generator().manual_seed(2)
+    scores = (torch.rand(3000, generator=gen) * 10).round() / 10  # 11 distinct values: ties everywhere
+    labels = torch.randint(0, 2, (3000,), generator=gen)
+    merged = RocAuc()
+    for i in range(0, 3000, 7):
+        merged = merged.merge(RocAuc.of(scores[i : i + 7], labels[i : i + 7]))
+    reference = ROCAUCMetric()
+    reference(scores, labels)
+    assert merged.compute() == pytest.approx(float(reference.aggregate()), abs=1e-12)
+    assert len(merged.labels) == 3000 and math.isnan(RocAuc.of(scores, labels + 1).compute())  # labels 1/2
 
 
 def test_f1_averages_and_classes_seen_in_one_batch_only() -> None:
