@@ -27,11 +27,17 @@ def suppressed_counts(counts: Mapping[str, int], min_count: int) -> dict[str, in
     return {str(k): count_text(v, min_count) for k, v in counts.items()}
 
 
-def describe_categories(counts: Mapping[str, int], min_count: int) -> dict[str, Any]:
-    """A categorical column: labels carried by at least `min_count` rows with their counts; the rows of the
-    rarer labels together as `other`, and how many labels there are (`distinct`)."""
-    shown = {str(k): int(v) for k, v in sorted(counts.items()) if v >= min_count}
-    rare = sum(int(v) for k, v in counts.items() if v < min_count)
+MAX_CATEGORIES = 20
+"""Labels shown per categorical column (the most frequent); the others count in `other`. A search reply must
+fit one 256 KiB message with every matching dataset (see `tabular.MAX_DESCRIBED_COLUMNS`)."""
+
+
+def describe_categories(counts: Mapping[str, int], min_count: int, limit: int = MAX_CATEGORIES) -> dict[str, Any]:
+    """A categorical column: labels carried by at least `min_count` rows with their counts (the `limit` most
+    frequent); the rows of the other labels together as `other`, and how many labels there are (`distinct`)."""
+    frequent = sorted(((str(k), int(v)) for k, v in counts.items() if v >= min_count), key=lambda kv: (-kv[1], kv[0]))
+    shown = dict(sorted(frequent[:limit]))
+    rare = sum(int(v) for v in counts.values()) - sum(shown.values())
     out: dict[str, Any] = {"type": "categorical", "distinct": len(counts), "categories": shown}
     if rare:
         out["other"] = count_text(rare, min_count)

@@ -21,6 +21,11 @@ from .registry import DatasetFormatError, DatasetType, FormField, Validated, reg
 from .table_arrays import MISSING_POLICIES
 from .tables import Table, read_table
 
+MAX_DESCRIBED_COLUMNS = 100
+"""Columns described to researchers (the first ones; the shape still counts all; `columns_not_described` says
+how many are left out). A search reply is one message of at most 256 KiB holding every matching dataset:
+measured, 250 categorical columns of 40 frequent labels (2,000 rows) describe in 109 KB with 200 columns,
+54 KB with 100 (20 labels each, `describe.MAX_CATEGORIES`); a 6-column clinical table in 0.7 KB."""
 TOP_LABELS = 50
 """Labels of a categorical column whose counts are stored (the most frequent); the rest are summed: an
 identifier column of 10,000 patients would otherwise store 10,000 entries."""
@@ -87,11 +92,14 @@ class CsvType(DatasetType):
         shape, samples = describe_samples(record.get("shape") or [], min_count)
         rows_read = int(summary.get("rows", 0)) + int(summary.get("rows_dropped", 0))
         missing = summary.get("missing") or {}
+        stored = list((summary.get("columns") or {}).items())
         columns = {
             name: _describe_column(col, rows_read - int(missing.get(name, 0)), min_count)
-            for name, col in (summary.get("columns") or {}).items()
+            for name, col in stored[:MAX_DESCRIBED_COLUMNS]
         }
         out: dict[str, Any] = {"samples": samples, "shape": shape, "columns": columns, "target": summary.get("target")}
+        if len(stored) > MAX_DESCRIBED_COLUMNS:
+            out["columns_not_described"] = len(stored) - MAX_DESCRIBED_COLUMNS
         if missing:
             out["missing"] = suppressed_counts(missing, min_count)
             if (record.get("options") or {}).get("missing", "keep") == "keep":

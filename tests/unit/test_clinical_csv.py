@@ -198,3 +198,22 @@ def test_the_nodes_loading_plan_renames_columns_and_maps_labels_for_plans(tmp_pa
     bind(served, record)
     assert served.y.tolist() == ds.y.tolist() and "sex" in served.features
     assert rec["dataset_id"] == record["dataset_id"]
+
+
+def test_a_wide_table_is_described_within_one_message(tmp_path: Path) -> None:
+    """Hostile or just wide: 300 columns of 30 frequent labels must not push a search reply past 256 KiB."""
+    from fedsilo.network.messages import MAX_MESSAGE_BYTES, SearchReply
+
+    root = tmp_path / "data"
+    root.mkdir()
+    header = ";".join(f"item_{i:03d}" for i in range(300))
+    rows = [";".join(f"option-{(r + i) % 30:02d}" for i in range(300)) for r in range(300)]
+    (root / "wide.csv").write_text("\n".join([header, *rows]) + "\n")
+    store = DatasetStore(tmp_path / "node", data_roots=[str(root)])
+    store.ensure()
+    rec = store.add("wide", ["t"], "csv", root / "wide.csv")
+    infos = [DatasetStore.info(rec, 5)] * 4  # four such datasets answer one search
+    reply = SearchReply(sender="n", node_id="n", in_reply_to="r", datasets=infos)
+    assert len(reply.model_dump_json()) < MAX_MESSAGE_BYTES
+    assert infos[0].summary["columns_not_described"] == 200 and infos[0].shape == [300, 300]
+    assert len(infos[0].summary["columns"]["item_000"]["categories"]) == 20
