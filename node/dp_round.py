@@ -64,7 +64,10 @@ def charge_budget(r: DaemonRound) -> None:
     rate, steps = planned_round(rows, r.args, cfg.limits)
     entry = ledger(cfg).charge(Charge(req.request_id, req.dataset_id, req.sender, req.job_id, req.round,
                                       req.plan.sha256, dp["sigma"], dp["clip"], rate, steps))  # fmt: skip
-    final = {**dp, "sample_rate": entry["sample_rate"], "max_steps": entry["steps"]}
+    # What the researcher may have put in sample_rate/max_steps is replaced by what was charged; the round's
+    # epsilon is reported at the budget's delta when that is smaller.
+    final = {**dp, "delta": min(dp["delta"], entry["delta"]), "sample_rate": entry["sample_rate"],
+             "max_steps": entry["steps"]}  # fmt: skip
     r.args = TrainingArgs.parse({**r.args.model_dump(), "dp_args": final})
     requested = req.training_args.dp_args
     r.applied["dp_args"] = {"requested": requested, "applied": final}
