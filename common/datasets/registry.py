@@ -64,6 +64,8 @@ class Validated:
     the node (it may name things a researcher must not see, e.g. subject ids with a missing file);
     `DatasetType.describe` decides what leaves. `options`: the type's options as they are to be
     stored (normalised, e.g. a sniffed delimiter). `fingerprint`: changes when the data changes.
+
+        Validated([120, 7], {"rows": 120, "columns": {...}}, file_sha256(path), {"delimiter": ";"})
     """
 
     shape: list[int]
