@@ -207,6 +207,8 @@ class RocAuc(Metric):
     def merge(self, other: Metric) -> RocAuc:
         self._same(other)
         assert isinstance(other, RocAuc)
+        if other is self:  # a plan returning one object for every batch would count each batch again and again
+            raise MetricError("a RocAuc merged with itself: return a new RocAuc.of(...) for each batch")
         for scores, labels in other._chunks:
             if self._chunks and scores.shape[1:] != self._chunks[0][0].shape[1:]:
                 raise MetricError(f"AUC scores of shape {tuple(scores.shape[1:])} and "

@@ -165,6 +165,9 @@ def test_undefined_and_mismatched_metrics_say_so() -> None:
     assert single_class != single_class  # NaN: an AUC needs both classes
     with pytest.raises(MetricError, match="cannot merge a Dice into a RocAuc"):
         RocAuc().merge(Dice())
+    same = RocAuc.of(torch.tensor([0.2, 0.4]), torch.tensor([0, 1]))
+    with pytest.raises(MetricError, match="merged with itself"):
+        same.merge(same)
     with pytest.raises(MetricError, match="3 samples, target 2"):
         Accuracy.of(torch.zeros(3, 2), torch.zeros(2))
     with pytest.raises(MetricError, match="B x C x spatial"):
