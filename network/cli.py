@@ -63,6 +63,9 @@ def _summary(paths: provision.NetworkPaths, cfg: provision.NetworkConfig) -> str
             f"fedsilo network ready ({paths.root})",
             f"  broker      {kind} on {cfg.public_host}:{cfg.mqtt_port} (log: {paths.broker_dir / 'broker.log'})",
             f"  file store  {cfg.filestore_url} (max upload {cfg.max_upload_bytes // (1 << 20)} MiB)",
+            f"  TLS         {'on, mutual' if cfg.mutual_tls else 'on'} (CA: {paths.pki / 'ca.crt'})"
+            if cfg.tls
+            else "  TLS         off (network.toml tls = false): passwords and tokens cross the network in clear",
             f"  researcher  credentials in {researcher}",
             f"  add a node: fedsilo network party add NAME --role node --dir {paths.root}",
             "  stop with Ctrl-C",

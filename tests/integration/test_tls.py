@@ -152,6 +152,24 @@ def test_a_party_certificate_cannot_pose_as_the_servers(net: NetworkHandle, tmp_
         impostor.close()
 
 
+def test_a_server_certificate_for_another_host_is_refused(tmp_path: Path) -> None:
+    """A server certificate from the trusted CA, but for another name, convinces neither client."""
+    ca = pki.CertificateAuthority.ensure(tmp_path / "pki")
+    key = pki.new_key()
+    impostor = Impostor(pki.cert_pem(ca.issue("server", "server", key.public_key(), ["files.example.org"])),
+                        pki.key_pem(key), tmp_path)  # fmt: skip
+    try:
+        creds = _with_tls(Credentials.model_validate({
+            "party": "r1", "role": "researcher", "mqtt": {"port": impostor.port, "username": "r1", "password": "p"},
+            "filestore": {"url": f"https://127.0.0.1:{impostor.port}", "token": "t"},
+        }), ca.party_tls("r1", "researcher"))  # fmt: skip
+        assert not broker_accepts(creds.mqtt, timeout=3)
+        with FileStoreClient(creds.filestore) as client, pytest.raises(BlobTransferError, match="no TLS connection"):
+            client.health()
+    finally:
+        impostor.close()
+
+
 def test_a_wrong_password_is_refused_over_tls(net: NetworkHandle) -> None:
     creds = net.credentials("r1")
     wrong = creds.mqtt.model_copy(update={"password": "not-the-password"})
@@ -169,6 +187,23 @@ def test_the_file_store_refuses_plain_http_and_serves_https(net: NetworkHandle) 
     token = {"Authorization": f"Token {creds.filestore.token}"}
     with pytest.raises(requests.ConnectionError):  # with a valid token too: the token never crosses in clear
         requests.put(f"{_plain_http(creds)}/api/v1/blobs/{'0' * 64}", data=b"x", headers=token, timeout=5)
+
+
+def test_the_file_store_refuses_an_oversized_body_before_reading_it(net: NetworkHandle) -> None:
+    """uvicorn would read any body whole; the store's handler answers 413 on the Content-Length alone."""
+    creds = net.credentials("r1")
+    cfg = provision.load_config(net.netdir)
+    host, port = creds.filestore.url.rsplit("//", 1)[1].rsplit(":", 1)
+    assert creds.filestore.tls is not None
+    with socket.create_connection((host, int(port)), 10) as raw, pki.client_context(creds.filestore.tls).wrap_socket(
+        raw, server_hostname=host
+    ) as s:
+        token, length = creds.filestore.token, cfg.max_upload_bytes + (64 << 20) + 1
+        s.sendall(f"PUT /api/v1/blobs/{'0' * 64} HTTP/1.1\r\nHost: x\r\nAuthorization: Token {token}\r\n"
+                  f"Content-Length: {length}\r\n\r\n".encode())  # fmt: skip
+        s.settimeout(10)
+        assert s.recv(4096).startswith(b"HTTP/1.1 413")  # answered with no body byte sent
+    assert list((net.netdir / "filestore" / "tmp").iterdir()) == []
 
 
 def test_a_node_daemon_joins_from_its_kit(net: NetworkHandle, tmp_path: Path) -> None:
