@@ -4,10 +4,12 @@ dataset by Opacus' RDP accountant, budgets refused with the remaining epsilon, c
 from __future__ import annotations
 
 import multiprocessing
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -15,11 +17,15 @@ from torch.utils.data import TensorDataset
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
+from fedsilo.node.audit import AuditLog
 from fedsilo.node.budget import BudgetExceeded, Charge, PrivacyLedger, compose
+from fedsilo.node.cli import node
 from fedsilo.node.config import DPPolicy, Limits, NodeConfig
+from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.dp_policy import DPRequestRefused, effective_dp, planned_round
 from fedsilo.node.privacy import PrivacyViolation
 from fedsilo.node.trainer import Trainer
+from tests.support.creds import offline_credentials
 
 FLOOR = DPPolicy(min_noise_multiplier=1.0, max_grad_norm=1.0)
 REFUSE = DPPolicy(min_noise_multiplier=1.0, max_grad_norm=1.0, weaker_request="refuse")
@@ -193,3 +199,32 @@ def test_concurrent_rounds_cannot_both_take_the_last_of_a_budget(tmp_path: Path)
     answers = sorted(out.get(timeout=5) for _ in procs)
     assert 0 < fit < 8 and answers.count("ok") == fit and answers.count("refused") == 8 - fit
     assert len(PrivacyLedger(tmp_path, DPPolicy()).charges()) == fit
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def test_the_budget_commands_set_show_and_clear_a_dataset_budget_and_refuse_nonsense(tmp_path: Path):
+    runner = CliRunner()
+    nodedir = tmp_path / "node"
+    creds = offline_credentials(tmp_path / "n1.json", "n1")
+    assert runner.invoke(node, ["init", "--dir", str(nodedir), "--name", "n1", "--network", str(creds)]).exit_code == 0
+    (tmp_path / "t.csv").write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(20)))
+    ds = DatasetStore(nodedir).add("t", ["t"], "csv", tmp_path / "t.csv", added_by="test")["dataset_id"]
+    d = ["--dir", str(nodedir)]
+
+    def cli(*args: str):
+        return runner.invoke(node, [*args[:2], *d, *args[2:]])
+
+    assert cli("dataset", "budget", "t").exit_code == 2  # neither --epsilon nor --clear
+    assert cli("dataset", "budget", "t", "--epsilon", "1", "--clear").exit_code == 2
+    bad = cli("dataset", "budget", "t", "--epsilon", "-1")
+    assert bad.exit_code == 1 and "epsilon > 0" in bad.output and "Traceback" not in bad.output
+    assert cli("dataset", "budget", "nope", "--epsilon", "1").exit_code == 1
+    ok = cli("dataset", "budget", "t", "--epsilon", "2", "--delta", "1e-6")
+    assert ok.exit_code == 0 and f"{ds}: epsilon 2, delta 1e-06; spent 0" in ok.output
+    table = runner.invoke(node, ["budget", *d]).output
+    assert re.search(rf"{ds}\s+t\s+2\s+1e-06\s+0\s+2\s+0", table), table
+    cleared = cli("dataset", "budget", "t", "--clear").output
+    assert cleared == f"{ds}: its own budget removed\n{ds}: no budget; spent 0\n"
+    assert "had no budget of its own" in cli("dataset", "budget", "t", "--clear").output
+    events = [(e["event"], e["details"].get("epsilon")) for e in AuditLog(nodedir).list() if "budget" in e["event"]]
+    assert events == [("privacy_budget_set", 2.0), ("privacy_budget_cleared", None)]
