@@ -174,3 +174,29 @@ def test_undefined_and_mismatched_metrics_say_so() -> None:
         Dice.of(torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(MetricError, match="average must be"):
         F1Score.of(torch.zeros(2, 2), torch.zeros(2), average="weighted")
+
+
+def test_the_validation_views_show_each_node_and_the_weighted_federation_and_survive_a_breakpoint() -> None:
+    from fedsilo.researcher.algorithms import FedAverage
+    from fedsilo.researcher.evaluation import round_evaluation
+    from fedsilo.researcher.history import FEDERATION, History, NodeResult, RoundRecord
+    from fedsilo.researcher.strategies import Drop
+
+    nodes = {
+        "a": NodeResult("a", "hospital-a", sample_size=30, metrics={"loss": 1.0, "test_auc": 0.9}, test_samples=10,
+                        device={"used": "cpu", "gpu_requested": True, "fallback": "none here"}),
+        "b": NodeResult("b", "hospital-b", sample_size=90, metrics={"loss": 2.0, "test_auc": 0.5}, test_samples=30),
+        "c": NodeResult("c", "hospital-c", dropped=Drop("c", "timeout", "no reply")),
+    }  # fmt: skip
+    record = RoundRecord(0, nodes, {})
+    history = History()
+    history.add(record, round_evaluation(record, FedAverage()))
+    restored = History()
+    restored.load_state(history.state())
+    for h in (history, restored):
+        assert h.validation_metrics("test_auc") == {0: {"hospital-a": 0.9, "hospital-b": 0.5, FEDERATION: 0.6}}
+        assert h.validation_metrics()[0]["hospital-a"] == {"test_auc": 0.9}  # evaluation metrics only
+        rows = [line.split() for line in h.metrics_table(per="validation").splitlines()[2:]]
+        assert rows == [["0", "hospital-a", "10", "0.9"], ["0", "hospital-b", "30", "0.5"],
+                        ["0", "all", "nodes", "40", "0.6"]]  # fmt: skip
+        assert h.replies[0]["a"]["device"]["fallback"] == "none here" and "device" not in h.replies[0]["b"]
