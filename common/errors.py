@@ -47,8 +47,9 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.SIGNATURE_INVALID: "messages must carry a valid Ed25519 signature by their sender (credentials made "
     "before signed messages lack `signing_key`: re-issue them)",
     ErrorCode.UNKNOWN_SIGNER: "the signer is not in the consortium roster this party holds; ask the network operator "
-    "to add the party (`fedsilo network add-party`), which publishes a new roster",
-    ErrorCode.SIGNER_ROLE: "the signer's roster role may not send this (nodes answer researchers, researchers ask nodes)",
+    "to add the party (`fedsilo network party add`), which publishes a new roster",
+    ErrorCode.SIGNER_ROLE: "the signer's roster role may not send this (nodes answer researchers, researchers ask "
+    "nodes)",
     ErrorCode.RESEARCHER_NOT_ALLOWED: "this node takes requests only from the researchers in its `[node] researchers`; "
     "ask its administrator",
     ErrorCode.REQUEST_EXPIRED: "the request is too old or from the future: check both machines' clocks (NTP)",

@@ -113,8 +113,8 @@ def test_a_roster_not_signed_by_the_authority_is_ignored() -> None:
 
 def test_a_newer_roster_adds_parties_and_an_older_one_changes_nothing() -> None:
     trust = node_trust()
-    newer = Roster(version=2, parties={**ROSTER.parties, "stranger": RosterEntry(role="researcher",
-                                                                                  key=public_b64(KEYS["stranger"]))})  # fmt: skip
+    stranger = RosterEntry(role="researcher", key=public_b64(KEYS["stranger"]))
+    newer = Roster(version=2, parties={**ROSTER.parties, "stranger": stranger})
     assert trust.offer_roster(newer.sign(AUTHORITY))
     assert trust.open(signed_ping("stranger", "stranger")).signer == "stranger"
     assert not trust.offer_roster(ROSTER.sign(AUTHORITY)), "a replayed older roster was adopted"
