@@ -286,8 +286,12 @@ class _StateFolder:
     def __exit__(self, *exc: object) -> None:
         try:
             _copy_files(self.inside, self.outside)
-        finally:
-            shutil.rmtree(self.inside, ignore_errors=True)
+        finally:  # the whole exchange folder: plan code may have written beside its round's folder too
+            for entry in os.scandir(self.inside.parent):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
 
 
 def _latest_dataset(nodedir: Path) -> tuple[str, ...]:

@@ -110,12 +110,19 @@ def test_a_round_on_another_dataset_sees_that_dataset_only(node: OneNode) -> Non
 def test_what_a_round_writes_is_gone_at_the_next(node: OneNode) -> None:
     """The worker's folder (the only writable place) is emptied after each round: another researcher's
     plan finds nothing a previous one left there."""
-    write = attack("            open('left-behind', 'w').write('x')\n")
-    read = attack("            open('left-behind').read()\n")
+    # The writable places, as a plan finds them: its working folder and the state exchange folder (mountinfo).
+    places = """            import os
+            places = ['.'] + [ln.split()[4] for ln in open('/proc/self/mountinfo') if 'fedsilo-state-' in ln]
+            assert len(places) == 2, places
+"""
+    write = attack(places + "            for p in places:\n                open(os.path.join(p, 'left-behind'), 'w')\n")
+    read = attack(places + """            found = [p for p in places if os.path.exists(os.path.join(p, 'left-behind'))]
+            if found:
+                raise FileExistsError(found)
+""")
     approve(node.nodedir, [write, read])
     assert node.round(write).kind == "train_reply"
-    reply = node.round(read)
-    assert reply.kind == "error" and "FileNotFoundError" in reply.message, reply
+    assert node.round(read).kind == "train_reply"  # it found nothing (FileExistsError otherwise)
 
 
 # --------------------------------------------------------------------- confinement of one process
@@ -200,3 +207,19 @@ def test_a_medical_folder_brings_its_demographics_table(tmp_path: Path) -> None:
     table.write_text("id,age\n")
     record = {"path": str(tmp_path / "folder"), "options": {"demographics": str(table), "index_col": "id"}}
     assert dataset_paths(record) == [str(tmp_path / "folder"), str(table)]
+
+
+@pytest.fixture(scope="module")
+def unconfined(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OneNode]:
+    one = OneNode.start(tmp_path_factory.mktemp("sandbox-off"), "embedded", plans=[LOGREG_PLAN, READ],
+                        node={"sandbox": "off"})  # fmt: skip
+    yield one
+    one.stop()
+
+
+def test_sandbox_off_runs_plans_unconfined_and_says_so(unconfined: OneNode) -> None:
+    """`sandbox = "off"` is the administrator's explicit choice: rounds run, plan code sees the machine."""
+    assert unconfined.round(LOGREG_PLAN).kind == "train_reply"
+    assert unconfined.round(READ, model_args={"path": "/etc/passwd"}).kind == "train_reply"
+    sandbox = unconfined.status()["sandbox"]
+    assert sandbox["mode"] == "off" and sandbox["active"] is False, sandbox
