@@ -31,22 +31,18 @@ def dlp() -> None:
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for value in values:
-        local, sep, served = value.partition("=")
-        if not sep or not local.strip() or not served.strip():
-            raise click.BadParameter(f"{value!r}: write LOCAL=SERVED", param_hint=option)
-        out[local.strip()] = served.strip()
-    return out
+    from fedsilo.common.datasets.loading_plan import DataLoadingPlanError, parse_pairs
+
+    try:
+        return parse_pairs(values, option)
+    except DataLoadingPlanError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 def _label(value: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            continue
-    return value
+    from fedsilo.common.datasets.loading_plan import label_value
+
+    return label_value(value)
 
 
 def describe_plan(plan: DataLoadingPlan | None) -> str:

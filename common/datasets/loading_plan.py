@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -172,6 +172,31 @@ class DataLoadingPlan(BaseModel):
         for local, served in mapping.items():
             out[array == local] = served
         return out
+
+
+def parse_pairs(items: Iterable[str], what: str) -> dict[str, str]:
+    """`LOCAL=SERVED` texts (repeated CLI options, or a form's lines) as a mapping; `DataLoadingPlanError`
+    naming `what` and the malformed item.
+
+        parse_pairs(["T1=T1w", "T2 = T2w"], "alias")     # {"T1": "T1w", "T2": "T2w"}
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        local, sep, served = item.partition("=")
+        if not sep or not local.strip() or not served.strip():
+            raise DataLoadingPlanError(f"{what}: {item.strip()!r}: write LOCAL=SERVED")
+        out[local.strip()] = served.strip()
+    return out
+
+
+def label_value(text: str) -> int | float | str:
+    """A served label as typed text says: an int, else a float, else the text ("1" -> 1, "0.5" -> 0.5)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 def bind(dataset: Any, record: Mapping[str, Any]) -> None:

@@ -209,3 +209,13 @@ def test_the_sandbox_binds_a_demographics_table_kept_outside_the_folder(tmp_path
     record = DatasetStore(tmp_path / "node").add("p2", ["p"], "medical-folder", tree, options={
         "demographics": str(table), "index_col": "participant_id"})  # fmt: skip
     assert dataset_paths(record) == [str(tree), str(table)]
+
+
+def test_pairs_typed_in_a_form_or_on_the_command_line():
+    from fedsilo.common.datasets.loading_plan import label_value, parse_pairs
+
+    assert parse_pairs(["T1=T1w", " T2 = T2w "], "alias") == {"T1": "T1w", "T2": "T2w"}
+    for bad in ("T1", "=T1w", "T1=", " = "):
+        with pytest.raises(DataLoadingPlanError, match=f"alias: {bad.strip()!r}: write LOCAL=SERVED"):
+            parse_pairs([bad], "alias")
+    assert [label_value(t) for t in ("1", "0.5", "gland")] == [1, 0.5, "gland"]
