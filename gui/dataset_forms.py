@@ -101,24 +101,16 @@ def _text(value: Any) -> str:
 
 def loading_plan_form(values: Mapping[str, str]) -> dict[str, Any]:
     """The loading-plan form as a DataLoadingPlan dict: one LOCAL=SERVED pair per line (or comma)."""
-    from fedsilo.common.datasets.loading_plan import DataLoadingPlanError
-    from fedsilo.node.cli_dlp import _label
+    from fedsilo.common.datasets.loading_plan import label_value, parse_pairs
 
     def pairs(name: str) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for item in values.get(name, "").replace(",", "\n").splitlines():
-            if not item.strip():
-                continue
-            local, sep, served = item.partition("=")
-            if not sep or not local.strip() or not served.strip():
-                raise DataLoadingPlanError(f"{name.replace('_', ' ')}: {item.strip()!r}: write LOCAL=SERVED")
-            out[local.strip()] = served.strip()
-        return out
+        lines = [item for item in values.get(name, "").replace(",", "\n").splitlines() if item.strip()]
+        return parse_pairs(lines, name.replace("_", " "))
 
     return {
         "aliases": pairs("aliases"),
         "renames": pairs("renames"),
-        "label_map": {k: _label(v) for k, v in pairs("label_map").items()},
+        "label_map": {k: label_value(v) for k, v in pairs("label_map").items()},
         "missing": values.get("missing") or None,
     }
 
