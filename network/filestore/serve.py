@@ -5,6 +5,12 @@ on its event loop, and Django's ASGI handler (`asgi.py`) reads a body whole (spo
 NETDIR/filestore/tmp past 2.5 MiB) before a view runs in a thread; responses drain on the same loop. So
 slow or stalled clients hold a socket and a coroutine, never a thread, as under waitress (which had
 replaced gunicorn's threads for that: 28 trickling clients held every gunicorn thread for over 5 s).
+
+Measured (40 MB blob, upload and verified download, median of 7, bench/filestore_transfer.py, this 2-core VM,
+2026-11-30): waitress over plain HTTP 0.385 s up / 0.195 s down at load 1.5; uvicorn over HTTPS 0.390 s /
+0.237 s at load 2.5, minutes later. While 7 other test suites ran (load 10-15) the same store took 0.8-2.3 s /
+0.39-0.95 s over HTTP and 1.1-2.7 s / 0.56-1.2 s over HTTPS: TLS costs CPU (asyncio's TLS runs through a memory
+BIO in Python's loop), which shows only when the cores are taken.
 """
 
 from __future__ import annotations
