@@ -25,6 +25,12 @@ from .describe import count_text, describe_categories, describe_samples
 from .loading_plan import DataLoadingPlan
 from .medical_tree import MAX_VOXELS, Tree, VolumeError, read_header, scan_tree
 from .registry import DatasetFormatError, DatasetType, FormField, Validated, register
+from .tabular import MAX_DESCRIBED_COLUMNS
+
+MAX_DESCRIBED_MODALITIES = 20
+"""Modalities a description names (the most common); a search reply is one 256 KiB message. Measured: 5,000
+modality folders (one subject each) and 1,000 demographics columns describe in 6.6 KB with these caps, 1.1 MB
+without."""
 
 
 class MedicalFolderType(DatasetType):
@@ -75,6 +81,8 @@ class MedicalFolderType(DatasetType):
         summary = record.get("summary") or {}
         dlp = DataLoadingPlan.parse(record.get("loading_plan")) or DataLoadingPlan()
         shape, samples = describe_samples(record.get("shape") or [], min_count)
+        # the most common first: DICOM exports may name a series folder per subject
+        modalities = sorted((summary.get("modalities") or {}).items(), key=lambda kv: (-kv[1]["subjects"], kv[0]))
         out: dict[str, Any] = {
             "samples": samples,
             "shape": shape,
@@ -85,14 +93,21 @@ class MedicalFolderType(DatasetType):
             "modalities": {dlp.served_modality(m): {
                 "subjects": count_text(info["subjects"], min_count),
                 **{k: _geometry(info[k], min_count) for k in ("shapes", "spacings", "dtypes")},
-            } for m, info in summary.get("modalities", {}).items()},
+            } for m, info in modalities[:MAX_DESCRIBED_MODALITIES]},
         }  # fmt: skip
+        if len(modalities) > MAX_DESCRIBED_MODALITIES:
+            out["modalities_not_described"] = len(modalities) - MAX_DESCRIBED_MODALITIES
         if summary.get("label_modality"):
             out["label_modality"] = dlp.served_modality(summary["label_modality"])
         demo = summary.get("demographics")
         if demo:
-            out["demographics"] = {"columns": {dlp.served_column(c): k for c, k in demo["columns"].items()},
-                                   "subjects_without_row": count_text(len(demo["subjects_without_row"]), min_count)}
+            columns = list(demo["columns"].items())
+            out["demographics"] = {
+                "columns": {dlp.served_column(c): k for c, k in columns[:MAX_DESCRIBED_COLUMNS]},
+                "subjects_without_row": count_text(len(demo["subjects_without_row"]), min_count),
+            }
+            if len(columns) > MAX_DESCRIBED_COLUMNS:
+                out["demographics"]["columns_not_described"] = len(columns) - MAX_DESCRIBED_COLUMNS
         warnings = _warnings(summary, min_count)
         if warnings:
             out["warnings"] = warnings

@@ -327,3 +327,20 @@ def test_a_volume_that_fails_after_its_header_names_no_subject_or_path(tree, cap
     assert str(err.value).startswith("subject #0, modality T1: cannot decode the volume")
     assert "sub-1" not in str(err.value) and str(tree) not in str(err.value)  # it may reach a researcher
     assert str(big) in caplog.text  # the node's log says which file
+
+
+def test_a_description_stays_small_whatever_the_folder_names(tree):
+    """DICOM exports may name a series folder per subject: 5,000 modalities and 1,000 columns would make a 1.1 MB
+    search reply (a message is at most 256 KiB); the description names the most common ones and counts the rest."""
+    modalities = {f"series_{i:05d}": {"subjects": 1, "shapes": {f"1x{i}x512x512": 1}, "spacings": {"1x1x1": 1},
+                                      "dtypes": {"int16": 1}} for i in range(5000)}  # fmt: skip
+    modalities["T1"] = {"subjects": 5000, "shapes": {f"1x{i}x512x512": 1 for i in range(5000)},
+                        "spacings": {"1x1x1": 5000}, "dtypes": {"int16": 5000}}  # fmt: skip
+    summary = {"subjects": 5000, "complete": 0, "modalities": modalities, "incomplete": {}, "unreadable": {},
+               "demographics": {"columns": {f"c{i}": "numeric" for i in range(1000)}, "subjects_without_row": [],
+                                "duplicates": []}}  # fmt: skip
+    described = get("medical-folder").describe({"shape": [5000], "summary": summary}, min_count=5)
+    assert len(json.dumps(described)) < 16_000
+    assert next(iter(described["modalities"])) == "T1" and described["modalities_not_described"] == 4981
+    assert described["modalities"]["T1"]["shapes"] == {"distinct": 5000, "categories": {}, "other": 5000}
+    assert described["demographics"]["columns_not_described"] == 900
