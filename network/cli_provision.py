@@ -27,9 +27,10 @@ def _names(text: str) -> list[str]:
 
 
 def _add(netdir: Path, parties: list[tuple[str, str]], csr: bytes | None = None) -> None:
-    rows = []
     for name, role in parties:
         netprov.add_party(netdir, name, role, csr=csr)
+    rows = []
+    for name, role in parties:  # after every add: each kit carries the roster that names the whole batch
         folder, archive = kits.make_kit(netdir, name)
         rows.append((name, role, folder, archive))
     if rows:

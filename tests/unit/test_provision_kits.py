@@ -76,6 +76,9 @@ def test_provision_makes_a_kit_per_party(net: Path) -> None:
         pki.check_pair(creds.tls.cert, creds.tls.key)
         with tarfile.open(archive) as tar:
             assert all(m.name == party or m.name.startswith(f"{party}/") for m in tar.getmembers())
+        # the message-signing identity travels in the kit too, with the roster that names the whole batch
+        assert creds.signing_key and creds.authority_key
+        assert (folder / "roster.signed").read_bytes() == (net / "roster.signed").read_bytes()
     server = x509.load_pem_x509_certificate((net / "pki" / "server.crt").read_bytes())
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"localhost", "fl.example.org"} <= set(names.get_values_for_type(x509.DNSName))
