@@ -6,12 +6,15 @@ clients without a certificate or with one from another CA. No mocks: networks ru
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -204,6 +207,38 @@ def test_the_file_store_refuses_an_oversized_body_before_reading_it(net: Network
         s.settimeout(10)
         assert s.recv(4096).startswith(b"HTTP/1.1 413")  # answered with no body byte sent
     assert list((net.netdir / "filestore" / "tmp").iterdir()) == []
+
+
+def test_stalled_downloads_do_not_hold_blobs_in_the_stores_memory(net: NetworkHandle) -> None:
+    """Django's ASGI handler would read a file response whole into memory before sending it (a sync iterator
+    is consumed with list()); the store sends it a block at a time as the client reads. Eight readers that
+    never read a 16 MiB blob would hold 128 MiB the first way, a few block buffers the second."""
+    creds = net.credentials("r1")
+    assert creds.filestore.tls is not None
+    with FileStoreClient(creds.filestore) as client:
+        ref = client.upload_bytes(os.urandom(16 << 20))
+    store = psutil.Process(net.read_state()["filestore_pid"])
+    before = store.memory_info().rss
+    host, port = creds.filestore.url.rsplit("//", 1)[1].rsplit(":", 1)
+    ctx = pki.client_context(creds.filestore.tls)
+    readers = []
+    try:
+        for _ in range(8):
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.connect((host, int(port)))
+            s = ctx.wrap_socket(raw, server_hostname=host)
+            s.sendall(f"GET /api/v1/blobs/{ref.sha256} HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Token {creds.filestore.token}\r\n\r\n".encode())  # fmt: skip
+            readers.append(s)
+        s.settimeout(10)
+        assert s.recv(64).startswith(b"HTTP/1.1 200")  # the last one is being answered
+        time.sleep(1.0)  # not a timing assertion: lets the store fill whatever it would buffer
+        grown = store.memory_info().rss - before
+        assert grown < 48 << 20, f"the store grew by {grown >> 20} MiB for 8 stalled downloads of 16 MiB"
+    finally:
+        for s in readers:
+            s.close()
 
 
 def test_a_node_daemon_joins_from_its_kit(net: NetworkHandle, tmp_path: Path) -> None:
