@@ -91,6 +91,7 @@ def _blobs_with_params(blobs: dict[str, BlobRef]) -> dict[str, BlobRef]:
 _HEX32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _BOX = Annotated[str, Field(min_length=2, max_length=512, pattern=r"^[0-9a-f]+$")]
 _SHARE = Annotated[str, Field(pattern=r"^[0-9a-f]{136}$")]
+_SIG = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{86}==$")]
 
 
 class SecaggKeys(BaseModel):
@@ -100,7 +101,7 @@ class SecaggKeys(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     c: _HEX32
     s: _HEX32
-    sig: Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{86}==$")] | None = None
+    sig: _SIG | None = None
 
 
 class SecaggTask(BaseModel):
@@ -338,11 +339,14 @@ class SecaggShareRequest(SecaggRequest):
 
 
 class SecaggUnmaskRequest(SecaggRequest):
-    """Who sent a masked input and who did not; the node answers the b shares of the first, s shares of the rest."""
+    """Who sent a masked input and who did not; the node answers the b shares of the first, s shares of the rest,
+    once `consistency` holds threshold survivors' signatures of this list (`check_only`: asks for this node's)."""
 
     kind: Literal["secagg_unmask_request"] = "secagg_unmask_request"
     survivors: list[_ID] = Field(max_length=1000)
     dropped: list[_ID] = Field(max_length=1000)
+    check_only: bool = False
+    consistency: dict[_ID, _SIG] = Field(default_factory=dict, max_length=1000)
 
 
 class SecaggReply(Reply):
@@ -365,6 +369,7 @@ class SecaggUnmaskReply(SecaggReply):
     kind: Literal["secagg_unmask_reply"] = "secagg_unmask_reply"
     b_shares: dict[_ID, _SHARE] = Field(max_length=1000)
     s_shares: dict[_ID, _SHARE] = Field(max_length=1000)
+    consistency: _SIG | None = None
 
 
 # -------------------------------------------------------------------------------- node-side events

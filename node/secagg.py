@@ -40,7 +40,7 @@ from fedsilo.network.messages import (
     TrainRequest,
 )
 
-from .secagg_auth import KeyAuthority, statement
+from .secagg_auth import KeyAuthority, statement, survivors_statement
 from .stages import stage
 
 if TYPE_CHECKING:
@@ -146,6 +146,12 @@ class SecaggSessions:
             return answer(SecaggSharesReply, msg, boxes={v: b.hex() for v, b in boxes.items()},
                           commitments=commitments, **common)  # fmt: skip
         if isinstance(msg, SecaggUnmaskRequest):
+            vouch = survivors_statement(msg.sender, msg.job_id, msg.round, msg.survivors)
+            if msg.check_only:  # the consistency check: this node signs the one survivor list it accepts
+                session.vouch(msg.survivors)
+                sig = self.authority.sign(vouch) if self.authority is not None else None
+                return answer(SecaggUnmaskReply, msg, b_shares={}, s_shares={}, consistency=sig, **common)
+            self._consistent(msg, vouch, session.config.threshold)
             b, s = session.unmask(msg.survivors, msg.dropped)
             log.info("[%s] unmask for job %s round %d: %d b share(s), %d s share(s)", msg.request_id, msg.job_id,
                      msg.round, len(b), len(s))  # fmt: skip
@@ -164,6 +170,17 @@ class SecaggSessions:
             if sig is None:
                 raise SecaggError(f"the keys given for '{node}' carry no signature")
             self.authority.verify(node, statement(msg.sender, msg.job_id, msg.round, node, c, s), sig)
+
+    def _consistent(self, msg: SecaggUnmaskRequest, vouch: bytes, threshold: int) -> None:
+        """At least `threshold` survivors signed this very survivor list: a researcher cannot show different
+        lists to different nodes (each survivor signs one list, and two lists would need more than n signers)."""
+        if self.authority is None:
+            return
+        auth = self.authority
+        signers = [n for n, sig in sorted(msg.consistency.items()) if n in msg.survivors and auth.valid(n, vouch, sig)]
+        if len(signers) < threshold:
+            raise SecaggError(f"the survivor list carries {len(signers)} valid survivor signature(s); "
+                              f"threshold {threshold} needed before any share is revealed")  # fmt: skip
 
     @contextmanager
     def session_for(self, request: TaskRequest) -> Iterator[NodeSession]:

@@ -28,6 +28,13 @@ def statement(researcher: str, job_id: str, round_index: int, node: str, c: byte
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
+def survivors_statement(researcher: str, job_id: str, round_index: int, survivors: list[str]) -> bytes:
+    """The canonical bytes a survivor signs to vouch for the round's survivor list."""
+    body = {"secagg_survivors": {"researcher": researcher, "job_id": job_id, "round": round_index,
+                                 "survivors": sorted(set(survivors))}}  # fmt: skip
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
 class KeyAuthority:
     """Signs this node's statements and verifies other nodes' against the consortium roster (role `node`).
 
@@ -63,3 +70,11 @@ class KeyAuthority:
             raise SecaggError(f"the keys given for '{node}' are not signed by it: {exc.reason}") from None
         if opened.signer != node:
             raise SecaggError(f"the keys given for '{node}' are signed by '{opened.signer}'")
+
+    def valid(self, node: str, body: bytes, signature: str) -> bool:
+        """Whether `node` signed `body` (a bad signature is not an error here: it is not counted)."""
+        try:
+            self.verify(node, body, signature)
+        except SecaggError:
+            return False
+        return True

@@ -121,6 +121,7 @@ class SecaggRound:
         self.config = settings.config_for(self.nodes)
         self.session = ResearcherSession(ctx.job_id, round_index, self.nodes, self.config)
         self.stats: dict[str, float] = {}
+        self.signed = False
         rows = sum((ctx.training_data[n].shape or [0])[0] for n in self.nodes)
         if rows > self.session.fixed.capacity:
             raise ExperimentError(f"the round's {rows} samples exceed the fixed-point capacity "
@@ -150,6 +151,7 @@ class SecaggRound:
             assert isinstance(reply, SecaggKeysReply)
             self.session.add_keys(node, (bytes.fromhex(reply.keys.c), bytes.fromhex(reply.keys.s)))
             signed[node] = reply.keys
+        self.signed = all(k.sig for k in signed.values())  # nodes with signing keys also check survivor lists
         share = SecaggShareRequest(sender=party, keys=signed, **common)
         keyed = sorted(signed)
         for node, reply in self._collect(share, keyed, SecaggSharesReply, drop).items():
@@ -172,12 +174,24 @@ class SecaggRound:
         """A node's masked update (its `params` blob): int64 in the model's layout, weighed by its sample count."""
         self.session.add_masked(node, from_blob(blob, self.ctx.global_params), reply.sample_size)
 
+    def _vouched(self, common: dict[str, Any]) -> dict[str, str]:
+        """The survivors' signatures of the survivor list (Bonawitz et al.'s consistency check)."""
+        check = SecaggUnmaskRequest(check_only=True, **common)
+        got = self.ctx.requests.collect(check, nodes=common["survivors"], timeout=self.settings.stage_timeout)
+        sigs = {n: r.consistency for n, r in got.replies.items() if isinstance(r, SecaggUnmaskReply) and r.consistency}
+        if len(sigs) < self.config.threshold:
+            raise SecaggError(f"{len(sigs)} survivor(s) vouched for the survivor list; threshold "
+                              f"{self.config.threshold} needed")  # fmt: skip
+        return sigs
+
     def finish(self, drop: DropFn) -> NodeUpdate:
         """The unmask stage, then the weighted mean of the updates as one update for the algorithm."""
         t0 = time.perf_counter()
         survivors, dropped = self.session.unmask_lists()
-        request = SecaggUnmaskRequest(sender=self.ctx.requests.party, job_id=self.ctx.job_id, round=self.index,
-                                      survivors=survivors, dropped=dropped)  # fmt: skip
+        common: dict[str, Any] = {"sender": self.ctx.requests.party, "job_id": self.ctx.job_id, "round": self.index,
+                                  "survivors": survivors, "dropped": dropped}  # fmt: skip
+        consistency = self._vouched(common) if self.signed else {}
+        request = SecaggUnmaskRequest(consistency=consistency, **common)
         got = self.ctx.requests.collect(request, nodes=self.session.sharers, timeout=self.settings.stage_timeout)
         for node, reply in got.replies.items():
             if isinstance(reply, SecaggUnmaskReply):

@@ -77,6 +77,8 @@ class NodeSession(_Round):
         self._held: dict[str, tuple[bytes, bytes]] = {}  # owner -> (b share, s share) held by this node
         self.peers: set[str] = set()
         """Neighbours that took part in the share stage: the pairwise masks are with exactly these."""
+        self.vouched: tuple[str, ...] | None = None
+        """The survivor list this node vouched for (Bonawitz et al.'s consistency check); it unmasks no other."""
 
     def _advance(self, expected: str, new: str) -> None:
         if self.stage != expected:
@@ -146,6 +148,16 @@ class NodeSession(_Round):
         seeds = {v: self.s.agree(self._keys[v][1], self.label("mask")) for v in sorted(self.peers)}
         return apply_masks(encoded, self._b, seeds, self.me)
 
+    def vouch(self, survivors: Sequence[str]) -> None:
+        """Agree to `survivors` as the round's survivor list (the caller signs it): only after this node sent its
+        masked input, naming it, and one list per round."""
+        listed = tuple(sorted(set(survivors)))
+        if self.stage != "masked" or self.me not in listed:
+            raise SecaggError("only a node that sent its masked input, and is listed, vouches for the survivors")
+        if self.vouched is not None and self.vouched != listed:
+            raise SecaggError("this node already vouched for another survivor list this round")
+        self.vouched = listed
+
     def unmask(self, survivors: Sequence[str], dropped: Sequence[str]) -> tuple[dict[str, bytes], dict[str, bytes]]:
         """This node's b shares of the survivors and s shares of the dropped nodes, among those it holds.
         Once per round; a node named in both lists, or fewer survivors than the threshold, is refused."""
@@ -159,6 +171,8 @@ class NodeSession(_Round):
             raise SecaggError("the unmask request names nodes outside the round")
         if self.stage not in ("ready", "masked"):
             raise SecaggError(f"stage 'unmask' asked while this round is at '{self.stage}'")
+        if self.vouched is not None and tuple(sorted(alive)) != self.vouched:
+            raise SecaggError("the survivor list differs from the one this node vouched for")
         if self.stage == "masked" and self.me in gone:  # its s share would unmask its own input with its b share
             raise SecaggError("this node sent its masked input: it cannot be named dropped")
         self.stage = "done"

@@ -3,7 +3,8 @@
 A secure round's global model equals a plain round's (within the fixed-point error); a node killed after the
 share stage, or after its masked input arrived, still leaves the right aggregate of the others; a node with
 `force_secure_aggregation` refuses a plain round; a hostile researcher with valid credentials cannot make a
-node answer a stage twice, mask without a setup, or take keys of the researcher's making. Measured: 6 minutes per
+node answer a stage twice, mask without a setup, take keys of the researcher's making, or reveal shares for a
+survivor list fewer than threshold survivors signed. Measured: 6 minutes per
 broker on the shared 2-core machine at load 14 (two plain reference rounds, five secure ones, two node restarts)."""
 
 from __future__ import annotations
@@ -163,8 +164,9 @@ def test_algorithms_that_need_each_update_are_refused(fed: Federation, approved:
 def test_hostile_researcher_cannot_substitute_keys_replay_or_skip_stages(fed: Federation, approved: Approved,
                                                                           client: RawResearcher) -> None:  # fmt: skip
     """With valid credentials, relaying for the three real nodes: keys of its own making in place of a node's
-    (signed or not), a second setup of a round, a second unmask asking for the other shares, and a masked round
-    without any setup are each refused with FS800; a re-sent copy gets the same answer."""
+    (signed or not), a second setup of a round, an unmask without threshold survivors' signatures of its survivor
+    list, a second survivor list, and a masked round without any setup are each refused with FS800; a re-sent copy
+    gets the same answer."""
     node, config = ALL[1], SecaggConfig(threshold=2)
     common = {"sender": client.party, "job_id": "hostile", "round": 1}  # train_request sends round 1
 
@@ -197,12 +199,18 @@ def test_hostile_researcher_cannot_substitute_keys_replay_or_skip_stages(fed: Fe
     assert reply.kind == "train_reply", reply
     assert reply.applied_caps["secure_aggregation"]["applied"] is True
 
-    first = ask(node, SecaggUnmaskRequest(survivors=ALL[:2], dropped=[ALL[2]], **common), "secagg_unmask_reply")
-    assert first.kind == "secagg_unmask_reply", first
-    assert sorted(first.b_shares) == ALL[:2] and list(first.s_shares) == [ALL[2]]
-    second = ask(node, SecaggUnmaskRequest(survivors=[ALL[1], ALL[2]], dropped=[ALL[0]], **common),
-                 "secagg_unmask_reply")  # fmt: skip
-    assert second.kind == "error" and second.code == "FS800" and "at 'done'" in second.message, second
+    # unmasking needs threshold survivors' signatures of the very survivor list; b alone vouches for one list
+    listed = {"survivors": ALL[:2], "dropped": [ALL[2]], **common}
+    bare = ask(node, SecaggUnmaskRequest(**listed), "secagg_unmask_reply")
+    assert bare.kind == "error" and bare.code == "FS800" and "0 valid survivor signature(s)" in bare.message, bare
+    vouched = ask(node, SecaggUnmaskRequest(check_only=True, **listed), "secagg_unmask_reply")
+    assert vouched.kind == "secagg_unmask_reply" and vouched.consistency and not vouched.b_shares, vouched
+    other = ask(node, SecaggUnmaskRequest(check_only=True, survivors=ALL[1:], dropped=[ALL[0]], **common),
+                "secagg_unmask_reply")  # fmt: skip
+    assert other.kind == "error" and "another survivor list" in other.message, other
+    reused = {ALL[0]: vouched.consistency, node: vouched.consistency}  # b's signature passed off as a's too
+    short = ask(node, SecaggUnmaskRequest(consistency=reused, **listed), "secagg_unmask_reply")
+    assert short.kind == "error" and "1 valid survivor signature(s)" in short.message, short
 
     orphan = client.train_request(approved.source, "LogReg", fed.datasets[node], params=zero_params(),
                                   model_args=MODEL_ARGS, job_id="never-set-up", epochs=1)  # fmt: skip

@@ -241,6 +241,8 @@ def test_a_node_answers_each_stage_once_and_never_both_shares_of_a_node() -> Non
     with pytest.raises(SecaggError, match="at 'shares'"):
         a.mask(np.zeros(3, np.uint64))
     a.receive_shares({"b": boxes["b"]["a"], "c": boxes["c"]["a"]})
+    with pytest.raises(SecaggError, match="only a node that sent its masked input"):
+        a.vouch(["a", "b", "c"])
     a.mask(np.zeros(3, np.uint64))
     with pytest.raises(SecaggError, match="each stage runs once"):
         a.mask(np.zeros(3, np.uint64))
@@ -250,7 +252,12 @@ def test_a_node_answers_each_stage_once_and_never_both_shares_of_a_node() -> Non
         a.unmask(["a"], ["b", "c"])
     with pytest.raises(SecaggError, match="cannot be named dropped"):  # its own s share after it masked
         a.unmask(["b", "c"], ["a"])
-    a.unmask(["a", "b"], ["c"])
+    a.vouch(["a", "b", "c"])
+    with pytest.raises(SecaggError, match="another survivor list"):
+        a.vouch(["a", "b"])
+    with pytest.raises(SecaggError, match="differs from the one this node vouched for"):
+        a.unmask(["a", "b"], ["c"])
+    a.unmask(["a", "b", "c"], [])
     with pytest.raises(SecaggError, match="at 'done'"):  # a second ask (b's s share now) is refused
         a.unmask(["a", "c"], ["b"])
 

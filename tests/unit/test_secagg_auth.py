@@ -6,20 +6,15 @@ from __future__ import annotations
 import pytest
 
 from fedsilo.common.secagg import SecaggError
-from fedsilo.common.signing import Roster, RosterEntry, generate_key, private_b64, public_b64
 from fedsilo.node.secagg_auth import KeyAuthority, statement
+from tests.support.secagg import authorities
 
 C, S = bytes(range(32)), bytes(range(1, 33))
 
 
 @pytest.fixture(scope="module")
 def parties() -> dict[str, KeyAuthority]:
-    authority = generate_key()
-    keys = {name: generate_key() for name in ("hospital-a", "hospital-b", "r1")}
-    roles = {"hospital-a": "node", "hospital-b": "node", "r1": "researcher"}
-    roster = Roster(version=1, parties={n: RosterEntry(role=roles[n], key=public_b64(k)) for n, k in keys.items()})
-    wire = roster.sign(authority).decode()
-    return {n: KeyAuthority(n, private_b64(k), public_b64(authority), wire, None) for n, k in keys.items()}
+    return authorities({"hospital-a": "node", "hospital-b": "node", "r1": "researcher"})
 
 
 def test_a_node_accepts_keys_its_peer_signed(parties: dict[str, KeyAuthority]) -> None:
