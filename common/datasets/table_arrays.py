@@ -61,14 +61,16 @@ def table_arrays(
                 f"{where}: every value must be numeric: {kinds}; pass encode=True (dates become days since "
                 "1970-01-01, labels their index in sorted order) or categories={column: [labels...]}"
             )
-    x = table.data[:, [names.index(c) for c in features]].astype(np.float64)
-    y = table.data[:, names.index(target)].astype(np.float64)
+    x = table.data[:, [names.index(c) for c in features]]  # fancy indexing: a copy, the table stays as it is
+    y = table.data[:, names.index(target)].copy()
     label_map = getattr(loading_plan, "label_map", None) or {}
     if label_map:
         y = _map_labels(y, table.labels.get(local[target]), label_map, target, where)
     policy = _DLP_MISSING.get(getattr(loading_plan, "missing", None) or "", missing)
     if policy not in MISSING_POLICIES:
         raise DatasetFormatError(f"unknown missing-value policy '{policy}'; use one of: {', '.join(MISSING_POLICIES)}")
+    if policy == "keep":  # NaN reaches the plan: nothing to count
+        return x, y, {"rows_dropped": 0, "features": list(features)}
     complete = np.isfinite(x).all(axis=1) & np.isfinite(y)
     dropped = int(complete.size - np.count_nonzero(complete))
     if dropped and policy == "refuse":

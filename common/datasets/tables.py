@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +37,8 @@ ALLOWED_DELIMITERS = ",;\t|: "
 _ALIASES = {"tab": "\t", "\\t": "\t", "space": " "}
 DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%d/%m/%Y", "%d.%m.%Y", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S")
 """Tried in this order; day-first before month-first: "03/04/2020" is 3 April (European consortia)."""
-SNIFF_BYTES = 64 << 10
+SNIFF_BYTES = 16 << 10
+_ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -75,7 +77,7 @@ class Table:
 
 
 def sniff_delimiter(path: str | Path) -> str:
-    """The delimiter of a CSV file: csv.Sniffer over its first 64 KiB among `DELIMITERS`, else the one
+    """The delimiter of a CSV file: csv.Sniffer over its first 16 KiB among `DELIMITERS`, else the one
     the header line holds most of, else ","."""
     try:
         with Path(path).open(newline="", encoding="utf-8-sig") as f:
@@ -96,9 +98,15 @@ def sniff_delimiter(path: str | Path) -> str:
 
 
 def read_table(
-    path: str | Path, delimiter: str | None = None, categories: Mapping[str, Sequence[str]] | None = None
+    path: str | Path,
+    delimiter: str | None = None,
+    categories: Mapping[str, Sequence[str]] | None = None,
+    *,
+    copy: bool = True,
 ) -> Table:
-    """Parse a CSV with a header row into a typed `Table` (cached by content like `read_csv`)."""
+    """Parse a CSV with a header row into a typed `Table` (cached by content like `read_csv`). `copy=False`
+    returns the cached table itself, for callers that only read it (`CsvDataset`: a copy of 50,000 x 17
+    cells is 6.8 MB a round)."""
     delimiter = _ALIASES.get(delimiter, delimiter) if delimiter else sniff_delimiter(path)
     if len(delimiter) != 1:
         raise DatasetFormatError(f"delimiter must be one character, got {delimiter!r}")
@@ -106,7 +114,8 @@ def read_table(
         raise DatasetFormatError(f"delimiter {delimiter!r} is not one of: , ; | : space tab")
     fixed = {str(k): [str(x) for x in v] for k, v in (categories or {}).items()}
     kind = f"table:{delimiter}:{sorted(fixed.items())!r}"
-    return cached_parse(path, kind, lambda p: _parse(p, delimiter, fixed)).copy()
+    table = cached_parse(path, kind, lambda p: _parse(p, delimiter, fixed))
+    return table.copy() if copy else table
 
 
 def _parse(p: Path, delimiter: str, categories: dict[str, list[str]]) -> Table:
@@ -161,10 +170,11 @@ def _parse_cells(p: Path, delimiter: str) -> Table:
         if numbers is not None:
             table.kinds[name], data[:, j] = "numeric", numbers
             continue
-        fmt = _date_format(present)
-        if fmt is not None:
+        dates = _dates(set(present))
+        if dates is not None:
+            fmt, days = dates
             table.kinds[name], table.date_formats[name] = "date", fmt
-            data[:, j] = [math.nan if c.lower() in MISSING_MARKERS else _days(c, fmt) for c in cells]
+            data[:, j] = [days.get(c, math.nan) for c in cells]
             continue
         table.kinds[name] = "categorical"
         labels = sorted(set(present))
@@ -195,16 +205,25 @@ def _as_numbers(cells: list[str]) -> list[float] | None:
     return out
 
 
-def _date_format(present: list[str]) -> str | None:
-    if not present:
+def _dates(values: set[str]) -> tuple[str, dict[str, float]] | None:
+    """(format, days since 1970-01-01 per value) when every value is a date in one of `DATE_FORMATS`.
+
+    Each distinct value is parsed once, ISO days by numpy: strptime took 12 of 16 s (profiled, machine
+    loaded) on 50,000 rows of one date column; this takes 0.1 s."""
+    if not values:
         return None
+    uniq = sorted(values)
+    if all(_ISO_DAY.fullmatch(v) for v in uniq):
+        try:  # numpy checks the calendar too (2021-02-30 is refused)
+            days = np.array(uniq, dtype="datetime64[D]").astype(np.int64)
+        except ValueError:
+            return None
+        return "%Y-%m-%d", {v: float(d) for v, d in zip(uniq, days, strict=True)}
     for fmt in DATE_FORMATS:
         try:
-            for c in present:
-                datetime.strptime(c, fmt)
+            return fmt, {v: _days(v, fmt) for v in uniq}
         except ValueError:
             continue
-        return fmt
     return None
 
 

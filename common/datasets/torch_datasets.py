@@ -61,7 +61,7 @@ class CsvDataset(Dataset):
         self._build()
 
     def _build(self) -> None:
-        table = read_table(self.path, self.delimiter, self._local_categories())
+        table = read_table(self.path, self.delimiter, self._local_categories(), copy=False)
         x, y, facts = table_arrays(table, self.target, self._features, encode=self.encode, missing=self.missing,
                                    loading_plan=self.loading_plan, where=str(self.path))  # fmt: skip
         self.columns = served_names(table, self.loading_plan)
