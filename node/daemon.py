@@ -218,11 +218,11 @@ class NodeDaemon:
         researcher = topics.publisher(topic)  # the ACL proves who published; the payload may say anything
         if not researcher:
             return
-        code, stage = ErrorCode.MALFORMED_MESSAGE, "receive"
         if isinstance(exc, UntrustedMessage):  # refused before parsing: unsigned, forged, unknown or wrong role
             self._dispatch_safe(self._refuse, researcher, exc.request_id or "unknown", exc.code, exc.reason,
                                 {"signer": exc.signer})  # fmt: skip
             return
+        code, stage = ErrorCode.MALFORMED_MESSAGE, "receive"
         if exc.field.split(".")[0] in ("training_args", "algorithm"):  # validated once, here, on receipt
             code, stage = ErrorCode.TRAINING_ARGS_INVALID, "arguments"
         self._dispatch_safe(self._error, researcher, exc.request_id or "unknown", code, exc.reason, stage)
@@ -240,7 +240,6 @@ class NodeDaemon:
         log.info("[%s] refused request from %s: [%s] %s", request_id, to, code, text)
         self._reply(to, self._answer(ErrorReply, request_id, code=code, message=text[:3900], stage=stage, **extra))
 
-    def _admissible(self, msg: Message, researcher: str) -> bool:
     def _refuse(self, researcher: str, request_id: str, code: ErrorCode | None, reason: str,
                 details: dict[str, Any] | None = None, stage: str = "receive", **extra: Any) -> None:  # fmt: skip
         """A request refused on who sent it: a WARNING, an audit `request_refused` (actor = the party that
@@ -251,6 +250,7 @@ class NodeDaemon:
         if code is not None:
             self._error(researcher, request_id, code, reason, stage, **extra)
 
+    def _admissible(self, msg: Message, researcher: str) -> bool:
         """Checks every request passes, in order: the sender it names is the party that published it (and
         signed it: `Messaging` checked), it is no replay, it is fresh, both sides speak the same protocol, and
         this node takes requests from that researcher. A refusal is answered to the real publisher and logged."""
@@ -277,12 +277,12 @@ class NodeDaemon:
                         f"request stamped {when}; this node accepts requests up to {node.request_max_age_s:g}s old "
                         f"with {node.clock_skew_s:g}s of clock skew", "receive")  # fmt: skip
             return False
-        return True
         self._seen.record(researcher, msg.request_id, msg.timestamp)
         if not node_permits(node.researchers, researcher):
             self._refuse(researcher, msg.request_id, ErrorCode.RESEARCHER_NOT_ALLOWED,
                          f"node '{node.name}' does not take requests from researcher {researcher!r}")  # fmt: skip
             return False
+        return True
 
     def audit(self) -> Any:
         if self._audit is None:
@@ -298,9 +298,9 @@ class NodeDaemon:
     def _handle(self, msg: Message, researcher: str) -> None:
         if not self._admissible(msg, researcher):
             return
-        if isinstance(msg, PingRequest):
         if isinstance(msg, TaskRequest) and self._answer_duplicate(msg, researcher):
             return  # a re-sent copy (a newer timestamp): answered with the request's state
+        if isinstance(msg, PingRequest):
             self._reply(msg.sender, self._answer(PingReply, msg, version=__version__, busy=self._current is not None))
         elif isinstance(msg, SearchRequest):
             infos = [self._info(r) for r in self._usable(self.datasets.search(msg.tags), researcher)]
@@ -331,11 +331,11 @@ class NodeDaemon:
             else:
                 self._handle_train(msg)
 
-    def _answer_duplicate(self, msg: TaskRequest, researcher: str) -> bool:
     def _usable(self, records: list[dict[str, Any]], researcher: str) -> list[dict[str, Any]]:
         """The datasets `researcher` may use: a researcher is not told about datasets closed to it."""
         return [r for r in records if self.access.permits(r["dataset_id"], researcher)]
 
+    def _answer_duplicate(self, msg: TaskRequest, researcher: str) -> bool:
         """A request id seen before gets its current state again: its ack while it is queued or running,
         its reply once done. Requesters re-send what they have no answer for (a broker may have lost it)."""
         assert self.queue is not None
@@ -371,13 +371,13 @@ class NodeDaemon:
         except UnknownDataset as exc:
             self._error(msg.sender, msg.request_id, ErrorCode.UNKNOWN_DATASET, str(exc), "dataset_lookup", **extra)
             return
-        # Refused now when the store already says no (cheap); an unknown plan goes on to the worker, which
         if not self.access.permits(record["dataset_id"], msg.sender):
             reason = f"researcher {msg.sender!r} is not allowed on dataset {record['dataset_id']} of node " \
                      f"'{self.cfg.node.name}'"  # fmt: skip
             self._refuse(msg.sender, msg.request_id, ErrorCode.DATASET_NOT_ALLOWED, reason,
                          {"dataset_id": record["dataset_id"]}, "dataset_lookup", **extra)  # fmt: skip
             return
+        # Refused now when the store already says no (cheap); an unknown plan goes on to the worker, which
         # fetches it and records it as pending; the worker checks again (approval may be revoked meanwhile).
         status = self.plans.status(msg.plan.sha256)
         if self.cfg.node.require_approval and status in ("pending", "rejected"):
