@@ -217,3 +217,11 @@ def test_a_wide_table_is_described_within_one_message(tmp_path: Path) -> None:
     assert len(reply.model_dump_json()) < MAX_MESSAGE_BYTES
     assert infos[0].summary["columns_not_described"] == 200 and infos[0].shape == [300, 300]
     assert len(infos[0].summary["columns"]["item_000"]["categories"]) == 20
+
+
+def test_dates_are_day_first_and_impossible_dates_are_not_dates(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("visit,bad,label\n03/04/2020,2021-02-30,0\n31/12/2020,2021-01-01,1\n")
+    t = read_table(path)
+    assert t.kinds == {"visit": "date", "bad": "categorical", "label": "numeric"}
+    assert t.date_formats["visit"] == "%d/%m/%Y" and t.data[:, 0].tolist() == [18355.0, 18627.0]  # 3 April, 31 Dec
