@@ -1,0 +1,60 @@
+"""Top-k sparsification of one tensor's delta (FedLab's `TopkCompressor`): the `fraction` of entries with the
+largest magnitude, as int32 flat indices (ascending) and their float32 values; the rest is dropped (error
+feedback on the node sends it later). `decode` checks every index a node sent before it writes one.
+
+    codec = TopkCodec(0.01)
+    parts = codec.encode(delta)                 # {"i": int32 [k], "v": float32 [k]}, k = ceil(0.01 * numel)
+    codec.decode(parts, delta.shape, "fc.weight")   # dense float32, zeros where nothing was sent
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .codecs import CodecError
+from .codecs_quant import Parts, finite
+
+MAX_INDEX = 2**31 - 1
+
+
+def kept(fraction: float, numel: int) -> int:
+    """Entries a tensor of `numel` keeps: at least one of a non-empty tensor, so that every layer moves."""
+    return min(numel, max(1, math.ceil(fraction * numel))) if numel else 0
+
+
+class TopkCodec:
+    """The `fraction` largest-magnitude entries of each tensor (see the module docstring)."""
+
+    parts = ("i", "v")
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Parts:
+        flat = x.reshape(-1)
+        if flat.numel() > MAX_INDEX:
+            raise CodecError(f"a tensor of {flat.numel()} entries is beyond int32 indices")
+        k = kept(self.fraction, flat.numel())
+        index = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+        return {"i": index.to(torch.int32), "v": flat[index].contiguous()}
+
+    def decode(self, parts: Parts, shape: tuple[int, ...], name: str) -> torch.Tensor:
+        index, values = parts["i"], parts["v"]
+        numel = math.prod(shape)
+        k = kept(self.fraction, numel)
+        if index.dtype != torch.int32 or values.dtype != torch.float32 or index.dim() != 1 or values.dim() != 1:
+            got = f"{index.dtype} {tuple(index.shape)} and {values.dtype} {tuple(values.shape)}"
+            raise CodecError(f"tensor '{name}': indices must be 1-D int32 and values 1-D float32, got {got}")
+        if index.numel() != values.numel() or index.numel() > k:
+            raise CodecError(f"tensor '{name}': {index.numel()} indices and {values.numel()} values, expected the "
+                             f"same count, at most {k} (fraction {self.fraction:g} of {numel})")  # fmt: skip
+        finite(values, f"tensor '{name}': the values")
+        out = torch.zeros(numel, dtype=torch.float32)
+        if index.numel():
+            wide = index.long()
+            if int(wide[0]) < 0 or int(wide[-1]) >= numel or (index.numel() > 1 and not bool((wide.diff() > 0).all())):
+                raise CodecError(f"tensor '{name}': indices must be ascending, distinct and within [0, {numel})")
+            out[wide] = values
+        return out.reshape(shape)
