@@ -9,14 +9,15 @@ that parse, so no byte is sniffed. (Sniffing the first byte refused fedsilo's ow
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
 from .errors import SerializationError
 from .safejson import JSONLimitError, check_json
@@ -37,19 +38,118 @@ _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 _METADATA = "__metadata__"
 
 
+_WRITE_ORDER = ["U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+                "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"]
+"""The safetensors writer's order (widest dtype first, then by name): every tensor's data starts aligned
+to its item size, and the bytes equal `safetensors.torch.save`'s, so content hashes did not change."""
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+SEND_BLOCK = 16 << 20
+"""Largest memoryview handed to a socket at once (`SerializedParams.__iter__`): ssl's write takes an int
+length, and one 16 MiB send costs no more per byte than a whole tensor (1 MiB blocks: the same MB/s)."""
+
+
+class SerializedParams:
+    """A safetensors payload as buffers: an 8-byte length, the JSON header, then each tensor's own
+    memory, never copied (the tensors are kept alive here). Hashed once, on first use.
+
+        blob = params_to_buffers(model.state_dict())
+        blob.size, blob.sha256()        # the bytes a store receives and their hash
+        files.upload_bytes(blob)        # sent straight from tensor memory (FileStoreClient)
+        blob.tobytes() == params_to_bytes(model.state_dict())
+
+    The tensors must not change while it is in use: the payload *is* their memory.
+    """
+
+    def __init__(self, head: bytes, tensors: list[torch.Tensor]) -> None:
+        self._tensors = tensors
+        self.buffers: list[memoryview] = [memoryview(head)] + [_raw_view(t) for t in tensors]
+        self.size = sum(b.nbytes for b in self.buffers)
+        self._sha256: str | None = None
+
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            digest = hashlib.sha256()
+            for buf in self.buffers:
+                digest.update(buf)  # hashlib releases the GIL over large buffers
+            self._sha256 = digest.hexdigest()
+        return self._sha256
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.buffers)  # one copy
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[memoryview]:
+        """The payload in order, in views of at most `SEND_BLOCK` bytes (an HTTP body without a copy)."""
+        for buf in self.buffers:
+            for start in range(0, buf.nbytes, SEND_BLOCK):
+                yield buf[start : start + SEND_BLOCK]
+
+
+def _raw_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (numpy has no bfloat16/float8: viewed as bytes)."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def params_to_buffers(params: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> SerializedParams:
+    """Serialise a state dict (tensors only) to safetensors without copying the tensors' data.
+
+    Measured (40 MB of float32, 2-core VM at load 10): `safetensors.torch.save` 0.53 s (it copies each
+    tensor into bytes, then into the payload); this 0.1 ms, and `tobytes()` 0.30 s (one copy).
+    """
+    if sys.byteorder != "little":  # safetensors is little-endian; the raw memory would be wrong
+        raise SerializationError("safetensors payloads are written on little-endian machines only")
+    tensors = {}
+    for name, value in params.items():
+        if not isinstance(value, torch.Tensor) or value.dtype not in _DTYPE_CODES:
+            raise SerializationError(f"parameter '{name}' is not a tensor of a safetensors dtype")
+        tensors[name] = value.detach().cpu().contiguous()
+    order = sorted(tensors, key=lambda n: (_WRITE_ORDER.index(_DTYPE_CODES[tensors[n].dtype]), n))
+    header: dict[str, Any] = {_METADATA: metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        end = offset + t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data area starts 8-byte aligned
+    return SerializedParams(len(text).to_bytes(8, "little") + text, [tensors[n] for n in order])
+
+
 def params_to_bytes(params: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Serialise a state dict (tensors only) to safetensors bytes."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
-    return _st_save(tensors, metadata=metadata)
+    return params_to_buffers(params, metadata).tobytes()
 
 
-def params_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes; anything else (pickle, torch.save archives, junk) is refused unread."""
-    parse_header(data)
-    try:
-        return _st_load(bytes(data))
-    except Exception as exc:  # unreachable after parse_header (a second guard): the Rust loader's own checks
-        raise SerializationError(f"refused: invalid safetensors payload ({exc})") from exc
+def params_from_bytes(data: bytes | bytearray | memoryview, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; anything else (pickle, torch.save archives, junk) is refused unread.
+
+    With `copy=False` and a writable buffer (a `bytearray` just downloaded, that the caller hands over), the
+    tensors are views into it, aligned ones at least: no copy. Otherwise each tensor gets its own memory.
+    Measured (40 MB, load 10): `safetensors.torch.load` 0.23 s, one copy per tensor 0.13 s, views 0 s.
+    """
+    header = parse_header(data)
+    view = memoryview(data).cast("B")
+    start = 8 + int.from_bytes(view[:8], "little")
+    shared = not copy and not view.readonly
+    out = {}
+    for name, entry in header.items():
+        dtype = _DTYPES[entry["dtype"]]
+        begin, end = (start + o for o in entry["data_offsets"])
+        if begin == end:
+            out[name] = torch.empty(entry["shape"], dtype=dtype)
+        elif shared and begin % dtype.itemsize == 0:  # the buffer itself is malloc-aligned
+            out[name] = torch.frombuffer(view, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                         offset=begin).reshape(entry["shape"])  # fmt: skip
+        else:
+            tensor = torch.empty(entry["shape"], dtype=dtype)
+            _raw_view(tensor)[:] = view[begin:end]  # one copy, without torch's non-writable-buffer warning
+            out[name] = tensor
+    return out
 
 
 def parse_header(data: bytes) -> dict[str, dict[str, Any]]:

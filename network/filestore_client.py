@@ -6,9 +6,10 @@ import hashlib
 import os
 import ssl
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from http.client import HTTPException
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -22,9 +23,19 @@ from .messages import BlobRef
 from .pki import client_context
 
 CHUNK = 1 << 20
+"""Bytes read from the socket (straight into the blob's buffer) and hashed at a time."""
 SMALL_BLOB = 1 << 20
 """Blobs up to this size are uploaded without asking first whether the store holds them: the question
 costs a round trip, as much as the upload itself, and the store answers 200 for a blob it already has."""
+
+
+class Payload(Protocol):
+    """A blob held as buffers, hashed by itself and sent without being joined
+    (`fedsilo.common.serialization.SerializedParams`; named here so that the client does not import torch)."""
+
+    def sha256(self) -> str: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Any: ...
 
 
 READERS_HEADER = "X-Fedsilo-Readers"
@@ -103,12 +114,14 @@ class FileStoreClient:
         response = self._call("HEAD", self._blob_url(sha256), what=f"blob {sha256[:12]}", ok=(200, 404))
         return response.status_code == 200
 
-    def upload_bytes(self, data: bytes, readers: Iterable[str] = ()) -> BlobRef:
+    def upload_bytes(self, data: bytes | Payload, readers: Iterable[str] = ()) -> BlobRef:
         """Store `data` readable by this party and `readers` (party names); return its reference.
 
         A large blob this party may already read is not sent again: it is granted to `readers` instead.
+        A `Payload` (`params_to_buffers`' result) is hashed once and sent from the tensors' memory, uncopied.
         """
-        ref = BlobRef(sha256=sha256_bytes(data), size=len(data))
+        sha256 = sha256_bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data.sha256()
+        ref = BlobRef(sha256=sha256, size=len(data))
         readers = list(readers)
         if ref.size > SMALL_BLOB:
             self._put_unless_readable(ref, data, readers)
@@ -147,42 +160,30 @@ class FileStoreClient:
 
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
         """Fetch a blob into memory, refusing it beyond `max_bytes` and checking its size and sha256."""
+        return bytes(self.download_buffer(ref, max_bytes))
+
+    def download_buffer(self, ref: BlobRef, max_bytes: int | None = None) -> bytearray:
+        """`download_bytes` into a new `bytearray` the caller owns: read from the socket straight into it
+        and hashed as it arrives, no other copy (`params_from_bytes(buf, copy=False)` then parses it in place).
+
+        Measured (40 MB over HTTPS, 2-core VM at load 10): iter_content chunks joined 0.50 s, of which 0.09 s
+        joining; straight into the buffer 0.33 s.
+        """
         if max_bytes is not None and ref.size > max_bytes:
             raise BlobTransferError(f"blob {ref.sha256[:12]} is {ref.size} bytes, over the allowed {max_bytes}")
-        response = self._call("GET", self._blob_url(ref.sha256), what=f"download of blob {ref.sha256[:12]}",
-                              stream=True)
-        digest = hashlib.sha256()
-        chunks: list[bytes] = []
-        size = 0
-        with response:
-            for chunk in response.iter_content(CHUNK):
-                size += len(chunk)
-                if size > ref.size:
-                    raise BlobTransferError(f"blob {ref.sha256[:12]} is larger than the {ref.size} bytes announced")
-                digest.update(chunk)  # while the rest arrives
-                chunks.append(chunk)
-        data = b"".join(chunks)  # one copy (a growing bytearray copies about twice, then once more)
-        self._verify(ref, len(data), digest.hexdigest())
-        return data
+        buf = bytearray(ref.size)  # ref.size is what the sender announced, bounded by max_bytes by the caller
+        view = memoryview(buf)
+        self._receive(ref, view, lambda chunk: None)
+        return buf
 
     def download_to(self, ref: BlobRef, path: str | Path) -> Path:
         """Stream a blob into `path` (written atomically, only once verified)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        response = self._call("GET", self._blob_url(ref.sha256), what=f"download of blob {ref.sha256[:12]}",
-                              stream=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
-            digest = hashlib.sha256()
-            size = 0
-            with response, os.fdopen(fd, "wb") as out:
-                for chunk in response.iter_content(CHUNK):
-                    size += len(chunk)
-                    if size > ref.size:
-                        raise BlobTransferError(f"blob {ref.sha256[:12]} is larger than the {ref.size} bytes announced")
-                    digest.update(chunk)
-                    out.write(chunk)
-            self._verify(ref, size, digest.hexdigest())
+            with os.fdopen(fd, "wb") as out:
+                self._receive(ref, memoryview(bytearray(min(CHUNK, ref.size))), out.write)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -202,13 +203,13 @@ class FileStoreClient:
     def _blob_url(self, sha256: str) -> str:
         return f"{self._api}/blobs/{sha256}"
 
-    def _put_unless_readable(self, ref: BlobRef, body: bytes | BinaryIO, readers: list[str]) -> None:
+    def _put_unless_readable(self, ref: BlobRef, body: bytes | Payload | BinaryIO, readers: list[str]) -> None:
         if self.exists(ref.sha256):
             self.grant(ref, readers)
         else:
             self._put(ref, body, readers)
 
-    def _put(self, ref: BlobRef, body: bytes | BinaryIO, readers: Iterable[str] = ()) -> None:
+    def _put(self, ref: BlobRef, body: bytes | Payload | BinaryIO, readers: Iterable[str] = ()) -> None:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(ref.size)}
         if readers:
             headers[READERS_HEADER] = ",".join(sorted(set(readers)))
@@ -221,6 +222,38 @@ class FileStoreClient:
             headers=headers,
         )
         self._granted.setdefault(ref.sha256, set()).update(readers)
+
+    def _receive(self, ref: BlobRef, buffer: memoryview, sink: Callable[[memoryview], object]) -> None:
+        """GET a blob into `buffer` (the whole blob, or a block reused for each `sink` call), hashing each
+        block as it arrives; raise unless exactly `ref.size` bytes hashing to `ref.sha256` came."""
+        response = self._call("GET", self._blob_url(ref.sha256), what=f"download of blob {ref.sha256[:12]}",
+                              stream=True)
+        whole = buffer.nbytes == ref.size
+        digest = hashlib.sha256()
+        size = 0
+        with response:
+            readinto = _readinto(response)
+            try:
+                while size < ref.size:
+                    start = size if whole else 0
+                    block = buffer[start : start + min(CHUNK, ref.size - size, buffer.nbytes - start)]
+                    n = readinto(block)
+                    if not n:
+                        break
+                    digest.update(block[:n])
+                    sink(block[:n])
+                    size += n
+                # Whatever follows the announced size is refused; reading to the end also leaves the
+                # connection to the pool for the next call (requests closes a response it thinks unread).
+                for extra in response.iter_content(CHUNK):
+                    if extra:
+                        raise BlobTransferError(f"blob {ref.sha256[:12]} is larger than the {ref.size} bytes announced")
+            except (OSError, requests.RequestException, HTTPException) as exc:  # a timeout is an OSError
+                raise BlobTransferError(
+                    f"file store download of blob {ref.sha256[:12]} failed after {size} of {ref.size} bytes: "
+                    f"{_reason(exc) or type(exc).__name__}"
+                ) from None
+        self._verify(ref, size, digest.hexdigest())
 
     @staticmethod
     def _verify(ref: BlobRef, size: int, sha256: str) -> None:
@@ -259,6 +292,15 @@ class FileStoreClient:
                 server_message=message,
             )
         return response
+
+
+def _readinto(response: requests.Response) -> Callable[[memoryview], int]:
+    """The response body's `readinto`: http.client's own when urllib3 exposes it (it fills the buffer from
+    the socket; urllib3 2's `readinto` reads into new bytes, then copies them)."""
+    fp = getattr(response.raw, "_fp", None)
+    if fp is not None and hasattr(fp, "readinto") and not response.headers.get("Content-Encoding"):
+        return fp.readinto
+    return response.raw.readinto
 
 
 def _server_message(response: requests.Response) -> str:

@@ -21,6 +21,7 @@ from fedsilo.common.safejson import JSONLimitError, loads_bounded
 
 from . import access
 from .errors import ApiError
+from .spool import HashingSpool
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +115,14 @@ class BlobView(APIView):
             _drain(raw, length)
             raise ApiError(413, f"blob of {length} bytes exceeds the file store limit of {limit} bytes")
 
-        fd, tmp_name = tempfile.mkstemp(dir=Path(_conf()["tmp"]), prefix=sha256[:12] + ".")
+        spool = getattr(raw, "_stream", None)  # ASGIRequest keeps the body file it was given as _stream
+        if isinstance(spool, HashingSpool):  # asgi.py hashed the body as it arrived: no second pass
+            size, actual, tmp_name = spool.size, spool.sha256(), spool.detach()
+        else:
+            size, actual, tmp_name = _copy_hashed(raw, sha256)
         try:
-            digest = hashlib.sha256()
-            size = 0
-            with os.fdopen(fd, "wb") as out:
-                while chunk := raw.read(CHUNK):  # HttpRequest.read() is bounded by Content-Length
-                    size += len(chunk)
-                    digest.update(chunk)
-                    out.write(chunk)
             if size != length:
                 raise ApiError(400, f"body ended after {size} of {length} bytes")
-            actual = digest.hexdigest()
             if actual != sha256:
                 raise ApiError(400, f"sha256 mismatch: the body hashes to {actual}, the URL names {sha256}")
             created = access.store(sha256, size, tmp_name, request.user.name, readers)
@@ -133,6 +130,24 @@ class BlobView(APIView):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)  # moved into blobs/ when stored
         return Response({"sha256": sha256, "size": size}, status=201 if created else 200)
+
+
+def _copy_hashed(raw: Any, sha256: str) -> tuple[int, str, str]:
+    """A body not spooled by `HashingSpool` (a server without asgi.py's read_body), copied to a temp file of
+    the store and hashed on the way: (size, sha256, path)."""
+    fd, tmp_name = tempfile.mkstemp(dir=Path(_conf()["tmp"]), prefix=sha256[:12] + ".")
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as out:
+            while chunk := raw.read(CHUNK):  # HttpRequest.read() is bounded by Content-Length
+                size += len(chunk)
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
+    return size, digest.hexdigest(), tmp_name
 
 
 class GrantView(APIView):
