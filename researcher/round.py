@@ -21,7 +21,7 @@ from typing import Any
 from fedsilo.common.algorithms import AlgorithmSpec
 from fedsilo.common.errors import SerializationError, TransferError
 from fedsilo.common.secagg import SecaggError
-from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_bytes
+from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_buffers
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.network.filestore_client import FileStoreClient
 from fedsilo.network.messages import (
@@ -219,7 +219,8 @@ class TrainingRound:
         return params
 
     def _fetch(self, ref: BlobRef) -> Params:
-        return params_from_bytes(self.ctx.files.download_bytes(ref, max_bytes=self._max_bytes))
+        # parsed in place: the tensors are views into the buffer just downloaded, which nothing else holds
+        return params_from_bytes(self.ctx.files.download_buffer(ref, max_bytes=self._max_bytes), copy=False)
 
     def _secagg_stage(self, fn: Callable[[], Any]) -> Any:
         """A secure-aggregation stage; its failure fails the round (too few nodes left to hide each update)."""
@@ -247,7 +248,8 @@ def task_requests(
         refs = {}
         for name, params in task.blobs.items():
             if id(params) not in uploaded:
-                uploaded[id(params)] = ctx.files.upload_bytes(params_to_bytes(params), readers=ctx.readers)
+                blob = params_to_buffers(params)  # sent from the tensors' memory, hashed once (issue 11)
+                uploaded[id(params)] = ctx.files.upload_bytes(blob, readers=ctx.readers)
             refs[name] = uploaded[id(params)]
         extra = {"algorithm": AlgorithmSpec.of(task.config)} if kind is TrainRequest else {}
         outgoing[node] = kind(

@@ -23,6 +23,7 @@ from typing import Any
 from django.core.handlers.asgi import ASGIHandler
 from django.http import FileResponse
 
+from .spool import read_body_hashed
 from .wsgi import configure
 
 Scope = dict[str, Any]
@@ -80,10 +81,18 @@ class FileStoreHandler(ASGIHandler):
                 raise BodyTooLarge()
             return message
 
+        bounded.blob_put = scope.get("method") == "PUT"  # type: ignore[attr-defined] # read_body: hash it
         try:
             await super().__call__(scope, bounded, send)
         except BodyTooLarge:
             await _plain(send, 413, f"request body over the file store's limit of {self.max_body} bytes")
+
+    async def read_body(self, receive: Receive) -> Any:
+        if getattr(receive, "blob_put", False):  # an upload: hashed as it arrives, into the file the store keeps
+            from django.conf import settings
+
+            return await read_body_hashed(receive, Path(settings.FEDSILO_FILESTORE["tmp"]))
+        return await super().read_body(receive)
 
     def create_request(self, scope: Scope, body_file: Any) -> tuple[Any, Any]:
         request, error = super().create_request(scope, body_file)

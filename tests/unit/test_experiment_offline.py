@@ -49,6 +49,7 @@ class FakeStore:
 
     def upload_bytes(self, data: bytes, readers: object = ()) -> BlobRef:
         self.uploads += 1
+        data = data if isinstance(data, bytes) else data.tobytes()  # the researcher sends SerializedParams
         ref = BlobRef(sha256=sha256_bytes(data), size=len(data))
         self.blobs[ref.sha256] = data
         return ref
@@ -58,6 +59,9 @@ class FakeStore:
 
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
         return self.blobs[ref.sha256]
+
+    def download_buffer(self, ref: BlobRef, max_bytes: int | None = None) -> bytearray:
+        return bytearray(self.blobs[ref.sha256])
 
 
 Behaviour = Callable[[TrainRequest, "queue.Queue[Message]"], None]
