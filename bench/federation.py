@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,13 +25,32 @@ TAG = "peerbench"
 
 
 def load_workload(path: Path) -> Any:
-    """Import `workload.py` from `path`, and put `path` on the PYTHONPATH the node daemons inherit."""
+    """Import `workload.py` from `path` in this (the researcher's) process. The node daemons do not get it on
+    their PYTHONPATH: the plan carries the workload's text (`plan_class`)."""
     path = path.resolve()
     if not (path / "workload.py").is_file():
         raise SystemExit(f"--workload {path}: no workload.py there")
     sys.path.insert(0, str(path))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), os.environ.get("PYTHONPATH")) if p)
     return importlib.import_module("workload")
+
+
+def plan_class(W: Any, folder: Path) -> type:
+    """`peerbench_plan.PeerbenchPlan` with the workload's source written into its `WORKLOAD_SOURCE`: a copy of
+    the plan file in `folder`, imported from there (the plan's shipped source is read from its file)."""
+    template = Path(__file__).with_name("peerbench_plan.py").read_text(encoding="utf-8")
+    marker = 'WORKLOAD_SOURCE = ""'
+    if template.count(marker) != 1:
+        raise RuntimeError(f"bench/peerbench_plan.py must hold exactly one `{marker}`")
+    source = Path(W.__file__).read_text(encoding="utf-8")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "peerbench_plan_built.py"
+    path.write_text(template.replace(marker, f"WORKLOAD_SOURCE = {source!r}"), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("peerbench_plan_built", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.PeerbenchPlan
 
 
 def fedsilo_cli(*args: str) -> str:
@@ -69,6 +88,18 @@ def worker_ready(nodedir: Path) -> bool:
     return bool(status.get("broker_connected")) and bool(status.get("worker_pid"))
 
 
+def sandbox_modes(nodedirs: list[Path]) -> list[str]:
+    """Each node's worker sandbox as status.json reports it ("bwrap", or "off (inactive)"): the benchmark
+    measures the product as shipped, so the result records whether plan code ran confined."""
+    from fedsilo.node.config import node_paths
+
+    modes = []
+    for nodedir in nodedirs:
+        state = json.loads(node_paths(nodedir).status.read_text(encoding="utf-8")).get("sandbox") or {}
+        modes.append(str(state.get("mode")) + ("" if state.get("active") else " (inactive)"))
+    return modes
+
+
 @dataclass
 class Federation:
     """What `federation()` set up: the researcher's experiment, the node folders, the broker kind, set-up seconds."""
@@ -77,6 +108,7 @@ class Federation:
     nodedirs: list[Path]
     broker: str
     setup_s: float
+    sandbox: list[str]
 
 
 @contextlib.contextmanager
@@ -87,8 +119,6 @@ def federation(
 
     The Experiment is made with `round_limit=rounds` and starts from the workload's initial model
     (checked parameter by parameter). Untimed: every daemon is connected and its worker warm."""
-    from peerbench_plan import PeerbenchPlan
-
     from fedsilo.common.plan_source import plan_hash, plan_source
     from fedsilo.common.processes import wait_until
     from fedsilo.network.launcher import NetworkHandle, start_network
@@ -97,6 +127,7 @@ def federation(
 
     shutil.rmtree(base, ignore_errors=True)
     (base / "data").mkdir(parents=True)
+    PeerbenchPlan = plan_class(W, base / "plan")
     procs: list[NetworkHandle | NodeHandle] = []
     t_setup = time.perf_counter()
     try:
@@ -150,7 +181,8 @@ def federation(
             status = exp.check_training_plan_status()
             if set(status.values()) != {"approved"}:
                 raise RuntimeError(f"plan {sha[:12]} not approved everywhere: {status}")
-            yield Federation(exp, [h.nodedir for h in nodes], network.broker_kind, time.perf_counter() - t_setup)
+            dirs = [h.nodedir for h in nodes]
+            yield Federation(exp, dirs, network.broker_kind, time.perf_counter() - t_setup, sandbox_modes(dirs))
     finally:
         for proc in reversed(procs):
             with contextlib.suppress(Exception):

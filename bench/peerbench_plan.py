@@ -1,17 +1,21 @@
 """The peerbench-v1 client as a fedsilo training plan (`bench/run.py` ships it to the nodes).
 
-Its source, shipped to the nodes and approved there by sha256, imports the shared `workload` module:
-the benchmark puts the workload folder on the PYTHONPATH of the node daemons it starts, so the plan
-names the module but not where it lives.
+Self-contained: `bench/federation.py` writes a copy of this file whose `WORKLOAD_SOURCE` holds the text of
+the shared `workload.py`, so the source the nodes receive, and approve by sha256, carries the exact workload
+code it runs. The plan used to `import workload` from a PYTHONPATH the benchmark gave the node daemons; the
+worker's sandbox binds only Python, the venv and fedsilo (`node/sandbox.py` `python_paths`), so that import
+failed in every sandboxed round, and a module outside the approved source would escape the data manager's
+review anyway.
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 import numpy as np
 import torch
-import workload as W
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -36,12 +40,27 @@ class PeerbenchPlan(TorchTrainingPlan):
     """
 
     DATASET_PREFIX = "peerbench-client-"
+    WORKLOAD_SOURCE = ""  # workload.py's text, written in by bench/federation.py `plan_class`
+
+    @classmethod
+    def workload(cls) -> types.ModuleType:
+        """The workload module, executed from `WORKLOAD_SOURCE` once per process."""
+        module = sys.modules.get("peerbench_workload")
+        if module is None:
+            if not cls.WORKLOAD_SOURCE:
+                raise TrainingPlanError("WORKLOAD_SOURCE is empty: build the plan with bench/federation.py plan_class")
+            module = types.ModuleType("peerbench_workload")
+            exec(compile(cls.WORKLOAD_SOURCE, "workload.py", "exec"), module.__dict__)
+            sys.modules["peerbench_workload"] = module
+        return module
 
     def init_model(self, model_args: dict[str, Any]) -> nn.Module:
+        W = self.workload()
         W.client_setup()
         return W.build_model(model_args["size"])
 
     def training_data(self, batch_size: int) -> DataManager:
+        W = self.workload()
         if batch_size != W.BATCH_SIZE:
             raise TrainingPlanError(f"peerbench trains with batch size {W.BATCH_SIZE}, not {batch_size}")
         name = str(self.dataset.get("name", ""))

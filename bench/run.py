@@ -126,6 +126,7 @@ def run_config(W: Any, num_clients: int, size: str, args: argparse.Namespace, qu
         "setup_s": setup_s,
         "conditions": {
             "foreign_cpu_share_during_rounds": foreign,
+            "node_sandbox": sorted(set(fed.sandbox)),
             "cpu_s_by_component": meter.components,
             "foreign_cpu_share_before": quiet,
             "loadavg_before": load_before,
@@ -294,7 +295,8 @@ def conditions_line(res: dict[str, Any]) -> str:
     text = f"K={res['K']} {res['model']}: load average before {load}"
     if foreign is not None:
         text += f"; other processes used {foreign:.0%} of the CPU during the rounds"
-    return text + f"; setup {res['setup_s']:.0f} s (untimed)"
+    sandbox = ", ".join(c.get("node_sandbox") or ["unknown"])
+    return text + f"; node sandbox {sandbox}; setup {res['setup_s']:.0f} s (untimed)"
 
 
 # ====================================================================== main
