@@ -26,6 +26,7 @@ from fedsilo.network.messages import BlobRef, TrainRequest
 
 from .algorithms import job_state_dir
 from .audit import AuditLog
+from .compression import compress
 from .config import NodeConfig
 from .datasets import DatasetStore, check_min_count
 from .dp_policy import effective_dp
@@ -216,7 +217,7 @@ def keep_state(r: DaemonRound) -> None:
     _copy_files(r.state_dir, job_state_dir(r.node.config.paths.state, r.request.sender, r.request.job_id))
 
 
-AFTER_WORKER = [spend_budget, protect, mask_update, upload, keep_state]
+AFTER_WORKER = [spend_budget, protect, compress, mask_update, upload, keep_state]
 
 STATE_FILE_BYTES = 1 << 30
 """A state file larger than this is not copied (the worker wrote it: plan code can write anything)."""

@@ -41,6 +41,7 @@ from .algorithms import (
     Scaffold,
 )
 from .breakpoints import BreakpointError
+from .compression import Compression
 from .evaluation import EvaluationFailed, EvaluationReport
 from .experiment import Experiment
 from .history import History, NodeResult, RoundRecord
@@ -54,6 +55,7 @@ __all__ = [
     "Aggregator",
     "AlgorithmConfig",
     "BreakpointError",
+    "Compression",
     "CsvDataset",
     "DataManager",
     "DefaultStrategy",

@@ -28,6 +28,7 @@ from fedsilo.network.messages import (
 )
 
 from .aggregators import Aggregator, FedAverage, Params
+from .compression import Compression, compression_setting
 from .evaluation import EvaluationJob, EvaluationReport, node_validation, round_evaluation
 from .experiment_breakpoints import ExperimentBreakpoints
 from .experiment_views import ExperimentViews
@@ -84,7 +85,7 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
         network: str | Path | Credentials | None = None,
         round_timeout: float | None = None,
         training_data: Mapping[str, DatasetInfo | dict[str, Any]] | None = None,
-        secure_aggregation: bool | SecureAggregation = False,
+        secure_aggregation: bool | SecureAggregation = False, compression: str | Compression | None = None,
     ) -> None:
         self._credentials = resolve_credentials(network)
         self._timeouts = Timeouts()
@@ -123,6 +124,7 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
             self.set_strategy(node_selection_strategy)
         self.set_tensorboard(tensorboard)
         self._secagg = SecureAggregation.of(secure_aggregation, self._aggregator)  # the researcher sees sums only
+        self._compression = compression_setting(compression, self._secagg)  # the nodes' update codec
         if training_plan_class is not None:
             self.set_training_plan_class(training_plan_class)
         if training_data is not None:
@@ -363,7 +365,7 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
             monitor=self._monitor,
             name_of=self._name,
             readers=self._target_nodes(),
-            secagg=self._secagg,
+            secagg=self._secagg, compression=self._compression,
         )
 
     def _run_round(self, bar: tqdm) -> None:

@@ -17,6 +17,7 @@ from fedsilo.network.credentials import Credentials
 
 from .aggregators import Aggregator
 from .breakpoints import read_breakpoint, save_breakpoint
+from .compression import compression_setting
 from .rounds import ROUNDS_DIR, RoundArchive
 from .secagg import SecureAggregation
 from .settings import EXPERIMENTS_ENV, ExperimentError, class_path, restore
@@ -47,6 +48,7 @@ class ExperimentBreakpoints:
             "aggregator": {"class": class_path(self._aggregator), "settings": self._aggregator.settings()},
             "strategy": {"class": class_path(self._strategy), "state": self._strategy.state()},
             "secure_aggregation": SecureAggregation.state_of(self._secagg),  # a resumed job stays secure
+            "compression": self._compression.model_dump(mode="json") if self._compression else None,
             "tensorboard": self._tensorboard,
             "save_breakpoints": self._save_breakpoints,
             "experimentation_folder": str(self._root),
@@ -100,6 +102,7 @@ class ExperimentBreakpoints:
         exp._aggregator = aggregator or restore(state["aggregator"], Aggregator, "aggregator", **settings)
         exp._strategy = node_selection_strategy or restore(state["strategy"], Strategy, "node_selection_strategy")
         exp._secagg = SecureAggregation.from_state(state.get("secure_aggregation"), exp._aggregator)
+        exp._compression = compression_setting(state.get("compression"), exp._secagg)
         if aggregator is None:
             exp._aggregator.load_state(*algorithm_state)
         if node_selection_strategy is None:

@@ -183,8 +183,9 @@ class History:
                 weight = sum(n for _, n in pairs)
                 means.append(sum(m * n for m, n in pairs) / weight if weight else None)
             slowest = max((v.get("timings", {}).get("researcher_s") or 0.0 for v in replies), default=None)
-            rows.append([r, f"{len(replies)}/{len(self.replies[r])}", samples, *means, slowest])
-        return table(["round", "nodes ok", "samples", *keys, "slowest_node_s"], rows, max_width=70)
+            up = self.stats.get(r, {}).get("bytes_up")  # the updates' blobs: what a codec shrinks
+            rows.append([r, f"{len(replies)}/{len(self.replies[r])}", samples, *means, slowest, up])
+        return table(["round", "nodes ok", "samples", *keys, "slowest_node_s", "bytes_up"], rows, max_width=70)
 
     def metrics_frame(self) -> Any:
         """The per-node table as a pandas DataFrame (needs pandas)."""

@@ -38,6 +38,7 @@ from fedsilo.network.messages import (
 )
 
 from .algorithms.base import AggregationError, FedAlgorithm, NodeTask, NodeUpdate, Params
+from .compression import Compression, decode_params
 from .history import NodeResult, RoundRecord
 from .monitor import Monitor
 from .requests import Requests, remote_error
@@ -73,6 +74,8 @@ class RoundContext:
     """Parties allowed to download what the round uploads (every node of the experiment)."""
     secagg: SecureAggregation | None = None
     """Secure aggregation's settings when the experiment asks for it (researcher/secagg.py)."""
+    compression: Compression | None = None
+    """The codec of the nodes' `params` blobs (researcher/compression.py); None: plain safetensors."""
 
 
 class TrainingRound:
@@ -89,6 +92,7 @@ class TrainingRound:
         self._sent_at = 0.0
         self._max_bytes = 0
         self._secagg: SecaggRound | None = None
+        self._bytes_down = self._bytes_up = 0
 
     # ------------------------------------------------------------------ the template
     def run(self) -> tuple[RoundRecord, Params]:
@@ -134,6 +138,7 @@ class TrainingRound:
             log.warning("round %d: node %s dropped: %s", self.index, ctx.name_of(node), drop.reason)
             self.results[node] = NodeResult(node, ctx.name_of(node), dropped=drop)
         stats["wall_s"] = time.perf_counter() - t_start
+        stats["bytes_down"], stats["bytes_up"] = self._bytes_down, self._bytes_up  # what the round moved
         return RoundRecord(self.index, dict(sorted(self.results.items())), stats), new_params
 
     # ------------------------------------------------------------------ requests out
@@ -141,6 +146,7 @@ class TrainingRound:
         """One TrainRequest per node, with the algorithm's typed config."""
         outgoing, uploaded = task_requests(self.ctx, tasks, self.index, TrainRequest)
         self._node_of = {msg.request_id: node for node, msg in outgoing.items()}
+        self._bytes_down = sum(ref.size for msg in outgoing.values() for ref in msg.blobs.values())
         self._max_bytes = max((r.size for r in uploaded), default=0) * 2 + BLOB_SLACK
         if self._secagg is not None:  # each node's neighbours' encrypted shares ride with its train request
             outgoing = {n: m.model_copy(update={"secagg": self._secagg.task(n)}) for n, m in outgoing.items()}
@@ -199,6 +205,7 @@ class TrainingRound:
             return
         self._pending.discard(node)
         self.outcome.replied.append(node)
+        self._bytes_up += sum(ref.size for ref in msg.blobs.values())
         result = self.results.setdefault(node, NodeResult(node, msg.node_name or ctx.name_of(node)))
         result.node_name = msg.node_name or result.node_name
         result.dataset_id, result.sample_size = msg.dataset_id, msg.sample_size
@@ -209,7 +216,11 @@ class TrainingRound:
 
     def _download(self, name: str, ref: BlobRef) -> Params:
         """A reply's blob, parsed and checked: "params" must match the model; every blob must be finite."""
-        params = self._fetch(ref)
+        if name == "params" and self.ctx.compression is not None:  # a codec blob: decoded before `add`
+            data = self.ctx.files.download_bytes(ref, max_bytes=self._max_bytes)
+            params = decode_params(data, self.ctx.global_params, self.ctx.compression)
+        else:
+            params = self._fetch(ref)
         if name == "params":
             check_compatible(params, self.ctx.global_params)
         try:
@@ -251,7 +262,8 @@ def task_requests(
                 blob = params_to_buffers(params)  # sent from the tensors' memory, hashed once (issue 11)
                 uploaded[id(params)] = ctx.files.upload_bytes(blob, readers=ctx.readers)
             refs[name] = uploaded[id(params)]
-        extra = {"algorithm": AlgorithmSpec.of(task.config)} if kind is TrainRequest else {}
+        extra = {"algorithm": AlgorithmSpec.of(task.config), "compression": ctx.compression} \
+            if kind is TrainRequest else {}  # fmt: skip
         outgoing[node] = kind(
             sender=ctx.requests.party,
             job_id=ctx.job_id,

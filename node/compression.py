@@ -1,0 +1,74 @@
+"""The node's half of update compression (`common/codecs.py`): the `compress` stage, after the output
+protections (`protect`: the codec encodes the clipped and noised update, never the raw one) and before
+the upload. The researcher asked for the codec in its TrainRequest (`compression`, validated on receipt;
+refused together with secure aggregation, whose masks need the plain encoding).
+
+Error feedback's residual lives with the job's algorithm state, as SCAFFOLD's c_i:
+`state/<researcher>/<job>/compression.safetensors` (float32, one tensor per floating-point model tensor).
+The daemon reads it from the job's own folder, never from the worker's copy (plan code can write there), and
+writes the new one into the round's scratch state, which `keep_state` makes the job's only after the upload:
+a round that fails keeps the old residual, so nothing dropped is lost.
+
+    run_stages([protect, compress, upload, keep_state], r)   # r.applied["compression"]: bytes sent, saved
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedsilo.common.errors import ErrorCode, SerializationError, UpdateRefused
+from fedsilo.network.messages import TrainRequest
+
+from .algorithms import job_state_dir
+from .stages import stage
+
+if TYPE_CHECKING:
+    from .daemon_round import DaemonRound
+
+log = logging.getLogger(__name__)
+
+RESIDUAL_FILE = "compression.safetensors"
+
+
+@stage("update", ErrorCode.PARAMS_INVALID)
+def compress(r: DaemonRound) -> None:
+    """Encode `params` with the requested codec; keep the residual for the next round (see the module)."""
+    (r.state_dir / RESIDUAL_FILE).unlink(missing_ok=True)  # only the daemon writes it, whatever the worker did
+    spec = r.request.compression if isinstance(r.request, TrainRequest) else None
+    if spec is None:
+        return
+    if r.request.secagg is not None:  # refused on receipt already; the masks must never see a codec blob
+        raise UpdateRefused("compression and secure aggregation do not combine: masks need the plain encoding")
+    from fedsilo.common.codecs_update import encode_update
+    from fedsilo.common.serialization import params_from_bytes, params_to_bytes
+
+    t0 = time.perf_counter()
+    plain = r.worker_blobs["params"]
+    residual = load_residual(job_state_dir(r.node.config.paths.state, r.request.sender, r.request.job_id))
+    encoded = encode_update(params_from_bytes(plain), r.received, spec, residual if spec.error_feedback else None)
+    r.worker_blobs["params"] = data = encoded.to_bytes()
+    if encoded.residual:
+        r.state_dir.mkdir(parents=True, exist_ok=True)
+        (r.state_dir / RESIDUAL_FILE).write_bytes(params_to_bytes(encoded.residual))
+    r.applied["compression"] = {
+        "requested": spec.model_dump(mode="json"), "applied": spec.codec, "bytes": len(data),
+        "plain_bytes": len(plain), "error_feedback": bool(encoded.residual),
+        "encode_s": round(time.perf_counter() - t0, 4)}  # fmt: skip
+
+
+def load_residual(job_dir: Path) -> dict | None:
+    """The job's residual, or None (none yet, or unreadable: logged, and the round starts from zeros; a
+    residual that does not fit the model is ignored by `encode_update`)."""
+    from fedsilo.common.serialization import params_from_bytes
+
+    path = job_dir / RESIDUAL_FILE
+    if not path.is_file():
+        return None
+    try:
+        return params_from_bytes(path.read_bytes())
+    except (OSError, SerializationError) as exc:
+        log.warning("compression residual %s unreadable, starting from zeros: %s", path, exc)
+        return None
