@@ -243,11 +243,12 @@ class FileStoreClient:
                     digest.update(block[:n])
                     sink(block[:n])
                     size += n
-                # Whatever follows the announced size is refused; reading to the end also leaves the
-                # connection to the pool for the next call (requests closes a response it thinks unread).
-                for extra in response.iter_content(CHUNK):
-                    if extra:
-                        raise BlobTransferError(f"blob {ref.sha256[:12]} is larger than the {ref.size} bytes announced")
+                if size == ref.size and readinto(memoryview(bytearray(1))):  # a byte past the announced size
+                    raise BlobTransferError(f"blob {ref.sha256[:12]} is larger than the {ref.size} bytes announced")
+                # At the body's end: this marks it read, and requests leaves the connection to the pool for the
+                # next call (it closes a response it thinks unread). Nothing is left to arrive here.
+                for _ in response.iter_content(CHUNK):
+                    pass
             except (OSError, requests.RequestException, HTTPException) as exc:  # a timeout is an OSError
                 raise BlobTransferError(
                     f"file store download of blob {ref.sha256[:12]} failed after {size} of {ref.size} bytes: "
