@@ -105,10 +105,35 @@ class Federation:
     """What `federation()` set up: the researcher's experiment, the node folders, the broker kind, set-up seconds."""
 
     exp: Any
+    plan: type
+    netdir: Path
     nodedirs: list[Path]
     broker: str
     setup_s: float
     sandbox: list[str]
+
+
+def make_experiment(W: Any, plan: type, num_clients: int, size: str, netdir: Path, folder: Path, rounds: int) -> Any:
+    """The benchmark's `Experiment`: the workload's training arguments, FedAverage, all K nodes each round."""
+    from fedsilo.researcher import DefaultStrategy, Experiment, FedAverage
+
+    return Experiment(
+        tags=[TAG],
+        training_plan_class=plan,
+        model_args={"size": size},
+        training_args={
+            "epochs": 1,
+            "batch_size": W.BATCH_SIZE,
+            "optimizer_args": {"lr": W.LR},
+            "test_ratio": 0.0,
+            "log_interval": W.LOCAL_STEPS,
+        },
+        round_limit=rounds,
+        aggregator=FedAverage(),
+        node_selection_strategy=DefaultStrategy(min_nodes=num_clients),
+        network=str(netdir),
+        experimentation_folder=str(folder),
+    )
 
 
 @contextlib.contextmanager
@@ -123,8 +148,6 @@ def federation(
     from fedsilo.common.processes import wait_until
     from fedsilo.network.launcher import NetworkHandle, start_network
     from fedsilo.node.launcher import NodeHandle
-    from fedsilo.researcher import DefaultStrategy, Experiment, FedAverage
-
     shutil.rmtree(base, ignore_errors=True)
     (base / "data").mkdir(parents=True)
     PeerbenchPlan = plan_class(W, base / "plan")
@@ -150,23 +173,7 @@ def federation(
             assert h.proc is not None
             wait_until(lambda h=h: worker_ready(h.nodedir), h.proc, h.log_path, 180.0, f"node {h.nodedir.name}")
 
-        exp = Experiment(
-            tags=[TAG],
-            training_plan_class=PeerbenchPlan,
-            model_args={"size": size},
-            training_args={
-                "epochs": 1,
-                "batch_size": W.BATCH_SIZE,
-                "optimizer_args": {"lr": W.LR},
-                "test_ratio": 0.0,
-                "log_interval": W.LOCAL_STEPS,
-            },
-            round_limit=rounds,
-            aggregator=FedAverage(),
-            node_selection_strategy=DefaultStrategy(min_nodes=num_clients),
-            network=str(network.netdir),
-            experimentation_folder=str(base / "experiments"),
-        )
+        exp = make_experiment(W, PeerbenchPlan, num_clients, size, network.netdir, base / "experiments", rounds)
         with exp:
             if len(exp.training_data()) != num_clients:
                 raise RuntimeError(f"{len(exp.training_data())} of {num_clients} nodes offer the '{TAG}' dataset")
@@ -182,7 +189,9 @@ def federation(
             if set(status.values()) != {"approved"}:
                 raise RuntimeError(f"plan {sha[:12]} not approved everywhere: {status}")
             dirs = [h.nodedir for h in nodes]
-            yield Federation(exp, dirs, network.broker_kind, time.perf_counter() - t_setup, sandbox_modes(dirs))
+            setup_s = time.perf_counter() - t_setup
+            modes = sandbox_modes(dirs)
+            yield Federation(exp, PeerbenchPlan, network.netdir, dirs, network.broker_kind, setup_s, modes)
     finally:
         for proc in reversed(procs):
             with contextlib.suppress(Exception):
