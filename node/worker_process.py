@@ -50,6 +50,18 @@ def _warm_up(threads: int | None) -> int:
     return default
 
 
+def _preload() -> None:
+    """Import the round's own modules (fedsilo's, never plan code) here, once: each round's forked child inherits
+    them. Measured (2026-11-30, 2 cores at load 6-9): a child that imported them itself spent 97-126 ms of every
+    round on it, of a 160-190 ms fork-to-exit (29-46 ms with them preloaded); the confinement is applied in the
+    child as before. `torch_datasets` holds CsvDataset and ImageFolderDataset, which plans read data with."""
+    import fedsilo.common.datasets.torch_datasets
+    import fedsilo.common.training_args
+    import fedsilo.network.messages  # noqa: F401
+
+    from . import config, round  # noqa: F401
+
+
 def _die_with_parent(parent: int) -> None:
     """On Linux, have the kernel end the worker when the daemon dies, even by SIGKILL."""
     if not sys.platform.startswith("linux"):
@@ -189,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     mp.current_process().name = "fedsilo-worker"
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
     threads = _warm_up(opts.threads)
+    _preload()
     conn = Connection(opts.fd)
     conn.send_bytes(encode({"op": "ready"}))
     log.info("worker ready (pid %s)", os.getpid())
