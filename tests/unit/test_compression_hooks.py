@@ -193,3 +193,10 @@ def test_the_researcher_decodes_codec_blobs_and_drops_hostile_ones(tmp_path: Pat
     stats = exp.round_stats()[0]
     assert 0 < stats["bytes_up"] < stats["bytes_down"]
     assert "bytes_up" in exp.metrics_table(per="round")
+
+
+def test_the_node_compresses_after_protection_and_before_masking_and_upload() -> None:
+    from fedsilo.node.daemon_round import AFTER_WORKER
+
+    names = [s.name for s in AFTER_WORKER]
+    assert names.index("protect") < names.index("compress") < names.index("mask_update") < names.index("upload")
