@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -138,3 +139,36 @@ def publish_roster(netdir: str | Path, timeout: float = 10.0) -> bool:
     log.error("the roster could not be published on %s; parties added later stay unknown to running ones",
               topics.ROSTER)  # fmt: skip
     return False
+
+
+class RosterPublisher:
+    """Publishes the roster off the caller's thread; requests made while one runs coalesce into one more.
+
+    The supervisor asks after every broker restart: publishing inline blocked its watch loop for up to
+    3 x 10 s whenever the broker died again meanwhile, and restarts waited on it.
+
+        publisher = RosterPublisher(netdir)
+        publisher.request()   # returns at once
+    """
+
+    def __init__(self, netdir: str | Path) -> None:
+        self._netdir = netdir
+        self._lock = threading.Lock()
+        self._pending = False
+        self._thread: threading.Thread | None = None
+
+    def request(self) -> None:
+        with self._lock:
+            self._pending = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="roster-publisher", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._thread = None
+                    return
+                self._pending = False
+            publish_roster(self._netdir)

@@ -121,6 +121,7 @@ class Supervisor:
         self.cfg = cfg
         self.children = network_children(paths, cfg) if children is None else children
         self.started_at = time.time()
+        self.roster_publisher = roster.RosterPublisher(paths.root)
 
     def start(self) -> None:
         """Start every child (not yet announced: `write_state` says the network is ready)."""
@@ -198,7 +199,7 @@ class Supervisor:
         )
         self.write_state()
         if child.key == "broker":  # the embedded broker keeps no retained message across a restart
-            roster.publish_roster(self.paths.root)
+            self.roster_publisher.request()
 
     def stop(self) -> None:
         for child in reversed(self.children):
