@@ -37,7 +37,10 @@ def _cpu_ticks(pid: int) -> int:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime
+    # utime + stime + cutime + cstime: each round runs in a child the worker forks and waits for, and a child's
+    # CPU shows only in its parent's cutime once it is gone. Counting utime + stime alone put the round children
+    # under "foreign" (2026-11-30, K=3: "node workers" 32 ms per round, while the children import and train)
+    return sum(int(x) for x in fields[11:15])
 
 
 def _busy_ticks() -> int:
