@@ -31,9 +31,12 @@ def fetch_plan_source(files: FileStoreClient, ref: BlobRef) -> str:
         raise PlanNotText("plan source is not UTF-8 text") from exc
 
 
-def fetch_blobs(files: FileStoreClient, refs: dict[str, BlobRef]) -> dict[str, bytes]:
-    """Every blob of a request, by name; `download_bytes` verifies each one's sha256 and size."""
-    return {name: files.download_bytes(ref) for name, ref in refs.items()}
+def fetch_blobs(files: FileStoreClient, refs: dict[str, BlobRef]) -> dict[str, bytearray]:
+    """Every blob of a request, by name; `download_buffer` verifies each one's sha256 and size.
+
+    Buffers the daemon owns, filled from the socket: `download_bytes` would copy each once more (40 MB: 0.14 s
+    measured at load 10) only for the worker's frame to copy it again."""
+    return {name: files.download_buffer(ref) for name, ref in refs.items()}
 
 
 def upload_blobs(files: FileStoreClient, blobs: dict[str, bytes], reader: str) -> dict[str, BlobRef]:

@@ -88,7 +88,12 @@ class HashingSpool:
 
 
 async def read_body_hashed(receive: Any, directory: Path) -> HashingSpool:
-    """Django's `ASGIHandler.read_body` for an upload: the body into a `HashingSpool` as it arrives."""
+    """Django's `ASGIHandler.read_body` for an upload: the body into a `HashingSpool` as it arrives.
+
+    Each block is hashed and written on the event loop. Handing that to a thread, to overlap it with the
+    decryption of the next block, was measured and dropped (5 x 40 MB PUTs, alternated 3 times, load 9-10):
+    the store used 1.34-1.83 CPU s against 1.10-1.40 s, and the uploads took no less wall time.
+    """
     from django.core.exceptions import RequestAborted
 
     spool = HashingSpool(directory, prefix="put.")

@@ -305,3 +305,12 @@ def test_downloads_share_one_connection(hostile: http.server.ThreadingHTTPServer
         assert c.download_to(_ref(data), tmp_path / "blob").read_bytes() == data
         assert hostile.connections - before == 1
 
+
+
+def test_node_fetches_blobs_into_buffers_it_owns(client: FileStoreClient) -> None:
+    """The daemon's download is not copied once more before the worker's frame (node/transfer.py)."""
+    from fedsilo.node.transfer import fetch_blobs
+
+    data = params_to_bytes({"w": torch.randn(1000, 600)})
+    got = fetch_blobs(client, {"params": client.upload_bytes(data)})
+    assert type(got["params"]) is bytearray and got["params"] == data
