@@ -9,10 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from fedsilo.common.serialization import params_from_bytes
+from fedsilo.common.codecs import Compression
+from fedsilo.common.codecs_update import encode_update
+from fedsilo.common.serialization import params_from_bytes, params_to_bytes
+from fedsilo.common.synthetic import FEATURES
+from fedsilo.network.messages import DatasetInfo, TrainRequest
 from fedsilo.node.compression import RESIDUAL_FILE
-from tests.e2e.federation import HOSPITALS, Approved, Federation, accuracy
+from tests.e2e.federation import HOSPITALS, TAG, Approved, Federation, accuracy
+from tests.support.fake_node import FakeNode
 
 ROUNDS = 3
 
@@ -48,3 +54,55 @@ def test_int8_with_error_feedback_reaches_plain_fedavg_accuracy(fed: Federation,
         residual = params_from_bytes(state.read_bytes())
         assert set(residual) == {"weight", "bias"}
     assert "bytes_up" in exp.metrics_table(per="round")
+
+
+# ------------------------------------------------------------------ a hostile node with valid credentials
+def _codec_blob(spec: str = "int8", change: dict | None = None) -> bytes:
+    ref = {"weight": torch.zeros(2, FEATURES), "bias": torch.zeros(2)}
+    enc = encode_update({k: v + 0.1 for k, v in ref.items()}, ref, Compression.of(spec))
+    enc.tensors.update(change or {})
+    return enc.to_bytes()
+
+
+CODEC_ATTACKS = {  # name -> (the params blob it sends, what the researcher's reason must say; None: accepted)
+    "nan_scale": (_codec_blob(change={"s/weight": torch.tensor(float("nan"))}), "the scale holds NaN"),
+    "wrong_shape": (_codec_blob(change={"q/weight": torch.zeros(FEATURES, 2, dtype=torch.int8)}), "part 'q'"),
+    "another_codec": (_codec_blob("float16"), "expected a int8 codec blob"),
+    "plain_blob": (params_to_bytes({"weight": torch.full((2, FEATURES), 9.0), "bias": torch.zeros(2)}),
+                   "expected a int8 codec blob"),
+    "honest": (_codec_blob(), None),
+}
+
+
+class CodecRogue(FakeNode):
+    attack = "honest"
+
+    def __init__(self, fed: Federation) -> None:
+        info = DatasetInfo(dataset_id="ds_codec_rogue", name="codec-rogue", tags=[TAG], data_type="csv",
+                           shape=[50, FEATURES + 1])  # fmt: skip
+        super().__init__(fed.network, f"codec-rogue-{fed.broker}", info, self._craft)
+
+    def _craft(self, request: TrainRequest) -> tuple[bytes, int]:
+        assert request.compression == Compression.of("int8")
+        return CODEC_ATTACKS[self.attack][0], 50
+
+
+def test_hostile_codec_blobs_are_dropped_with_a_reason_and_rounds_go_on(fed: Federation, approved: Approved,
+                                                                        tmp_path: Path) -> None:  # fmt: skip
+    rogue = CodecRogue(fed)
+    try:
+        with fed.experiment(tmp_path, nodes=["hospital-a", rogue.name], round_limit=len(CODEC_ATTACKS),
+                            compression="int8") as exp:  # fmt: skip
+            for r, (attack, (_, reason)) in enumerate(CODEC_ATTACKS.items()):
+                rogue.attack = attack
+                exp.run_once()
+                replies = exp.training_replies()[r]
+                assert replies["hospital-a"]["dropped"] is None, (attack, replies)
+                dropped = replies[rogue.name]["dropped"]
+                if reason is None:
+                    assert dropped is None, (attack, dropped)
+                else:
+                    assert dropped["kind"] == "invalid" and reason in dropped["reason"], (attack, dropped)
+                assert all(bool(torch.isfinite(v).all()) for v in exp.training_plan().get_parameters().values())
+    finally:
+        rogue.close()
