@@ -25,7 +25,9 @@ from fedsilo.common.synthetic import FEATURES, features_and_labels, synthetic_co
 from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
 from fedsilo.network.launcher import NetworkHandle
 from fedsilo.network.provision import NetworkConfig
+from fedsilo.node.config import NodeConfig
 from fedsilo.node.launcher import NodeHandle, start_node
+from fedsilo.node.sandbox import probe
 from fedsilo.researcher import Experiment, FedAverage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +129,9 @@ def main() -> None:
         print(f"   {network.broker_kind} broker on port {network.mqtt_port}, file store at {network.filestore_url}")
 
         print("2. three hospitals register their data and start their node")
+        sandbox = probe("bwrap")
+        if not sandbox.active:  # a demo on this machine only; a real node refuses rounds instead (FS505)
+            print(f"   WARNING: {sandbox.detail}; the demo nodes run plans without the sandbox")
         rng = np.random.default_rng(2024)
         for name, share in HOSPITALS.items():
             csv = base / "data" / f"{name}.csv"
@@ -134,6 +139,10 @@ def main() -> None:
             node_dir = base / name
             fedsilo("node", "init", "--dir", str(node_dir), "--name", name, "--network", str(network.netdir),
                     "--data-root", str(base / "data"), "--threads", "1", quiet=name != "hospital-a")
+            if not sandbox.active:
+                cfg = NodeConfig.load(node_dir)
+                cfg.node.sandbox = "off"
+                cfg.save()
             fedsilo("node", "dataset", "add", "--dir", str(node_dir), "--name", "diabetes-cohort",
                     "--tags", "diabetes,tabular", "--type", "csv", "--path", str(csv),
                     "--description", f"synthetic cohort, {share:.0%} positive", quiet=name != "hospital-a")
