@@ -97,8 +97,15 @@ class Waiter:
                 if remaining <= 0:
                     return None
                 continue
-            self._note(msg)
             return msg
+
+    def deliver(self, msg: Message) -> None:
+        """Queue `msg` (paho's thread); a reply counts as an answer now, not when `get` takes it out: at K=25
+        under load the researcher took a reply out 10 s or more after it came (it downloads the replies ahead of
+        it one by one), so every such request was re-sent and each node published its kept reply again (35
+        re-sent requests over 6 rounds, 2026-11-30), work that grew with K times the round's length."""
+        self._note(msg)
+        self.queue.put(msg)
 
     def node_back(self, node: str) -> None:
         """`node` came (back) online: what it has not answered may have been lost; re-send it now."""
@@ -275,7 +282,7 @@ class Connection:
         if not targets:
             log.debug("no one waits for %s %s; ignored", message.kind, getattr(message, "in_reply_to", ""))
         for w in targets:
-            w.queue.put(message)
+            w.deliver(message)
 
     def _on_presence(self, msg: Presence) -> None:
         log.debug("presence of %s: %s", msg.node_id, "online" if msg.online else "offline")
