@@ -68,12 +68,12 @@ class Int8Codec:
         scale = peak / INT8_LEVELS
         if scale == 0.0 or not math.isfinite(scale):  # all zeros (an untouched layer): codes 0, scale 0
             return {"q": torch.zeros(x.shape, dtype=torch.int8), "s": torch.tensor(0.0)}
-        y = x / scale
+        y = x / scale  # then in place: one 40 MB buffer for a 10 M-parameter tensor
         if self.rounding == "stochastic":
-            y = torch.floor(y + torch.rand(y.shape, generator=generator))
+            y.add_(torch.rand(y.shape, generator=generator)).floor_()
         else:
-            y = torch.round(y)
-        return {"q": y.clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8), "s": torch.tensor(scale, dtype=torch.float32)}
+            y.round_()
+        return {"q": y.clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8), "s": torch.tensor(scale, dtype=torch.float32)}
 
     def decode(self, parts: Parts, shape: tuple[int, ...], name: str) -> torch.Tensor:
         q = expect(parts, "q", torch.int8, shape, name)
@@ -84,4 +84,4 @@ class Int8Codec:
             raise CodecError(f"tensor '{name}': scale {scale!r} is outside [0, float32 max / 127]")
         if q.numel() and int(q.min()) < -INT8_LEVELS:
             raise CodecError(f"tensor '{name}': code -128 is outside the codec's range [-127, 127]")
-        return q.float() * scale
+        return q.float().mul_(scale)

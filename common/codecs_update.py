@@ -14,6 +14,7 @@ here, so a name splits at its first "/".
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,13 +69,14 @@ def encode_update(update: Params, reference: Params, spec: Compression, residual
         if not ref.is_floating_point():
             tensors[f"{RAW}/{name}"] = value
             continue
+        # in place from here: on a 10 M-parameter model each pass allocates 40 MB (the residual is `delta` itself)
         delta = value.float() - ref.float()
         if name in carry:
-            delta = delta + carry[name]
+            delta += carry[name]
         parts = codec.encode(delta, generator)
         tensors.update({f"{key}/{name}": part for key, part in parts.items()})
         if spec.error_feedback:
-            kept[name] = delta - codec.decode(parts, tuple(ref.shape), name)
+            kept[name] = delta.sub_(codec.decode(parts, tuple(ref.shape), name))
     return Encoded(tensors, {CODEC_KEY: spec.codec, VERSION_KEY: CODEC_VERSION}, kept)
 
 
@@ -119,9 +121,11 @@ def blob_metadata(data: bytes | bytearray | memoryview) -> dict[str, str]:
 
 
 def fits_residual(residual: Params, reference: Params) -> bool:
-    """A residual fits when it has one finite float32 tensor per floating-point model tensor, of its shape."""
+    """A residual fits when it has one finite float32 tensor per floating-point model tensor, of its shape.
+    Finite by its sum (NaN and infinity propagate; a sum that overflows only discards a residual): one pass,
+    where `isfinite().all()` took 0.33 s of a 1.1 s int8 encode of 10 M parameters (dev machine, load 18)."""
     floats = {n: r for n, r in reference.items() if r.is_floating_point()}
     return residual.keys() == floats.keys() and all(
-        t.dtype == torch.float32 and t.shape == floats[n].shape and bool(torch.isfinite(t).all())
+        t.dtype == torch.float32 and t.shape == floats[n].shape and math.isfinite(float(t.sum()))
         for n, t in residual.items()
     )
