@@ -15,6 +15,7 @@ a round that fails keeps the old residual, so nothing dropped is lost.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,13 +43,18 @@ def compress(r: DaemonRound) -> None:
         return
     if r.request.secagg is not None:  # refused on receipt already; the masks must never see a codec blob
         raise UpdateRefused("compression and secure aggregation do not combine: masks need the plain encoding")
+    import torch
+
     from fedsilo.common.codecs_update import encode_update
     from fedsilo.common.serialization import params_from_bytes, params_to_bytes
 
     t0 = time.perf_counter()
     plain = r.worker_blobs["params"]
     residual = load_residual(job_state_dir(r.node.config.paths.state, r.request.sender, r.request.job_id))
-    encoded = encode_update(params_from_bytes(plain), r.received, spec, residual if spec.error_feedback else None)
+    # stochastic rounding draws from the OS, as protection.py's noise: never from a seed anything else set
+    generator = torch.Generator().manual_seed(secrets.randbits(63)) if spec.rounding == "stochastic" else None
+    encoded = encode_update(params_from_bytes(plain), r.received, spec, residual if spec.error_feedback else None,
+                            generator)  # fmt: skip
     r.worker_blobs["params"] = data = encoded.to_bytes()
     if encoded.residual:
         r.state_dir.mkdir(parents=True, exist_ok=True)

@@ -200,3 +200,15 @@ def test_the_node_compresses_after_protection_and_before_masking_and_upload() ->
 
     names = [s.name for s in AFTER_WORKER]
     assert names.index("protect") < names.index("compress") < names.index("mask_update") < names.index("upload")
+
+
+def test_stochastic_rounding_on_the_node_is_not_reproducible(tmp_path: Path) -> None:
+    """The same update under the same torch seed draws different roundings: the generator is seeded by the OS."""
+    spec = Compression(codec="int8", rounding="stochastic", error_feedback=False)
+    blobs = []
+    for i in range(2):
+        r = _node_round(tmp_path / str(i), _request(compression=spec), _update(6))
+        torch.manual_seed(0)  # whatever seeded torch's global generator (in the daemon: nothing should)
+        compress.fn(r)
+        blobs.append(r.worker_blobs["params"])
+    assert blobs[0] != blobs[1]
