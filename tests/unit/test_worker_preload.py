@@ -37,3 +37,34 @@ def test_round_child_imports_no_fedsilo_module() -> None:
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["answered"] == 1  # the malformed request was answered with a failure, as in a real round
     assert report["new"] == []
+
+
+WARM = r"""
+import json, os, sys
+from fedsilo.common.datasets import tables
+from fedsilo.node import worker_process as wp
+path = sys.argv[1]
+wp._warm_dataset({"data_type": "csv", "path": path})
+read, write = os.pipe()
+if os.fork() == 0:
+    def refuse(*args):
+        raise AssertionError("the round's child parsed the CSV again")
+    tables._parse = refuse
+    from fedsilo.common.datasets import CsvDataset
+    try:
+        rows = len(CsvDataset(path, target="label").y)
+    except AssertionError as exc:
+        rows = str(exc)
+    os.write(write, json.dumps(rows).encode())
+    os._exit(0)
+os.wait()
+print(os.read(read, 65536).decode())
+"""
+
+
+def test_round_child_finds_the_dataset_parsed(tmp_path) -> None:
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,b,label\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(50)), encoding="utf-8")
+    out = subprocess.run([sys.executable, "-c", WARM, str(csv)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == 50
