@@ -37,7 +37,27 @@ larger ones are refused before they are read (`asgi.FileStoreHandler`)."""
 GRACEFUL_S = 5
 """On SIGTERM, connections still open after this are closed: a stalled client must not delay a restart."""
 
+MMAP_THRESHOLD = 4 << 20
+TRIM_THRESHOLD = 64 << 20
+"""glibc malloc settings for the store (`tune_malloc`): every TLS record, h11 buffer and body block of a
+transfer (256 KiB to 1 MiB, allocated and freed thousands of times per blob) then comes from the heap,
+instead of a fresh mmap whose pages fault in each time; the heap keeps up to 64 MiB freed at its top.
+Measured (5 x 40 MB up, then down; the store's CPU seconds; alternated 3 times, 2-core VM, load 9-14):
+1.04-1.24 s up / 0.36-0.37 s down with glibc's defaults, 0.71-0.77 s / 0.28-0.29 s with these."""
+
 log = logging.getLogger("fedsilo.network.filestore")
+
+
+def tune_malloc() -> bool:
+    """Apply `MMAP_THRESHOLD` and `TRIM_THRESHOLD` (glibc only; elsewhere nothing happens: False)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
 
 
 def uvicorn_options(cfg: NetworkConfig, netdir: Any) -> dict[str, Any]:
@@ -72,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("netdir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_malloc()
     paths = network_paths(args.netdir)
     cfg = load_config(paths.root)
     paths.tmp.mkdir(parents=True, exist_ok=True)
