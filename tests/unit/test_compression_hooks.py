@@ -212,3 +212,17 @@ def test_stochastic_rounding_on_the_node_is_not_reproducible(tmp_path: Path) -> 
         compress.fn(r)
         blobs.append(r.worker_blobs["params"])
     assert blobs[0] != blobs[1]
+
+
+def test_a_resumed_experiment_keeps_its_codec(tmp_path: Path) -> None:
+    """The residual lives on the nodes under the job id, which a breakpoint keeps: so must the codec be kept."""
+    from test_experiment_offline import creds
+
+    from fedsilo.researcher import Experiment
+
+    store = FakeStore()
+    spec = Compression(codec="topk", fraction=0.5)
+    exp = make(tmp_path, {"a": _codec_node(store, "a", _honest)}, store, compression=spec, save_breakpoints=True)
+    exp.run_once()
+    resumed = Experiment.load_breakpoint(exp.experimentation_path(), network=creds())
+    assert resumed._compression == spec and resumed.job_id() == exp.job_id()
