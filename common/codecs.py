@@ -94,3 +94,11 @@ class Compression(BaseModel):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "compression"
             raise CompressionError(f"compression: {where}: {first.get('msg')}") from None
+
+
+def plain_for_masks(value: Compression | None, info: Any) -> Compression | None:
+    """`TrainRequest.compression`'s check on receipt: refused beside `secagg`, whose masks need the plain
+    encoding (a pydantic field validator; `secagg` is declared before `compression`)."""
+    if value is not None and info.data.get("secagg") is not None:
+        raise ValueError("compression and secure aggregation do not combine: masks need the plain encoding")
+    return value

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Val
 
 from fedsilo.common import PROTOCOL_VERSION
 from fedsilo.common.algorithms import AlgorithmError, AlgorithmSpec
-from fedsilo.common.codecs import Compression
+from fedsilo.common.codecs import Compression, plain_for_masks
 from fedsilo.common.errors import ErrorCode
 from fedsilo.common.safejson import JSONLimitError, check_json
 from fedsilo.common.secagg.config import SecaggConfig
@@ -150,17 +150,10 @@ class TrainRequest(TaskRequest):
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
     secagg: SecaggTask | None = None
     """Set under secure aggregation: the node uploads its update masked (`node/secagg.py`)."""
-    compression: Compression | None = None
-    """The update's codec (`common/codecs.py`, `node/compression.py`); never with `secagg` (masks need plain values)."""
+    compression: Compression | None = None  # the update's codec (common/codecs.py, node/compression.py)
 
     _check_blobs = field_validator("blobs")(_blobs_with_params)
-
-    @field_validator("compression")
-    @classmethod
-    def _compression(cls, value: Compression | None, info: Any) -> Compression | None:
-        if value is not None and info.data.get("secagg") is not None:
-            raise ValueError("compression and secure aggregation do not combine: masks need the plain encoding")
-        return value
+    _plain_for_masks = field_validator("compression")(plain_for_masks)
 
     @field_validator("algorithm")
     @classmethod
