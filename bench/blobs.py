@@ -115,10 +115,6 @@ def negotiated_cipher(ctx: ssl.SSLContext, url: str) -> str:
         return f"{version} {name}"
 
 
-def median_time(fn: Callable[[int], float], repeats: int) -> float:
-    return statistics.median(fn(i) for i in range(repeats))
-
-
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -141,16 +137,10 @@ def _download_parsed(client: FileStoreClient, ref: object) -> dict[str, torch.Te
 
 
 def measure(size_mb: int, repeats: int, client: FileStoreClient, contexts: tuple, seed: int) -> dict[str, float]:
-    """Median seconds per row for one blob size."""
+    """Median seconds per row for one blob size. The rows take turns within each repeat, so that a ratio
+    compares runs seconds apart: on a machine shared with other test suites, the load changes by the minute."""
     params = model_params(size_mb, seed)
     blob = params_to_bytes(params)
-    rows: dict[str, float] = {"bytes": len(blob)}
-    rows["raw TCP loopback"] = median_time(lambda i: raw_loopback(blob, None, None), repeats)
-    rows["raw TLS loopback"] = median_time(lambda i: raw_loopback(blob, *contexts), repeats)
-    rows["serialise to bytes"] = median_time(lambda i: timed(lambda: params_to_bytes(params)), repeats)
-    rows["sha256"] = median_time(lambda i: timed(lambda: sha256_bytes(blob)), repeats)
-    rows["parse"] = median_time(lambda i: timed(lambda: params_from_bytes(blob)), repeats)
-    refs = []
 
     def upload(i: int) -> float:
         fresh = {**params, "nonce": torch.tensor([seed * 1000 + i], dtype=torch.int64)}  # a new blob each time
@@ -165,9 +155,21 @@ def measure(size_mb: int, repeats: int, client: FileStoreClient, contexts: tuple
         assert torch.equal(got["layer0.weight"], params["layer0.weight"])
         return elapsed
 
-    rows["upload end to end"] = median_time(upload, repeats)
-    rows["download end to end"] = median_time(download, repeats)
-    return rows
+    rows: dict[str, Callable[[int], float]] = {
+        "raw TCP loopback": lambda i: raw_loopback(blob, None, None),
+        "raw TLS loopback": lambda i: raw_loopback(blob, *contexts),
+        "serialise to bytes": lambda i: timed(lambda: params_to_bytes(params)),
+        "sha256": lambda i: timed(lambda: sha256_bytes(blob)),
+        "parse": lambda i: timed(lambda: params_from_bytes(blob)),
+        "upload end to end": upload,
+        "download end to end": download,
+    }
+    refs: list[object] = []
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for i in range(repeats):
+        for name, fn in rows.items():
+            times[name].append(fn(i))
+    return {"bytes": len(blob), **{name: statistics.median(ts) for name, ts in times.items()}}
 
 
 def report(size_mb: int, rows: dict[str, float]) -> str:
