@@ -223,7 +223,7 @@ class NodeDaemon:
                                 {"signer": exc.signer})  # fmt: skip
             return
         code, stage = ErrorCode.MALFORMED_MESSAGE, "receive"
-        if exc.field.split(".")[0] in ("training_args", "algorithm"):  # validated once, here, on receipt
+        if exc.field.split(".")[0] in ("training_args", "algorithm", "compression"):  # validated once, here
             code, stage = ErrorCode.TRAINING_ARGS_INVALID, "arguments"
         self._dispatch_safe(self._error, researcher, exc.request_id or "unknown", code, exc.reason, stage)
 

@@ -6,6 +6,7 @@ saves, so bytes are compared in tests/unit/test_codecs.py and bench/compression.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from fedsilo.common.synthetic import FEATURES
 from fedsilo.network.messages import DatasetInfo, TrainRequest
 from fedsilo.node.compression import RESIDUAL_FILE
 from tests.e2e.federation import HOSPITALS, TAG, Approved, Federation, accuracy
+from tests.support.client import RawResearcher
 from tests.support.fake_node import FakeNode
 
 ROUNDS = 3
@@ -106,3 +108,18 @@ def test_hostile_codec_blobs_are_dropped_with_a_reason_and_rounds_go_on(fed: Fed
                 assert all(bool(torch.isfinite(v).all()) for v in exp.training_plan().get_parameters().values())
     finally:
         rogue.close()
+
+
+@pytest.mark.parametrize("compression, secagg, why", [
+    ({"codec": "topk", "fraction": 2}, False, "fraction"),
+    ({"codec": "int4"}, False, "codec"),
+    ({"codec": "int8"}, True, "secure aggregation"),
+])  # fmt: skip
+def test_a_node_refuses_a_bad_codec_request_on_receipt(fed: Federation, client: RawResearcher, compression: dict,
+                                                       secagg: bool, why: str) -> None:  # fmt: skip
+    request = client.train_request("class P: pass\n", "P", fed.datasets["hospital-a"], params={"w": torch.zeros(1)})
+    payload = json.loads(request.to_json())
+    payload.update({"compression": compression, **({"secagg": {"shares": {}}} if secagg else {})})
+    client.send_raw("hospital-a", json.dumps(payload).encode())
+    err = client.wait(request.request_id, ("error",))
+    assert err.code == "FS502" and err.stage == "arguments" and why in err.message, err
