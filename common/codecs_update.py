@@ -84,7 +84,7 @@ def decode_update(data: bytes, reference: Params, spec: Compression) -> Params:
     """The update a codec blob carries: `reference + delta`, in `reference`'s names, shapes and dtypes.
     `CodecError` (a `SerializationError`) for anything a hostile node could send: another codec, missing or
     extra names, wrong dtypes or shapes, indices out of range, a NaN scale, a non-finite result."""
-    tensors = params_from_bytes(data)
+    tensors = params_from_bytes(data, copy=False)  # views when `data` is a writable buffer the caller hands over
     metadata = blob_metadata(data)
     if metadata.get(CODEC_KEY) != spec.codec or metadata.get(VERSION_KEY) != CODEC_VERSION:
         raise CodecError(f"expected a {spec.codec} codec blob (version {CODEC_VERSION}), got "

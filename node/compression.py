@@ -15,6 +15,7 @@ a round that fails keeps the old residual, so nothing dropped is lost.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def compress(r: DaemonRound) -> None:
     import torch
 
     from fedsilo.common.codecs_update import encode_update
-    from fedsilo.common.serialization import params_from_bytes, params_to_bytes
+    from fedsilo.common.serialization import params_from_bytes, params_to_buffers
 
     t0 = time.perf_counter()
     plain = r.worker_blobs["params"]
@@ -56,9 +57,10 @@ def compress(r: DaemonRound) -> None:
     encoded = encode_update(params_from_bytes(plain), r.received, spec, residual if spec.error_feedback else None,
                             generator)  # fmt: skip
     r.worker_blobs["params"] = data = encoded.to_bytes()
-    if encoded.residual:
+    if encoded.residual:  # written from the tensors' memory (a 40 MB join less for 10 M parameters)
         r.state_dir.mkdir(parents=True, exist_ok=True)
-        (r.state_dir / RESIDUAL_FILE).write_bytes(params_to_bytes(encoded.residual))
+        with open(r.state_dir / RESIDUAL_FILE, "wb") as f:
+            f.writelines(params_to_buffers(encoded.residual).buffers)
     r.applied["compression"] = {
         "requested": spec.model_dump(mode="json"), "applied": spec.codec, "bytes": len(data),
         "plain_bytes": len(plain), "error_feedback": bool(encoded.residual),
@@ -73,8 +75,11 @@ def load_residual(job_dir: Path) -> dict | None:
     path = job_dir / RESIDUAL_FILE
     if not path.is_file():
         return None
-    try:
-        return params_from_bytes(path.read_bytes())
+    try:  # read into a buffer the tensors then view: no copy after the read
+        with open(path, "rb") as f:
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(buf)
+        return params_from_bytes(buf, copy=False)
     except (OSError, SerializationError) as exc:
         log.warning("compression residual %s unreadable, starting from zeros: %s", path, exc)
         return None

@@ -34,4 +34,4 @@ def compression_setting(value: str | Compression | dict[str, Any] | None, secagg
 def decode_params(data: bytes | bytearray | memoryview, global_params: Params, spec: Compression) -> Params:
     """A node's codec blob as the update `add` takes: the global model plus the decoded delta, in its dtypes.
     Wrong codec, names, shapes, indices or a NaN scale raise `CodecError` with the reason."""
-    return decode_update(bytes(data), global_params, spec)
+    return decode_update(data, global_params, spec)

@@ -217,7 +217,7 @@ class TrainingRound:
     def _download(self, name: str, ref: BlobRef) -> Params:
         """A reply's blob, parsed and checked: "params" must match the model; every blob must be finite."""
         if name == "params" and self.ctx.compression is not None:  # a codec blob: decoded before `add`
-            data = self.ctx.files.download_bytes(ref, max_bytes=self._max_bytes)
+            data = self.ctx.files.download_buffer(ref, max_bytes=self._max_bytes)  # parsed in place, as _fetch
             params = decode_params(data, self.ctx.global_params, self.ctx.compression)
         else:
             params = self._fetch(ref)
