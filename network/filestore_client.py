@@ -171,10 +171,14 @@ class FileStoreClient:
         """
         if max_bytes is not None and ref.size > max_bytes:
             raise BlobTransferError(f"blob {ref.sha256[:12]} is {ref.size} bytes, over the allowed {max_bytes}")
-        buf = bytearray(ref.size)  # ref.size is what the sender announced, bounded by max_bytes by the caller
-        view = memoryview(buf)
-        self._receive(ref, view, lambda chunk: None)
-        return buf
+        made: list[bytearray] = []
+
+        def allocate() -> memoryview:  # once the store has confirmed the size: ref.size is only a claim
+            made.append(bytearray(ref.size))
+            return memoryview(made[0])
+
+        self._receive(ref, allocate, lambda chunk: None)
+        return made[0]
 
     def download_to(self, ref: BlobRef, path: str | Path) -> Path:
         """Stream a blob into `path` (written atomically, only once verified)."""
@@ -183,7 +187,7 @@ class FileStoreClient:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
             with os.fdopen(fd, "wb") as out:
-                self._receive(ref, memoryview(bytearray(min(CHUNK, ref.size))), out.write)
+                self._receive(ref, lambda: memoryview(bytearray(min(CHUNK, ref.size))), out.write)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -223,11 +227,20 @@ class FileStoreClient:
         )
         self._granted.setdefault(ref.sha256, set()).update(readers)
 
-    def _receive(self, ref: BlobRef, buffer: memoryview, sink: Callable[[memoryview], object]) -> None:
-        """GET a blob into `buffer` (the whole blob, or a block reused for each `sink` call), hashing each
-        block as it arrives; raise unless exactly `ref.size` bytes hashing to `ref.sha256` came."""
+    def _receive(self, ref: BlobRef, allocate: Callable[[], memoryview], sink: Callable[[memoryview], object]) -> None:
+        """GET a blob into the buffer `allocate` returns (the whole blob, or a block reused for each `sink` call),
+        hashing each block as it arrives; raise unless exactly `ref.size` bytes hashing to `ref.sha256` came.
+
+        The buffer is made only once the store's Content-Length equals `ref.size`: a reference is another
+        party's claim, and one naming a stored blob with a size of 10**13 would otherwise allocate that."""
         response = self._call("GET", self._blob_url(ref.sha256), what=f"download of blob {ref.sha256[:12]}",
                               stream=True)
+        announced = response.headers.get("Content-Length")
+        if announced != str(ref.size):
+            response.close()
+            raise BlobTransferError(f"blob {ref.sha256[:12]}: the store holds {announced or 'an unknown number of'} "
+                                    f"bytes, the reference names {ref.size}; refusing it")  # fmt: skip
+        buffer = allocate()
         whole = buffer.nbytes == ref.size
         digest = hashlib.sha256()
         size = 0

@@ -271,16 +271,26 @@ def test_download_refuses_what_the_reference_does_not_name(hostile: http.server.
     data = os.urandom(3 << 20)
     with _hostile_client(hostile) as c:
         _serve(hostile, data + b"trailing")
-        with pytest.raises(BlobTransferError, match="larger than the"):
+        with pytest.raises(BlobTransferError, match=f"holds {len(data) + 8} bytes, the reference names {len(data)}"):
             c.download_buffer(_ref(data))
-        _serve(hostile, data[:-10])
-        with pytest.raises(BlobTransferError, match="expected"):
+        _serve(hostile, data[:-10], length=len(data))  # announces the right size, hangs up short of it
+        with pytest.raises(BlobTransferError, match=f"expected {len(data)}|of {len(data)} bytes"):
             c.download_buffer(_ref(data))
         _serve(hostile, os.urandom(len(data)))
         with pytest.raises(BlobTransferError, match="refusing it"):
             c.download_buffer(_ref(data))
         with pytest.raises(BlobTransferError, match="over the allowed"):
             c.download_buffer(_ref(data), max_bytes=1 << 20)
+
+
+def test_a_size_claimed_in_a_reference_is_not_allocated(hostile: http.server.ThreadingHTTPServer) -> None:
+    """A request naming a stored blob with a size of 32 TiB: refused on the store's Content-Length, before
+    a buffer of the claimed size is made (a node fetches what a researcher's message names)."""
+    data = os.urandom(1 << 20)
+    _serve(hostile, data)
+    claim = BlobRef(sha256=hashlib.sha256(data).hexdigest(), size=1 << 45)
+    with _hostile_client(hostile) as c, pytest.raises(BlobTransferError, match="the reference names 35184372088832"):
+        c.download_buffer(claim)
 
 
 def test_stalled_download_is_a_transfer_error(hostile: http.server.ThreadingHTTPServer) -> None:
