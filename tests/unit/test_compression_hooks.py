@@ -14,7 +14,6 @@ from test_experiment_offline import FakeStore, make  # the offline round's fakes
 
 from fedsilo.common.codecs import Compression
 from fedsilo.common.codecs_update import decode_update, encode_update
-from fedsilo.common.secagg.config import SecaggConfig  # noqa: F401  (the secagg field's type is importable)
 from fedsilo.common.serialization import params_from_bytes, params_to_bytes
 from fedsilo.network.messages import BlobRef, MessageError, SecaggTask, TaskAck, TrainReply, TrainRequest, parse_message
 from fedsilo.node.algorithms import job_state_dir
