@@ -19,11 +19,12 @@ from tests.e2e.federation import (
     fedsilo,
     register_and_start,
 )
+from tests.support.brokers import BOTH
 from tests.support.client import RawResearcher
 from tests.support.procs import NodeHandle, start_network
 
 
-@pytest.fixture(scope="session", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="session", params=BOTH)
 def fed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     broker = request.param
     root = tmp_path_factory.mktemp(f"e2e-{broker}")

@@ -23,6 +23,7 @@ from fedsilo.node.budget import PrivacyLedger, compose
 from fedsilo.node.config import NodeConfig
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
+from tests.support.brokers import BOTH
 from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
@@ -60,7 +61,7 @@ def _node(net: NetworkHandle, root: Path, data: Path, name: str, dp: dict, datas
     return nodedir
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp(f"dp-{request.param}")
     net = start_network(root, broker=request.param)

@@ -28,6 +28,7 @@ from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
 from fedsilo.researcher import EvaluationFailed, Experiment
 from fedsilo.researcher.monitor import Monitor
+from tests.support.brokers import BOTH
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network
 
 TAG = "eval-demo"
@@ -77,7 +78,7 @@ def _write_csv(path: Path, rows: int, seed: int) -> None:
                                                 for r, t in zip(x, y, strict=True)))  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp(f"evaluation-{request.param}")
     net = start_network(root, broker=request.param)

@@ -26,6 +26,7 @@ from fedsilo.node.device import NO_CUDA, REFUSED
 from fedsilo.node.plans import PlanStore
 from fedsilo.node.round import RoundContext, WorkerTask, execute_round
 from fedsilo.researcher import Experiment
+from tests.support.brokers import BOTH
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network
 
 TAG = "gpu-choice"
@@ -63,7 +64,7 @@ def _csv(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp(f"gpu-{request.param}")
     net = start_network(root, broker=request.param)

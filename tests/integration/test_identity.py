@@ -18,12 +18,13 @@ from fedsilo.network.messages import PingReply, PingRequest, Presence
 from fedsilo.network.messaging import Messaging
 from fedsilo.network.pki import paho_tls
 from fedsilo.researcher.requests import Requests
+from tests.support.brokers import BOTH
 from tests.support.procs import NetworkHandle, start_network
 
 WAIT = 20.0
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NetworkHandle:
     handle = start_network(tmp_path_factory.mktemp(f"identity-{request.param}"), broker=request.param)
     for name in ("n1", "n2"):

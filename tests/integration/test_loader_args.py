@@ -17,6 +17,7 @@ import torch
 from fedsilo.common.config import read_toml, write_toml
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
+from tests.support.brokers import BOTH
 from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
@@ -39,7 +40,7 @@ class Setup:
     dataset_id: str
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp(f"loader-{request.param}")
     net: NetworkHandle = start_network(root, broker=request.param)

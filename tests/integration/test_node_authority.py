@@ -19,6 +19,7 @@ from fedsilo.common.plan_source import plan_hash
 from fedsilo.common.serialization import params_from_bytes, params_to_bytes
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
+from tests.support.brokers import BOTH
 from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
@@ -61,7 +62,7 @@ def _node(net: NetworkHandle, root: Path, data: Path, name: str, extra: dict) ->
     return nodedir, ds["dataset_id"]
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp(f"authority-{request.param}")
     net = start_network(root, broker=request.param)

@@ -12,10 +12,11 @@ import psutil
 import pytest
 
 from fedsilo.node.config import node_paths
+from tests.support.brokers import BOTH
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, wait_until
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkHandle]:
     handle = start_network(tmp_path_factory.mktemp(f"stop-{request.param}"), broker=request.param)
     yield handle

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.brokers import BOTH
 from tests.support.one_node import OneNode
 from tests.support.plans import LOGREG_PLAN
 
@@ -33,7 +34,7 @@ NOT_A_DATA_MANAGER = LOGREG_PLAN.replace("return DataManager(CsvDataset(self.dat
 PLANS = [VALUE_ERROR, FEDSILO_TYPE, OWN_CLASS, AT_LOAD, NOT_A_DATA_MANAGER, LOGREG_PLAN]
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OneNode]:
     one = OneNode.start(tmp_path_factory.mktemp(f"errors-{request.param}"), request.param, plans=PLANS)
     yield one

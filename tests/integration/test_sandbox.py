@@ -19,6 +19,7 @@ import pytest
 from fedsilo.node.sandbox import bwrap_argv, dataset_paths, probe, python_paths
 from fedsilo.node.sandbox_limits import SandboxLimits, confine
 from fedsilo.node.worker_process import _death
+from tests.support.brokers import BOTH
 from tests.support.one_node import OneNode, approve
 from tests.support.plans import LOGREG_PLAN
 
@@ -49,7 +50,7 @@ ALLOCATE = attack(f"            blob = bytearray({MEMORY_MB + 256} * 2**20)\n   
 PLANS = [LOGREG_PLAN, READ, CONNECT, FORK, ALLOCATE]
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OneNode]:
     root = tmp_path_factory.mktemp(f"sandbox-{request.param}")
     one = OneNode.start(root, request.param, datasets=("d1", "d2"), plans=PLANS,

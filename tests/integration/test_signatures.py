@@ -27,6 +27,7 @@ from fedsilo.node.config import NodeConfig
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
 from fedsilo.researcher.requests import Requests
+from tests.support.brokers import BOTH
 from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
@@ -49,7 +50,7 @@ class Site:
                 if e["details"].get("request_id") == request_id]  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     root = tmp_path_factory.mktemp(f"signatures-{request.param}")
     net = start_network(root / "net", broker=request.param)

@@ -24,9 +24,10 @@ from fedsilo.network.broker import broker_accepts
 from fedsilo.network.credentials import Credentials, TlsSettings
 from fedsilo.network.filestore_client import BlobTransferError, FileStoreClient
 from fedsilo.network.messaging import BrokerUnavailable, Messaging
+from tests.support.brokers import BOTH
 from tests.support.procs import NetworkHandle, start_node, start_process
 
-BROKERS = ["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
+BROKERS = BOTH
 
 
 def _network(base: Path, broker: str, mutual: bool) -> NetworkHandle:

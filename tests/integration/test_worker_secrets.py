@@ -28,6 +28,7 @@ from fedsilo.network.credentials import Credentials
 from fedsilo.node.config import NodeConfig, node_paths
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
+from tests.support.brokers import BOTH
 from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
@@ -150,7 +151,7 @@ class Setup:
         return self.researcher.ask("n1", req, ("train_reply", "error"))
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=BOTH)
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp(f"secrets-{request.param}")
     net = start_network(root / "net", broker=request.param)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsilo.common.datasets import csvfiles as datasets
 from fedsilo.common.datasets import CsvDataset, DatasetFormatError, read_csv
+from fedsilo.common.datasets import csvfiles as datasets
 
 
 def _write(path: Path, rows: list[tuple[float, int]]) -> Path:
