@@ -3,63 +3,32 @@
 from __future__ import annotations
 
 import re
-import time
-import uuid
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from fedsilo.common import PROTOCOL_VERSION
 from fedsilo.common.algorithms import AlgorithmError, AlgorithmSpec
 from fedsilo.common.codecs import Compression, plain_for_masks
 from fedsilo.common.errors import ErrorCode
 from fedsilo.common.safejson import JSONLimitError, check_json
-from fedsilo.common.secagg.config import SecaggConfig
 from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
+
+from .message_base import _ID, _SHA, BlobRef, Message, Reply
+from .message_base import new_id as new_id
+from .secagg_messages import (
+    SecaggKeysReply,
+    SecaggSetupRequest,
+    SecaggShareRequest,
+    SecaggSharesReply,
+    SecaggTask,
+    SecaggUnmaskReply,
+    SecaggUnmaskRequest,
+)
 
 MAX_MESSAGE_BYTES = 256 * 1024
 """Messages carry references, never payloads; anything larger is refused before parsing."""
 MAX_MESSAGE_DEPTH = 16
 """fedsilo's messages nest at most 5 levels; deeper JSON is refused before any parser recurses into it."""
-
-_ID = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-_SHA = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-class BlobRef(BaseModel):
-    """A file-store object: content-addressed, so its id is its sha256."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    sha256: _SHA
-    size: int = Field(ge=0)
-
-
-class Message(BaseModel):
-    """Base of every message; NaN and infinities are refused in every float field (JSON has neither)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    protocol_version: int = PROTOCOL_VERSION
-    request_id: _ID = Field(default_factory=new_id)
-    sender: _ID
-    timestamp: float = Field(default_factory=time.time)
-    _signature: tuple[str, str] | None = PrivateAttr(None)
-    """(signer, base64 signature) once `Messaging` verified the bytes this was parsed from; never sent."""
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json().encode("utf-8")
-
-    @property
-    def signer(self) -> str:
-        """The party whose signature on this message was verified ("" when none was: an unsigned channel)."""
-        return self._signature[0] if self._signature else ""
-
-    @property
-    def signature(self) -> str:
-        return self._signature[1] if self._signature else ""
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -87,30 +56,6 @@ def _blobs_with_params(blobs: dict[str, BlobRef]) -> dict[str, BlobRef]:
     if len(blobs) > 16:
         raise ValueError("at most 16 blobs")
     return blobs
-
-
-_HEX32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-_BOX = Annotated[str, Field(min_length=2, max_length=512, pattern=r"^[0-9a-f]+$")]
-_SHARE = Annotated[str, Field(pattern=r"^[0-9a-f]{136}$")]
-_SIG = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{86}==$")]
-
-
-class SecaggKeys(BaseModel):
-    """A node's two x25519 public keys of a round (hex): `c` encrypts shares to it, `s` derives its masks; `sig`:
-    the node's Ed25519 signature over them (`node/secagg_auth.py`), which every other node checks."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    c: _HEX32
-    s: _HEX32
-    sig: _SIG | None = None
-
-
-class SecaggTask(BaseModel):
-    """In a TrainRequest: the encrypted shares the node's neighbours sent it (sender -> hex box); the node masks
-    its update with exactly these senders (common/secagg)."""
-
-    model_config = ConfigDict(extra="forbid")
-    shares: dict[_ID, _BOX] = Field(max_length=1000)
 
 
 class TaskRequest(Message):
@@ -219,23 +164,6 @@ class DeviceReport(BaseModel):
     fallback: str = Field("", max_length=500)
 
 
-class Reply(Message):
-    """Base of every answer; build one with `for_request`, which sets who answers and to what."""
-
-    node_id: _ID
-    node_name: str = ""
-    in_reply_to: _ID
-
-    @classmethod
-    def for_request(cls, request: Message | str, node_id: str, node_name: str = "", **fields: Any) -> Self:
-        """A reply of this kind to `request` (or to a request id), from `node_id`.
-
-            TaskAck.for_request(req, "hospital-a", job_id=req.job_id, round=req.round)
-        """
-        rid = request if isinstance(request, str) else request.request_id
-        return cls(sender=node_id, node_id=node_id, node_name=node_name, in_reply_to=rid, **fields)
-
-
 class SearchReply(Reply):
     kind: Literal["search_reply"] = "search_reply"
     datasets: list[DatasetInfo]
@@ -318,61 +246,6 @@ class ErrorReply(Reply):
     stage: str = ""
     job_id: str = ""
     round: int | None = None
-
-
-# ------------------------------------------------------ secure aggregation stages (common/secagg, node/secagg.py)
-class SecaggRequest(Message):
-    job_id: _ID
-    round: int = Field(ge=0)
-
-
-class SecaggSetupRequest(SecaggRequest):
-    """Start a round's secure aggregation among `nodes`; the node answers its public keys."""
-
-    kind: Literal["secagg_setup_request"] = "secagg_setup_request"
-    nodes: list[_ID] = Field(min_length=2, max_length=1000)
-    config: SecaggConfig
-
-
-class SecaggShareRequest(SecaggRequest):
-    """Every party's public keys; the node answers its encrypted shares and their commitments."""
-
-    kind: Literal["secagg_share_request"] = "secagg_share_request"
-    keys: dict[_ID, SecaggKeys] = Field(max_length=1000)
-
-
-class SecaggUnmaskRequest(SecaggRequest):
-    """Who sent a masked input and who did not; the node answers the b shares of the first, s shares of the rest,
-    once `consistency` holds threshold survivors' signatures of this list (`check_only`: asks for this node's)."""
-
-    kind: Literal["secagg_unmask_request"] = "secagg_unmask_request"
-    survivors: list[_ID] = Field(max_length=1000)
-    dropped: list[_ID] = Field(max_length=1000)
-    check_only: bool = False
-    consistency: dict[_ID, _SIG] = Field(default_factory=dict, max_length=1000)
-
-
-class SecaggReply(Reply):
-    job_id: str
-    round: int
-
-
-class SecaggKeysReply(SecaggReply):
-    kind: Literal["secagg_keys_reply"] = "secagg_keys_reply"
-    keys: SecaggKeys
-
-
-class SecaggSharesReply(SecaggReply):
-    kind: Literal["secagg_shares_reply"] = "secagg_shares_reply"
-    boxes: dict[_ID, _BOX] = Field(max_length=1000)
-    commitments: dict[_ID, tuple[_HEX32, _HEX32]] = Field(max_length=1000)
-
-
-class SecaggUnmaskReply(SecaggReply):
-    kind: Literal["secagg_unmask_reply"] = "secagg_unmask_reply"
-    b_shares: dict[_ID, _SHARE] = Field(max_length=1000)
-    s_shares: dict[_ID, _SHARE] = Field(max_length=1000)
-    consistency: _SIG | None = None
 
 
 # -------------------------------------------------------------------------------- node-side events

@@ -28,6 +28,10 @@ from fedsilo.network.messages import (
     ErrorReply,
     Message,
     Reply,
+    TaskRequest,
+    TrainRequest,
+)
+from fedsilo.network.secagg_messages import (
     SecaggKeys,
     SecaggKeysReply,
     SecaggRequest,
@@ -36,8 +40,6 @@ from fedsilo.network.messages import (
     SecaggSharesReply,
     SecaggUnmaskReply,
     SecaggUnmaskRequest,
-    TaskRequest,
-    TrainRequest,
 )
 
 from .secagg_auth import KeyAuthority, statement, survivors_statement

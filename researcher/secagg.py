@@ -27,6 +27,9 @@ from fedsilo.common.secagg.config import SecaggConfig
 from fedsilo.common.secagg.layout import from_blob, unflatten
 from fedsilo.network.messages import (
     Reply,
+    TrainReply,
+)
+from fedsilo.network.secagg_messages import (
     SecaggKeys,
     SecaggKeysReply,
     SecaggSetupRequest,
@@ -35,7 +38,6 @@ from fedsilo.network.messages import (
     SecaggTask,
     SecaggUnmaskReply,
     SecaggUnmaskRequest,
-    TrainReply,
 )
 
 from .algorithms.base import FedAlgorithm, NodeUpdate, Params

@@ -18,7 +18,7 @@ import torch
 
 from fedsilo.common.secagg import NodeSession
 from fedsilo.common.secagg.config import SecaggConfig
-from fedsilo.network.messages import (
+from fedsilo.network.secagg_messages import (
     SecaggKeys,
     SecaggSetupRequest,
     SecaggShareRequest,

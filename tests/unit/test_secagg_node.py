@@ -10,13 +10,15 @@ from fedsilo.network.messages import (
     BlobRef,
     ErrorReply,
     Reply,
+    TrainRequest,
+)
+from fedsilo.network.secagg_messages import (
     SecaggKeysReply,
     SecaggSetupRequest,
     SecaggShareRequest,
     SecaggTask,
     SecaggUnmaskReply,
     SecaggUnmaskRequest,
-    TrainRequest,
 )
 from fedsilo.node.config import NodeConfig
 from fedsilo.node.secagg import SecaggSessions, refusal
