@@ -49,6 +49,8 @@ from tests.e2e.federation import TAG, Federation, fedsilo, register_and_start
 from tests.support.fake_node import FakeNode
 from tests.support.procs import NodeHandle, start_network
 
+pytestmark = pytest.mark.broker("embedded")  # the node is the subject here; tests/conftest.py
+
 NODES = [f"site-{i}" for i in range(5)]
 CLASSES = 10
 ROWS = 1500

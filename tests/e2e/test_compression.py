@@ -22,6 +22,8 @@ from tests.e2e.federation import HOSPITALS, TAG, Approved, Federation, accuracy
 from tests.support.client import RawResearcher
 from tests.support.fake_node import FakeNode
 
+pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
+
 ROUNDS = 3
 
 

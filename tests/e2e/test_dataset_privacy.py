@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from fedsilo.common.synthetic import FEATURES
 from fedsilo.network.messages import SearchRequest
 from fedsilo.node.datasets import DatasetStore
 from tests.e2e.federation import MODEL_ARGS, Approved, Federation, fedsilo, zero_params
 from tests.support.client import RawResearcher
+
+pytestmark = pytest.mark.broker("embedded")  # the node is the subject here; tests/conftest.py
 
 NODE = "hospital-a"
 TAG = "tiny-privacy"

@@ -15,6 +15,8 @@ from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
 from fedsilo.node.audit import AuditLog
 from tests.e2e.federation import Federation, fedsilo
 
+pytestmark = pytest.mark.broker("embedded")  # the node is the subject here; tests/conftest.py
+
 NODE = "hospital-c"
 TAG = "prostate-e2e"
 SUBJECTS = 6  # one without a mask: 5 train

@@ -32,6 +32,8 @@ from fedsilo.researcher.history import FEDERATION
 from fedsilo.researcher.monitor import Monitor
 from tests.e2e.federation import Federation
 
+pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
+
 TAG = "metrics-weighted"
 ROWS = {"hospital-a": 60, "hospital-b": 180}
 ARGS = {"epochs": 1, "batch_size": 8, "optimizer_args": {"lr": 0.2}, "test_ratio": 0.25, "random_seed": 4,

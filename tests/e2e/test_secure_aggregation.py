@@ -33,6 +33,8 @@ from fedsilo.researcher.settings import ExperimentError
 from tests.e2e.federation import HOSPITALS, MODEL_ARGS, Approved, Federation, wait_for, zero_params
 from tests.support.client import RawResearcher
 
+pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
+
 ALL = sorted(HOSPITALS)
 ATOL = 1e-6  # float32 results; the encoding's own error is 2^-33
 

@@ -28,6 +28,8 @@ from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
 
+pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
+
 ROWS = 64
 PARAMS = {"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}
 ARGS = {"epochs": 1, "batch_size": 16}  # 4 batches: a round is 4 steps at sample rate 1/4

@@ -31,6 +31,8 @@ from fedsilo.researcher.monitor import Monitor
 from tests.support.brokers import BOTH
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network
 
+pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
+
 TAG = "eval-demo"
 ROWS = {"hospital-a": 40, "hospital-b": 80}  # test splits of 10 and 20 at test_ratio 0.25: unequal weights
 MODEL_ARGS = {"n_features": 4}

@@ -29,6 +29,8 @@ from fedsilo.researcher import Experiment
 from tests.support.brokers import BOTH
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network
 
+pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
+
 TAG = "gpu-choice"
 ALLOWS = {"gpu-allowed": True, "gpu-refused": False}
 ARGS = {"epochs": 1, "batch_size": 8, "optimizer_args": {"lr": 0.1}, "random_seed": 1}

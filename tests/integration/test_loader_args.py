@@ -22,6 +22,8 @@ from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
 
+pytestmark = pytest.mark.broker("embedded")  # the node is the subject here; tests/conftest.py
+
 ROWS, CAP = 96, 64
 
 # Fed-BioMed style: training_data takes no batch size and the DataManager sets none.

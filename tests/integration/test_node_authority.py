@@ -24,6 +24,8 @@ from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
 
+pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
+
 ROWS = 64
 # A plan from the days when the loop was the plan's: it trains as it likes and reports what it likes.
 OWN_LOOP = LOGREG_PLAN + '''

@@ -15,6 +15,8 @@ from fedsilo.node.config import node_paths
 from tests.support.brokers import BOTH
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, wait_until
 
+pytestmark = pytest.mark.broker("embedded")  # the node is the subject here; tests/conftest.py
+
 
 @pytest.fixture(scope="module", params=BOTH)
 def net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkHandle]:

@@ -17,6 +17,8 @@ from tests.support.brokers import BOTH
 from tests.support.one_node import OneNode
 from tests.support.plans import LOGREG_PLAN
 
+pytestmark = pytest.mark.broker("embedded")  # the node is the subject here; tests/conftest.py
+
 STEP = "    def training_step(self, data, target):"
 LEAK = "f\"password=hunter2 {open(self.dataset_path).read().splitlines()[1]}\""
 """The exception text each plan builds: a secret-looking string and the first row of the node's data."""

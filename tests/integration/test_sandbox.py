@@ -23,6 +23,8 @@ from tests.support.brokers import BOTH
 from tests.support.one_node import OneNode, approve
 from tests.support.plans import LOGREG_PLAN
 
+pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
+
 MEMORY_MB = 256
 
 STEP = "    def training_step(self, data, target):"

@@ -33,6 +33,8 @@ from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
 
+pytestmark = pytest.mark.broker("embedded")  # the node is the subject here; tests/conftest.py
+
 CLIP = 0.05
 
 SPY_PLAN = LOGREG_PLAN.replace("class HeartPlan", '''
