@@ -93,7 +93,7 @@ def _component(pid: int) -> str:
     except OSError:
         return "other"
     # the worker is `python -m fedsilo.node.worker_process` since issue 8 (a subprocess, not multiprocessing),
-    # the file store `fedsilo.network.filestore.serve` (waitress) and the embedded broker its own process since
+    # the file store `fedsilo.network.filestore.serve` (uvicorn) and the embedded broker its own process since
     # issue 7: with only the old names, 339 of 486 ms per K=3 round were counted as "other"
     parts = [
         ("mosquitto", "broker"),
