@@ -107,10 +107,10 @@ def test_the_round_table_shows_the_recorded_evaluation_means_and_they_survive_a_
     record = _record()
     history.add(record, round_evaluation(record, FedAverage()))
     history.evaluations[1] = EvaluationReport(1, {"accuracy": 0.8}, {"a": NodeEvaluation("a", 10, {})}).as_dict()
-    row = history.metrics_table(["loss", "global_accuracy", "test_accuracy"], per="round").splitlines()[-1]
+    header, _, row = history.metrics_table(["loss", "global_accuracy", "test_accuracy"], per="round").splitlines()
     # loss by training samples (90, 10): 1.2; accuracies by test samples (10, 30): 0.65 and 0.6
-    cells = row.split()
-    assert cells[-4:-1] == ["1.2", "0.65", "0.6"], row
+    cell = {k: row[header.index(k):].split()[0] for k in ("loss", "global_accuracy", "test_accuracy")}  # aligned
+    assert list(cell.values()) == ["1.2", "0.65", "0.6"], row
     restored = History()
     restored.load_state(history.state())
     assert restored.round_metrics == history.round_metrics and restored.evaluations[1]["metrics"] == {"accuracy": 0.8}
