@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
@@ -25,7 +24,6 @@ from typing import Any
 
 import federation as bench_federation
 from federation import federation, load_workload
-from machine import CpuMeter
 
 REPO = Path(__file__).resolve().parents[1]
 CODECS: dict[str, dict[str, Any] | None] = {
@@ -47,17 +45,9 @@ def run_config(W: Any, k: int, size: str, rounds: int, base: Path, broker: str) 
             exp._compression = compression_setting(codec)  # what Experiment(compression=codec) sets
             with exp:
                 for _ in range(rounds):
-                    meter = CpuMeter()
-                    meter.start()
-                    t0 = time.perf_counter()
-                    exp.run_once()
-                    wall = time.perf_counter() - t0
-                    foreign = meter.stop()
-                    r = exp.round_current() - 1
-                    stats, replies = exp.round_stats()[r], exp.training_replies()[r]
-                    bad = {n: v["dropped"] for n, v in replies.items() if v.get("dropped")}
-                    if bad:
-                        raise RuntimeError(f"{label} K={k} {size} round {r}: dropped {bad}")
+                    done = bench_federation.timed_round(exp, f"{label} K={k} {size}")
+                    r, wall, foreign = done.round, done.wall_s, done.foreign_cpu
+                    stats, replies = done.stats, done.replies
                     caps = [v["applied_caps"].get("compression", {}) for v in replies.values()]
                     records.append({"K": k, "model": size, "codec": label, "round": r, "wall_s": wall,
                                     "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"],

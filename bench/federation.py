@@ -196,3 +196,33 @@ def federation(
         for proc in reversed(procs):
             with contextlib.suppress(Exception):
                 proc.stop()
+
+
+@dataclass
+class TimedRound:
+    """One `run_once`, timed: its wall seconds, the foreign CPU share meanwhile (`CpuMeter.stop`), and the
+    round's index, stats and replies."""
+
+    wall_s: float
+    foreign_cpu: float | None
+    round: int
+    stats: dict[str, Any]
+    replies: dict[str, Any]
+
+
+def timed_round(exp: Any, label: str) -> TimedRound:
+    """Run one round and time it; a round where a node dropped is an error (it would measure a broken round)."""
+    from machine import CpuMeter
+
+    meter = CpuMeter()
+    meter.start()
+    t0 = time.perf_counter()
+    exp.run_once()
+    wall = time.perf_counter() - t0
+    foreign = meter.stop()
+    r = exp.round_current() - 1
+    replies = exp.training_replies()[r]
+    bad = {n: v["dropped"] for n, v in replies.items() if v.get("dropped")}
+    if bad:
+        raise RuntimeError(f"{label} round {r}: dropped {bad}")
+    return TimedRound(wall, foreign, r, exp.round_stats()[r], replies)

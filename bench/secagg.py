@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
@@ -21,7 +20,6 @@ from typing import Any
 
 import federation as bench_federation
 from federation import federation, load_workload
-from machine import CpuMeter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,17 +82,8 @@ def run_k(W: Any, k: int, rounds: int, base: Path, broker: str) -> list[dict[str
             secure = i % 2 == 1
             exp._secagg = SecureAggregation() if secure else None  # bench only: one experiment, both modes
             before_bytes, before_sent, before_recv = _dir_bytes(blobs), counter.sent, counter.received
-            meter = CpuMeter()
-            meter.start()
-            t0 = time.perf_counter()
-            exp.run_once()
-            wall = time.perf_counter() - t0
-            foreign = meter.stop()
-            r = exp.round_current() - 1
-            stats, replies = exp.round_stats()[r], exp.training_replies()[r]
-            bad = {n: v["dropped"] for n, v in replies.items() if v.get("dropped")}
-            if bad:
-                raise RuntimeError(f"K={k} round {r}: dropped {bad}")
+            done = bench_federation.timed_round(exp, f"K={k}")
+            wall, foreign, stats, replies = done.wall_s, done.foreign_cpu, done.stats, done.replies
             mask_s = [v["applied_caps"].get("secure_aggregation", {}).get("mask_s", 0.0) for v in replies.values()]
             records.append({"K": k, "secure": secure, "wall_s": wall, "prepare_s": stats.get("secagg_prepare_s", 0.0),
                             "unmask_s": stats.get("secagg_unmask_s", 0.0), "node_mask_s": median(mask_s),
