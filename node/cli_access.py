@@ -31,6 +31,15 @@ def _show(rule: dict | None) -> str:
     return f"allowed: {allow}{deny}"
 
 
+def _change(nodedir: Path, id_or_name: str, verb: str, researchers: tuple[str, ...]) -> None:
+    """`DatasetAccess.allow` or `.deny` on the dataset, then its rule as it now reads."""
+    from .access import DatasetAccess
+
+    dataset_id = _dataset_id(nodedir, id_or_name)
+    rule = getattr(DatasetAccess(nodedir), verb)(dataset_id, researchers, by=_actor())
+    click.echo(f"{dataset_id}: {_show(rule)}")
+
+
 @dataset.command("allow")
 @dir_option
 @click.argument("id_or_name")
@@ -38,11 +47,7 @@ def _show(rule: dict | None) -> str:
 @friendly_errors
 def dataset_allow(nodedir: Path, id_or_name: str, researchers: tuple[str, ...]) -> None:
     """Let RESEARCHERS use the dataset; once a dataset has an allow-list, only listed researchers may."""
-    from .access import DatasetAccess
-
-    dataset_id = _dataset_id(nodedir, id_or_name)
-    rule = DatasetAccess(nodedir).allow(dataset_id, researchers, by=_actor())
-    click.echo(f"{dataset_id}: {_show(rule)}")
+    _change(nodedir, id_or_name, "allow", researchers)
 
 
 @dataset.command("deny")
@@ -52,11 +57,7 @@ def dataset_allow(nodedir: Path, id_or_name: str, researchers: tuple[str, ...]) 
 @friendly_errors
 def dataset_deny(nodedir: Path, id_or_name: str, researchers: tuple[str, ...]) -> None:
     """Refuse RESEARCHERS on the dataset, whatever its allow-list says."""
-    from .access import DatasetAccess
-
-    dataset_id = _dataset_id(nodedir, id_or_name)
-    rule = DatasetAccess(nodedir).deny(dataset_id, researchers, by=_actor())
-    click.echo(f"{dataset_id}: {_show(rule)}")
+    _change(nodedir, id_or_name, "deny", researchers)
 
 
 @dataset.command("open")
