@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,6 +26,7 @@ from tests.support.brokers import BOTH
 from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
+from tests.support.tables import write_sign_csv
 
 pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
 
@@ -69,9 +69,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     net = start_network(root, broker=request.param)
     data = root / "data"
     data.mkdir()
-    x = np.random.default_rng(0).normal(size=(ROWS, 4))
-    (data / "d.csv").write_text("a,b,c,d,label\n" + "".join(",".join(f"{v:.4f}" for v in r) + f",{int(r[0] > 0)}\n"
-                                                          for r in x))  # fmt: skip
+    write_sign_csv(data / "d.csv", ROWS)
     floor = {"min_noise_multiplier": 1.0, "max_grad_norm": 1.0}
     dirs = {"raising": _node(net, root, data, "raising", floor, ("open", "shared")),
             "refusing": _node(net, root, data, "refusing", {**floor, "weaker_request": "refuse",

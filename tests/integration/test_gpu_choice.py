@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -28,6 +27,7 @@ from fedsilo.node.round import RoundContext, WorkerTask, execute_round
 from fedsilo.researcher import Experiment
 from tests.support.brokers import BOTH
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network
+from tests.support.tables import write_sign_csv
 
 pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
 
@@ -61,9 +61,7 @@ class Setup:
 
 
 def _csv(path: Path) -> Path:
-    x = np.random.default_rng(0).normal(size=(32, 4))
-    path.write_text("a,b,c,d,label\n" + "".join(",".join(f"{v:.4f}" for v in r) + f",{int(r[0] > 0)}\n" for r in x))
-    return path
+    return write_sign_csv(path, 32)
 
 
 @pytest.fixture(scope="module", params=BOTH)

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,6 +22,7 @@ from tests.support.brokers import BOTH
 from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
+from tests.support.tables import write_sign_csv
 
 pytestmark = pytest.mark.broker("mosquitto")  # the node is the subject here; tests/conftest.py
 
@@ -70,9 +70,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     net = start_network(root, broker=request.param)
     data = root / "data"
     data.mkdir()
-    x = np.random.default_rng(0).normal(size=(ROWS, 4))
-    (data / "d.csv").write_text("a,b,c,d,label\n" + "".join(",".join(f"{v:.4f}" for v in r) + f",{int(r[0] > 0)}\n"
-                                                          for r in x))  # fmt: skip
+    write_sign_csv(data / "d.csv", ROWS)
     configs = {
         "capped": {"limits": {"max_epochs": 2}, "node": {"allow_custom_loop": [plan_hash(OWN_LOOP)]}},
         "private": {"dp": {"required": True, "sigma": 1.0, "clip": 1.0},

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -31,6 +30,7 @@ from tests.support.brokers import BOTH
 from tests.support.client import RawResearcher
 from tests.support.plans import LOGREG_PLAN
 from tests.support.procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
+from tests.support.tables import write_sign_csv
 
 NODE = "sig-node"
 WAIT = 30.0
@@ -56,9 +56,7 @@ def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     net = start_network(root / "net", broker=request.param)
     data = root / "data"
     data.mkdir()
-    x = np.random.default_rng(0).normal(size=(48, 4))
-    rows = "".join(",".join(f"{v:.4f}" for v in r) + f",{int(r[0] > 0)}\n" for r in x)
-    (data / "d.csv").write_text("a,b,c,d,label\n" + rows)
+    write_sign_csv(data / "d.csv", 48)
     nodedir = root / NODE
     subprocess.run([*FEDSILO, "node", "init", "--dir", str(nodedir), "--name", NODE, "--network", str(net.netdir),
                     "--data-root", str(data), "--threads", "1"], check=True, capture_output=True)  # fmt: skip

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedsilo.node.config import NodeConfig, node_paths
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
+from tests.support.tables import write_sign_csv
 
 from .client import RawResearcher
 from .procs import FEDSILO, NetworkHandle, NodeHandle, start_network, start_node
@@ -56,9 +56,7 @@ class OneNode:
         cfg.save()
         store, ids = DatasetStore(nodedir), {}
         for i, name in enumerate(datasets):
-            x = np.random.default_rng(i).normal(size=(64, 4))
-            rows = "".join(",".join(f"{v:.4f}" for v in r) + f",{int(r[0] > 0)}\n" for r in x)
-            (data / f"{name}.csv").write_text("a,b,c,d,label\n" + rows)
+            write_sign_csv(data / f"{name}.csv", 64, seed=i)
             ids[name] = store.add(name, ["demo"], "csv", data / f"{name}.csv", added_by="test")["dataset_id"]
         approve(nodedir, plans)
         saved = {k: os.environ.get(k) for k in (env or {})}

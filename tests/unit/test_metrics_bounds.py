@@ -20,6 +20,7 @@ from fedsilo.node.config import Limits, NodeConfig
 from fedsilo.node.metric_bounds import MetricsAccumulator, bound_reply_metrics
 from fedsilo.node.round import RoundContext, WorkerTask, execute_round
 from tests.support.plans import LOGREG_PLAN
+from tests.support.tables import write_sign_csv
 
 ROWS = 40
 REF = BlobRef(sha256="a" * 64, size=1)
@@ -50,10 +51,7 @@ def _plan(body: str) -> str:
 
 @pytest.fixture(scope="module")
 def csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    x = np.random.default_rng(3).normal(size=(ROWS, 4))
-    path = tmp_path_factory.mktemp("bounds") / "d.csv"
-    path.write_text("a,b,c,d,label\n" + "".join(",".join(f"{v:.4f}" for v in r) + f",{int(r[0] > 0)}\n" for r in x))
-    return path
+    return write_sign_csv(tmp_path_factory.mktemp("bounds") / "d.csv", ROWS, seed=3)
 
 
 def _round(source: str, csv: Path, tmp_path: Path):
