@@ -135,14 +135,15 @@ def params_from_bytes(data: bytes | bytearray | memoryview, copy: bool = True) -
     header = parse_header(data)
     view = memoryview(data).cast("B")
     start = 8 + int.from_bytes(view[:8], "little")
-    shared = not copy and not view.readonly
+    shared = not copy and not view.readonly and view.nbytes > 0
+    base = torch.frombuffer(view, dtype=torch.uint8).data_ptr() if shared else 0  # a slice may start anywhere
     out = {}
     for name, entry in header.items():
         dtype = _DTYPES[entry["dtype"]]
         begin, end = (start + o for o in entry["data_offsets"])
         if begin == end:
             out[name] = torch.empty(entry["shape"], dtype=dtype)
-        elif shared and begin % dtype.itemsize == 0:  # the buffer itself is malloc-aligned
+        elif shared and (base + begin) % dtype.itemsize == 0:  # aligned in memory: a view
             out[name] = torch.frombuffer(view, dtype=dtype, count=(end - begin) // dtype.itemsize,
                                          offset=begin).reshape(entry["shape"])  # fmt: skip
         else:

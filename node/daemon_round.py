@@ -85,6 +85,8 @@ class DaemonRound:
     upload_s: float = 0.0
     worker_blobs: dict[str, bytes] = field(default_factory=dict)
     reply_blobs: dict[str, BlobRef] = field(default_factory=dict)
+    stage_s: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each daemon stage, and of the exchange with the worker (`worker`)."""
     sample_size: int = 0
     """The trainer's count clamped to the dataset's rows, set after the worker: secure aggregation's weight."""
 
@@ -178,7 +180,7 @@ def load_params(r: DaemonRound) -> None:
     t0 = time.perf_counter()
     r.blobs = fetch_blobs(r.node.files, r.request.blobs)
     r.download_s += time.perf_counter() - t0
-    parsed = {name: params_from_bytes(data) for name, data in r.blobs.items()}
+    parsed = {name: params_from_bytes(data, copy=False) for name, data in r.blobs.items()}  # views: buffers it owns
     r.received = parsed["params"]
 
 

@@ -45,7 +45,7 @@ class ProtectedUpdate:
     applied: dict[str, Any] = field(default_factory=dict)
 
 
-def protect_update(blobs: dict[str, bytes], received: Params, policy: DPPolicy,
+def protect_update(blobs: dict[str, Any], received: Params, policy: DPPolicy,
                    generator: torch.Generator | None = None) -> ProtectedUpdate:  # fmt: skip
     """Check the worker's blobs against the received global parameters, then clip and noise `params`
     as `policy` says. `generator` is for tests; by default the noise is seeded from the OS, never from
@@ -100,6 +100,6 @@ def clip_and_noise(update: Params, received: Params, clip: float, multiplier: fl
 
 def _parse(name: str, data: bytes) -> Params:
     try:
-        return params_from_bytes(data)
+        return params_from_bytes(data, copy=False)  # views into the worker's frame, which the daemon owns
     except SerializationError as exc:
         raise UpdateRefused(f"the update's blob '{name}' is not safetensors: {exc}") from None

@@ -24,7 +24,7 @@ from typing import Any
 from fedsilo.common.datasets.loading_plan import bind
 from fedsilo.common.errors import ErrorCode
 from fedsilo.common.plan_source import load_plan_class
-from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_bytes
+from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_buffers
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.common.training_plan import seed_everything
 from fedsilo.network.messages import EvaluateRequest, LogMessage, Message, ScalarMessage, TrainRequest
@@ -67,9 +67,10 @@ class WorkerTask:
 
 @dataclass
 class WorkerResult:
-    """What the worker returns: the update's blobs as safetensors bytes, the trainer's own sample count."""
+    """What the worker returns: the update's blobs as safetensors payloads (`SerializedParams`: the tensors'
+    memory), the trainer's own sample count."""
 
-    blobs: dict[str, bytes]
+    blobs: dict[str, Any]
     sample_size: int
     metrics: dict[str, float]
     applied_caps: dict[str, Any]
@@ -78,6 +79,8 @@ class WorkerResult:
     """The test split the `test_*`/`global_*` metrics (an evaluation's metrics) were computed on."""
     device: dict[str, Any] = field(default_factory=dict)
     """Where the round ran (`DeviceChoice.report()`: used, gpu_requested, fallback)."""
+    stage_s: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each worker stage (`run_stages`), for the reply's timings."""
 
 
 @dataclass
@@ -108,8 +111,10 @@ def execute_round(task: WorkerTask, ctx: RoundContext, emit: Callable[[Message],
     """Run the worker's stages; `RoundFailure` (code, message, stage) when one fails."""
     state = _Round(task, ctx, emit)
     stages = EVALUATION_STAGES if isinstance(task.request, EvaluateRequest) else WORKER_STAGES
-    run_stages(stages, state, task.request.request_id)
+    timings: dict[str, float] = {}
+    run_stages(stages, state, task.request.request_id, timings)
     assert state.out is not None
+    state.out.stage_s = timings
     return state.out
 
 
@@ -133,8 +138,9 @@ def check_loop(r: _Round) -> None:
 @stage("params", ErrorCode.PARAMS_INVALID)
 def load_params(r: _Round) -> None:
     """The received global parameters and the algorithm's blobs, parsed from the bytes handed over."""
-    r.received = params_from_bytes(r.task.blobs["params"])
-    r.extra_blobs = {k: params_from_bytes(v) for k, v in r.task.blobs.items() if k != "params"}
+    # views into the frame the round's process received (its own copy-on-write pages): no copy of the model
+    r.received = params_from_bytes(r.task.blobs["params"], copy=False)
+    r.extra_blobs = {k: params_from_bytes(v, copy=False) for k, v in r.task.blobs.items() if k != "params"}
 
 
 @stage("model_init", ErrorCode.PLAN_INVALID)
@@ -230,7 +236,8 @@ def package(r: _Round) -> None:
     assert r.result is not None and r.trainer is not None
     assert r.local_layers is not None
     shared = r.local_layers.split(r.result.params)  # personalised layers never leave the node
-    blobs = {key: params_to_bytes(value) for key, value in {**r.result.extra_blobs, "params": shared}.items()}
+    # sent to the daemon from the tensors' memory (workerwire.send_frame): no serialised copy of the model
+    blobs = {key: params_to_buffers(value) for key, value in {**r.result.extra_blobs, "params": shared}.items()}
     r.trainer.commit()
     r.local_layers.commit()
     train_s = float(r.metrics.pop("train_s", 0.0))

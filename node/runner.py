@@ -13,9 +13,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from fedsilo.common.errors import ErrorCode, WorkerProtocolError
 from fedsilo.network.messages import (
@@ -60,6 +60,9 @@ class _Outcome(BaseModel):
     code: str = ""
     message: str = ""
     stage: str = ""
+    stage_s: dict[Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,32}$")],
+                  Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(default_factory=dict, max_length=32)
+    """The worker's stage timings (`round.execute_round`), shown in the reply as `worker.<stage>`."""
 
 
 class TaskRunner:
@@ -137,8 +140,10 @@ class TaskRunner:
                  "round": request.round, "request_id": rid, "signed_by": request.signer,
                  "signature": request.signature}  # fmt: skip
         try:
-            run_stages(BEFORE_WORKER, r, rid)
+            run_stages(BEFORE_WORKER, r, rid, r.stage_s)
+            t_worker = time.perf_counter()
             outcome = self._in_worker(rid, r, topic)
+            r.stage_s["worker"] = time.perf_counter() - t_worker
             rows = _rows(r.record)  # secure aggregation weighs the update by the count the reply will carry
             r.sample_size = outcome.sample_size if rows is None else min(outcome.sample_size, rows)
             if not outcome.ok:
@@ -147,7 +152,7 @@ class TaskRunner:
             if isinstance(request, EvaluateRequest):
                 reply: Message = self._evaluate_reply(r, outcome)
             else:
-                run_stages(AFTER_WORKER, r, rid)
+                run_stages(AFTER_WORKER, r, rid, r.stage_s)
                 reply = self._train_reply(r, outcome)
         except RoundFailure as exc:
             reply = self._error(request, exc.code, exc.message, exc.stage)
@@ -206,7 +211,7 @@ class TaskRunner:
             sample_size = rows
         test_samples = outcome.test_samples if rows is None else min(outcome.test_samples, rows - sample_size)
         timings = {"download_s": r.download_s, "train_s": outcome.train_s, "upload_s": r.upload_s,
-                   "total_s": time.perf_counter() - r.started}  # fmt: skip
+                   "total_s": time.perf_counter() - r.started, **_stage_timings(r, outcome)}  # fmt: skip
         return TrainReply.for_request(request, cfg.node.node_id, cfg.node.name, job_id=request.job_id,
                                       round=request.round, dataset_id=request.dataset_id, blobs=r.reply_blobs,
                                       sample_size=sample_size, timings=timings, metrics=_bounded(r, outcome),
@@ -254,6 +259,12 @@ def _bounded(r: DaemonRound, outcome: _Outcome) -> dict[str, float]:
     for text in reasons:
         log.warning("[%s] %s", r.request.request_id, text)
     return metrics
+
+
+def _stage_timings(r: DaemonRound, outcome: _Outcome) -> dict[str, float]:
+    """Where the node's round went: the daemon's stages by name, `worker` (the exchange with the worker, fork
+    included) and the worker's own stages as `worker.<stage>`."""
+    return {**r.stage_s, **{f"worker.{name}": s for name, s in outcome.stage_s.items()}}
 
 
 def _rows(record: dict[str, Any]) -> int | None:

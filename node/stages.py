@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -144,13 +145,18 @@ def new_error_id() -> str:
     return "E" + secrets.token_hex(4)
 
 
-def run_stages(stages: Sequence[Stage], state: Any, request_id: str = "") -> None:
+def run_stages(stages: Sequence[Stage], state: Any, request_id: str = "",
+               timings: dict[str, float] | None = None) -> None:  # fmt: skip
     """Run `stages` in order on `state`; the first failure is raised as a `RoundFailure` and logged
     (a refusal as a warning, anything else as an error with its full text and traceback, under an error id
-    that the reply's message names)."""
+    that the reply's message names). `timings`, when given, gets each stage's wall seconds by name: the reply
+    carries them, so a researcher (and `bench/`) sees where a node's round went."""
     for st in stages:
+        t0 = time.perf_counter()
         try:
             st.fn(state)
+            if timings is not None:
+                timings[st.name] = timings.get(st.name, 0.0) + time.perf_counter() - t0
         except Exception as exc:
             error_id = new_error_id()
             fail = failure(exc, st.label, st.fallback, error_id)

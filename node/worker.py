@@ -34,7 +34,7 @@ from .config import NodeConfig
 from .daemon_round import _copy_files
 from .sandbox import SandboxState, bwrap_argv, dataset_paths, probe
 from .stages import RoundFailure
-from .workerwire import decode, encode
+from .workerwire import decode, recv_frame, send_frame
 
 log = logging.getLogger("fedsilo.node.worker")
 
@@ -176,8 +176,8 @@ class Worker:
             timeout = 1.0  # no pidfd (an old kernel): look at the process once a second
         return wait(waitables, timeout=timeout)
 
-    def run(self, task_id: str, header: dict[str, Any], blobs: dict[str, bytes], on_event: EventHandler,
-            max_reply_bytes: int) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
+    def run(self, task_id: str, header: dict[str, Any], blobs: dict[str, Any], on_event: EventHandler,
+            max_reply_bytes: int) -> tuple[dict[str, Any], dict[str, memoryview]]:  # fmt: skip
         """Run one task; returns the worker's result frame (header, blobs). `WorkerCrashed` when the process
         dies, `WorkerProtocolError` when it sends what is not a frame or more than `max_reply_bytes`."""
         if self.sandbox.mode != "off":
@@ -202,25 +202,22 @@ class Worker:
         self._rounds += 1
         return self._rounds
 
-    def _exchange(self, task_id: str, header: dict[str, Any], blobs: dict[str, bytes], on_event: EventHandler,
-                  max_reply_bytes: int) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
+    def _exchange(self, task_id: str, header: dict[str, Any], blobs: dict[str, Any], on_event: EventHandler,
+                  max_reply_bytes: int) -> tuple[dict[str, Any], dict[str, memoryview]]:  # fmt: skip
         assert self._proc is not None and self._conn is not None
         conn, proc = self._conn, self._proc
         try:
-            conn.send_bytes(encode({**header, "op": "task", "task_id": task_id}, blobs))
+            send_frame(conn.fileno(), {**header, "op": "task", "task_id": task_id}, blobs)
         except (BrokenPipeError, OSError) as exc:
             raise WorkerCrashed(f"cannot reach the worker: {exc}") from exc
         while True:
             self._wait(None)
             # Drain the socket first: a reply sent just before the process ended still counts.
             if conn.poll():
-                try:
-                    frame = conn.recv_bytes(max_reply_bytes)
-                except EOFError as exc:
+                try:  # over max_reply_bytes: WorkerProtocolError, and the connection is unusable from here
+                    reply, reply_blobs = recv_frame(conn.fileno(), max_reply_bytes)
+                except (EOFError, ConnectionError) as exc:
                     raise WorkerCrashed(f"worker exited (code {proc.poll()})") from exc
-                except OSError as exc:  # over max_reply_bytes: the connection is unusable from here
-                    raise WorkerProtocolError(f"the worker sent more than {max_reply_bytes} bytes") from exc
-                reply, reply_blobs = decode(frame)
                 if reply.get("task_id") != task_id:
                     continue
                 if reply.get("op") == "result":
@@ -237,7 +234,7 @@ class Worker:
             return
         if conn is not None:
             with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send_bytes(encode({"op": "stop"}))
+                send_frame(conn.fileno(), {"op": "stop"})
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
         self.kill()

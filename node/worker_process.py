@@ -29,9 +29,12 @@ from typing import Any
 
 from .sandbox_limits import SandboxLimits, confine
 from .stages import new_error_id, released_text
-from .workerwire import decode, encode
+from .workerwire import recv_frame, send_frame
 
 log = logging.getLogger("fedsilo.node.worker")
+
+FROM_DAEMON_MAX = 1 << 40
+"""The daemon's frames are trusted (it checked the blobs' hashes and sizes); the limit only rules out junk."""
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
@@ -96,7 +99,11 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)  # (parent 0: in the sandbox, whose own init is the parent; bwrap --die-with-parent does this)
 
 
-def _run_task(header: dict[str, Any], blobs: dict[str, bytes], plan_cache: dict, send: Callable[[bytes], None]) -> None:
+Send = Callable[..., None]
+"""`send(header, blobs=None)`: one frame to the daemon (`workerwire.send_frame` on the worker's socket)."""
+
+
+def _run_task(header: dict[str, Any], blobs: dict[str, Any], plan_cache: dict, send: Send) -> None:
     from fedsilo.common.training_args import TrainingArgs
     from fedsilo.network.messages import Message, parse_task
 
@@ -106,7 +113,7 @@ def _run_task(header: dict[str, Any], blobs: dict[str, bytes], plan_cache: dict,
     task_id = header["task_id"]
 
     def emit(message: Message) -> None:
-        send(encode({"op": "event", "task_id": task_id, "message": message.to_json().decode("utf-8")}))
+        send({"op": "event", "task_id": task_id, "message": message.to_json().decode("utf-8")})
 
     try:
         request = parse_task(header["request"])  # a TrainRequest or an EvaluateRequest
@@ -123,22 +130,26 @@ def _run_task(header: dict[str, Any], blobs: dict[str, bytes], plan_cache: dict,
         _fail(send, task_id, "FS900", f"{released_text(exc)} (error {error_id}: the node's log holds the details)",
               "round")  # fmt: skip
         return
-    send(encode({"op": "result", "task_id": task_id, "ok": True, "sample_size": result.sample_size,
+    send({"op": "result", "task_id": task_id, "ok": True, "sample_size": result.sample_size,
                  "metrics": result.metrics, "applied_caps": result.applied_caps, "train_s": result.train_s,
-                 "test_samples": result.test_samples, "device": result.device},
-                result.blobs))  # fmt: skip
+                 "test_samples": result.test_samples, "device": result.device, "stage_s": result.stage_s},
+         result.blobs)  # fmt: skip
 
 
-def _fail(send: Callable[[bytes], None], task_id: str, code: str, message: str, stage: str) -> None:
-    send(encode({"op": "result", "task_id": task_id, "ok": False, "code": code, "message": message, "stage": stage}))
+def _fail(send: Send, task_id: str, code: str, message: str, stage: str) -> None:
+    send({"op": "result", "task_id": task_id, "ok": False, "code": code, "message": message, "stage": stage})
 
 
-def _round_in_child(header: dict[str, Any], blobs: dict[str, bytes], conn: Connection, threads: int,
+def _round_in_child(header: dict[str, Any], blobs: dict[str, Any], conn: Connection, threads: int,
                     confined: bool) -> None:  # fmt: skip
     """Fork; the child confines itself, runs the round, answers and exits; this process waits and answers
     for a child that died without answering."""
     task_id = str(header.get("task_id", ""))
     limits = _limits(header)
+
+    def send(head: dict[str, Any], frame_blobs: dict[str, Any] | None = None) -> None:
+        send_frame(conn.fileno(), head, frame_blobs)
+
     pid = os.fork()
     if pid == 0:  # the child: whatever happens, it never returns into the worker's loop
         code = 3
@@ -149,14 +160,14 @@ def _round_in_child(header: dict[str, Any], blobs: dict[str, bytes], conn: Conne
                     confine(limits)
                 except OSError as exc:
                     log.error("[%s] the round cannot be confined: %s", task_id, exc)
-                    _fail(conn.send_bytes, task_id, "FS505", f"the sandbox's limits cannot be applied here ({exc})",
+                    _fail(send, task_id, "FS505", f"the sandbox's limits cannot be applied here ({exc})",
                           "sandbox")  # fmt: skip
                     code = 0
                     return
             import torch
 
             torch.set_num_threads(threads)
-            _run_task(header, blobs, {}, conn.send_bytes)
+            _run_task(header, blobs, {}, send)
             code = 0
         except BaseException:  # SystemExit or KeyboardInterrupt from plan code too: the parent answers
             log.exception("[%s] the round's process failed", task_id)
@@ -169,7 +180,7 @@ def _round_in_child(header: dict[str, Any], blobs: dict[str, bytes], conn: Conne
     if status != 0:
         code, message = _death(status, usage.ru_utime + usage.ru_stime, limits, confined)
         log.error("[%s] %s", task_id, message)
-        _fail(conn.send_bytes, task_id, code, message, "training")
+        _fail(send, task_id, code, message, "training")
 
 
 def _wipe(folder: Path) -> None:
@@ -222,11 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     threads = _warm_up(opts.threads)
     _preload()
     conn = Connection(opts.fd)
-    conn.send_bytes(encode({"op": "ready"}))
+    send_frame(conn.fileno(), {"op": "ready"})
     log.info("worker ready (pid %s)", os.getpid())
     while True:
         try:
-            header, blobs = decode(conn.recv_bytes())
+            header, blobs = recv_frame(conn.fileno(), FROM_DAEMON_MAX)
         except (EOFError, OSError):
             break
         if header.get("op") != "task":
