@@ -92,6 +92,9 @@ def test_plan_approval_flow_and_training(setup):
     reply = researcher.ask("n1", req2, ("train_reply", "error"))
     assert reply.kind == "train_reply", reply
     assert reply.sample_size == 64 and set(reply.timings) >= {"download_s", "train_s", "upload_s", "total_s"}
+    # where the node's round went: its stages, the exchange with the worker, the worker's own stages within it
+    assert set(reply.timings) >= {"load_params", "protect", "upload", "worker", "worker.build_plan", "worker.train"}
+    assert reply.timings["worker"] >= reply.timings["worker.train"] > 0
     # the node streams scalars before it replies (same topic, QoS 1: in order)
     assert "loss" in reply.metrics and [m for m in researcher.scalars if m.job_id == "job-trained"]
     params = params_from_bytes(researcher.files.download_bytes(reply.params))
