@@ -249,12 +249,21 @@ def check_compatible(received: dict[str, torch.Tensor], reference: dict[str, tor
 
 
 def non_finite(params: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point (or complex) tensors holding NaN or infinity, in order."""
+    """Names of floating-point (or complex) tensors holding NaN or infinity, in order.
+
+    A tensor whose sum is finite holds neither (IEEE: NaN and infinity propagate through addition, and
+    inf + -inf is NaN), so the exact element-wise check runs only when the sum is not finite, which a large
+    but finite tensor can also reach. Measured (10 M float32, idle 2-core machine, 2026-11-30):
+    `isfinite(t).all()` 47 ms (it writes a 10 M-entry mask), the sum 3 ms."""
     bad = []
     for k, v in params.items():
         if v.is_floating_point() and v.element_size() == 1:
             v = v.float()  # torch has no isfinite for float8_e4m3fn
-        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+        if not (v.is_floating_point() or v.is_complex()) or v.numel() == 0:
+            continue
+        if bool(torch.isfinite(v.sum()).all()):
+            continue
+        if not bool(torch.isfinite(v).all()):
             bad.append(k)
     return bad
 

@@ -231,3 +231,18 @@ def test_non_finite_names_tensors():
     params = {"ok": torch.ones(3), "nan": torch.tensor([0.0, float("nan")]), "inf": torch.tensor([float("-inf")]),
               "int": torch.tensor([1, 2]), "f8": torch.tensor([float("nan")]).to(torch.float8_e5m2)}  # fmt: skip
     assert non_finite(params) == ["nan", "inf", "f8"]
+
+
+_ENTRIES = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                     st.sampled_from([3.0e38, -3.0e38, 65504.0, float("nan"), float("inf"), float("-inf")]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ENTRIES, min_size=0, max_size=40), st.sampled_from([torch.float32, torch.float16, torch.bfloat16,
+                                                                     torch.float64, torch.complex64]))
+def test_non_finite_agrees_with_the_element_wise_check(values: list[float], dtype: torch.dtype) -> None:
+    """The sum's shortcut never hides a NaN or an infinity, and a large finite tensor (whose sum overflows)
+    is not refused."""
+    t = torch.tensor(values, dtype=torch.float64).to(dtype)
+    exact = bool(torch.isfinite(t).all())
+    assert non_finite({"t": t}) == ([] if exact else ["t"])
