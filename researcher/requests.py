@@ -89,6 +89,11 @@ class Requests:
             conn.release()
 
     @property
+    def credentials(self) -> Credentials:
+        """The party's credentials (the round's download threads make their file-store clients from them)."""
+        return self._credentials
+
+    @property
     def connected(self) -> bool:
         return self._conn is not None and self._conn.connected
 

@@ -39,6 +39,8 @@ from fedsilo.network.messages import (
 
 from .algorithms.base import AggregationError, FedAlgorithm, NodeTask, NodeUpdate, Params
 from .compression import Compression, decode_params
+from .connection import Waiter
+from .fetch import FETCH_THREADS, ClientFactory, Fetched, Fetcher
 from .history import NodeResult, RoundRecord
 from .monitor import Monitor
 from .requests import Requests, remote_error
@@ -76,6 +78,9 @@ class RoundContext:
     """Secure aggregation's settings when the experiment asks for it (researcher/secagg.py)."""
     compression: Compression | None = None
     """The codec of the nodes' `params` blobs (researcher/compression.py); None: plain safetensors."""
+    download_client: ClientFactory | None = None
+    """Makes the file-store client of one download thread (read timeout in s -> client); None: from the party's
+    credentials (`requests.credentials`), as `files` is."""
 
 
 class TrainingRound:
@@ -88,7 +93,10 @@ class TrainingRound:
         self.outcome = RoundOutcome(round_index, [])
         self.results: dict[str, NodeResult] = {}
         self._node_of: dict[str, str] = {}
-        self._pending: set[str] = set()
+        self._pending: set[str] = set()  # sent a request, no usable reply yet
+        self._fetching: set[str] = set()  # replied; its blobs are being downloaded (researcher/fetch.py)
+        self._fetcher: Fetcher | None = None
+        self._fetch_s = 0.0
         self._sent_at = 0.0
         self._max_bytes = 0
         self._secagg: SecaggRound | None = None
@@ -115,18 +123,13 @@ class TrainingRound:
             for node, msg in outgoing.items():
                 req.send(waiter, node, msg)  # re-sent until the node answers
             self._pending = set(outgoing)
-            deadline = time.monotonic() + ctx.timeout
-            while self._pending:
-                t_wait = time.perf_counter()
-                msg = waiter.get(deadline)
-                t_got = time.perf_counter()
-                stats["wait_s"] += t_got - t_wait
-                if msg is None:
-                    break
-                self._on_message(msg)
-                stats["handle_s"] += time.perf_counter() - t_got
+            self._collect(waiter, time.monotonic() + ctx.timeout, stats)
         for node in sorted(self._pending):
             self.outcome.dropped[node] = Drop(node, "timeout", f"no reply within {ctx.timeout:g}s (round_timeout)")
+        for node in sorted(self._fetching):
+            self.outcome.dropped[node] = Drop(node, "timeout", f"its update was still downloading at the round's "
+                                              f"deadline ({ctx.timeout:g}s, round_timeout)")  # fmt: skip
+        stats["fetch_s"] = self._fetch_s
         ctx.strategy.check_round(self.outcome)
         if self._secagg is not None:  # the unmask stage: the weighted mean of the updates, as one update
             ctx.algorithm.add(self._secagg_stage(lambda: self._secagg.finish(self._drop)))  # type: ignore[union-attr]
@@ -155,7 +158,30 @@ class TrainingRound:
         return outgoing  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ replies in
-    def _on_message(self, msg: Message) -> None:
+    def _collect(self, waiter: Waiter, deadline: float, stats: dict[str, float]) -> None:
+        """Take messages until every sampled node's update is folded in or dropped, or until `deadline`.
+
+        Updates are downloaded on fetch threads while the loop goes on taking replies (researcher/fetch.py);
+        each finished download comes back through the waiter's queue and wakes the loop as a reply does."""
+        workers = min(FETCH_THREADS, max(len(self._pending), 1))
+        fetcher = Fetcher(self._load, waiter.queue.put, workers, self._download_client(),  # type: ignore[arg-type]
+                          deadline, self.ctx.requests.timeouts.transfer)  # fmt: skip
+        with fetcher:
+            self._fetcher = fetcher
+            while self._pending or self._fetching:
+                t_wait = time.perf_counter()
+                msg = waiter.get(deadline)
+                t_got = time.perf_counter()
+                stats["wait_s"] += t_got - t_wait
+                if msg is None:
+                    return
+                self._on_message(msg)
+                stats["handle_s"] += time.perf_counter() - t_got
+
+    def _on_message(self, msg: Message | Fetched) -> None:
+        if isinstance(msg, Fetched):
+            self._on_fetched(msg)
+            return
         if isinstance(msg, ScalarMessage):
             self._on_scalar(msg)
             return
@@ -183,6 +209,7 @@ class TrainingRound:
             self.bar.set_postfix_str(f"loss={loss:.4g}", refresh=True)
 
     def _on_train_reply(self, node: str, msg: TrainReply) -> None:
+        """Checked here; its blobs are downloaded on a fetch thread (`_load`) and folded in by `_on_fetched`."""
         ctx = self.ctx
         if msg.round != self.index or msg.job_id != ctx.job_id:
             self._drop(node, "invalid", f"replied for job {msg.job_id} round {msg.round}")
@@ -192,18 +219,37 @@ class TrainingRound:
             unexpected = sorted(msg.blobs.keys() - ctx.algorithm.reply_blobs)
             if unexpected:  # refused before anything is downloaded
                 raise InvalidUpdate(f"sent blobs {unexpected} that {ctx.algorithm!r} does not take")
+        except InvalidUpdate as exc:
+            self._drop(node, "invalid", str(exc))
+            return
+        self._pending.discard(node)  # from here on another reply of this node is a duplicate, ignored
+        self._fetching.add(node)
+        assert self._fetcher is not None  # set by _collect, the only caller
+        self._fetcher.submit(node, msg)
+
+    def _on_fetched(self, done: Fetched) -> None:
+        """A reply's blobs are in (or why not): its update is folded in here, on the round's thread."""
+        node, msg = done.node, done.reply
+        self._fetch_s += done.seconds
+        self._fetching.discard(node)
+        try:
+            if done.error is not None:
+                raise done.error  # what `_load` raised on the fetch thread; anything unforeseen fails the round
+            assert done.blobs is not None
             if self._secagg is not None:  # a masked int64 blob in the model's layout: summed, never read alone
-                self._secagg.add(node, msg, self._fetch(msg.params))
+                self._secagg.add(node, msg, done.blobs["params"])
             else:
-                blobs = {name: self._download(name, ref) for name, ref in msg.blobs.items()}
-                ctx.algorithm.add(NodeUpdate(node, blobs, msg.sample_size, dict(msg.metrics)))
+                self.ctx.algorithm.add(NodeUpdate(node, done.blobs, msg.sample_size, dict(msg.metrics)))
         except InvalidUpdate as exc:
             self._drop(node, "invalid", str(exc))
             return
         except (TransferError, SerializationError, AggregationError, SecaggError) as exc:
             self._drop(node, "invalid", f"unusable update: {exc}")
             return
-        self._pending.discard(node)
+        finally:
+            done.blobs = None  # folded or dropped: the next update may be taken out of the store
+            self._fetcher.release()  # type: ignore[union-attr]
+        ctx = self.ctx
         self.outcome.replied.append(node)
         self._bytes_up += sum(ref.size for ref in msg.blobs.values())
         result = self.results.setdefault(node, NodeResult(node, msg.node_name or ctx.name_of(node)))
@@ -214,13 +260,21 @@ class TrainingRound:
         result.test_samples = msg.test_samples  # the weight of its test_*/global_* metrics
         result.device = msg.device.model_dump() if msg.device is not None else {}
 
-    def _download(self, name: str, ref: BlobRef) -> Params:
+    # ------------------------------------------------------------------ on the fetch threads (researcher/fetch.py)
+    def _load(self, files: FileStoreClient, msg: TrainReply) -> dict[str, Params]:
+        """A reply's blobs, downloaded with this thread's client, parsed and checked; nothing here touches the
+        algorithm or the round's state (they belong to the round's thread)."""
+        if self._secagg is not None:
+            return {"params": self._fetch(files, msg.params)}
+        return {name: self._download(files, name, ref) for name, ref in msg.blobs.items()}
+
+    def _download(self, files: FileStoreClient, name: str, ref: BlobRef) -> Params:
         """A reply's blob, parsed and checked: "params" must match the model; every blob must be finite."""
         if name == "params" and self.ctx.compression is not None:  # a codec blob: decoded before `add`
-            data = self.ctx.files.download_buffer(ref, max_bytes=self._max_bytes)  # parsed in place, as _fetch
+            data = files.download_buffer(ref, max_bytes=self._max_bytes)  # parsed in place, as _fetch
             params = decode_params(data, self.ctx.global_params, self.ctx.compression)
         else:
-            params = self._fetch(ref)
+            params = self._fetch(files, ref)
         if name == "params":
             check_compatible(params, self.ctx.global_params)
         try:
@@ -229,9 +283,16 @@ class TrainingRound:
             raise InvalidUpdate(f"blob '{name}': {exc}") from None
         return params
 
-    def _fetch(self, ref: BlobRef) -> Params:
+    def _fetch(self, files: FileStoreClient, ref: BlobRef) -> Params:
         # parsed in place: the tensors are views into the buffer just downloaded, which nothing else holds
-        return params_from_bytes(self.ctx.files.download_buffer(ref, max_bytes=self._max_bytes), copy=False)
+        return params_from_bytes(files.download_buffer(ref, max_bytes=self._max_bytes), copy=False)
+
+    def _download_client(self) -> ClientFactory:
+        """`ctx.download_client`, or clients like the experiment's own, from the party's credentials."""
+        if self.ctx.download_client is not None:
+            return self.ctx.download_client
+        settings, timeouts = self.ctx.requests.credentials.filestore, self.ctx.requests.timeouts
+        return lambda transfer: FileStoreClient(settings, timeouts.model_copy(update={"transfer": transfer}))
 
     def _secagg_stage(self, fn: Callable[[], Any]) -> Any:
         """A secure-aggregation stage; its failure fails the round (too few nodes left to hide each update)."""

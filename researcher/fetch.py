@@ -1,0 +1,157 @@
+"""A round's updates downloaded while the round still waits for the other nodes (issue 11).
+
+`TrainingRound` hands each reply that passed its message checks to `Fetcher.submit` and goes back to its
+waiter; a worker thread downloads, parses and checks the reply's blobs (the round's `load` function) and
+hands the outcome, a `Fetched`, to `deliver`: the round's waiter queue. The round's thread wakes on it as
+on a message and folds the update in itself, so `FedAlgorithm.add` never runs on two threads at once.
+
+    with Fetcher(load, waiter.queue.put, workers=3, clients=make_client, deadline=deadline) as fetcher:
+        fetcher.submit("node-a", reply)       # returns at once; a worker downloads node-a's blobs
+        done = waiter.get(deadline)           # ... the Fetched, once they are in (or why they are not)
+        algorithm.add(...); fetcher.release() # the slot is free for the next download
+
+Bounds: `workers` threads, each with a `FileStoreClient` of its own (a `requests.Session` is not documented
+as safe to share between threads; one session each is), and at most `workers` updates taken out of the
+store but not yet folded (`release`): memory holds at most that many updates beyond what the algorithm
+keeps. A download cannot be cut off from another thread (it blocks in a socket read, and the client keeps
+its socket), so a thread reads with a timeout no longer than the time the round has left when it starts a
+download: a stalled download ends about when the round does. `close` drops downloads not started and
+discards the results of those still running; their threads end with them (daemon threads: they never hold
+the interpreter's exit).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedsilo.network.filestore_client import FileStoreClient
+from fedsilo.network.messages import TrainReply
+
+from .algorithms.base import Params
+
+log = logging.getLogger(__name__)
+
+FETCH_THREADS = 4
+"""Downloads at once (at most one per node of the round); see `round.py` for the measurement."""
+MIN_READ_S = 1.0
+"""The shortest read timeout a worker's client gets near the deadline (a download started at the deadline)."""
+
+ClientFactory = Callable[[float], FileStoreClient]
+"""A read timeout in seconds -> a new client of the store (one per worker thread)."""
+Load = Callable[[FileStoreClient, TrainReply], dict[str, Params]]
+"""A reply's blobs, downloaded with the given client, parsed and checked; raises why they are unusable."""
+
+
+@dataclass
+class Fetched:
+    """One reply's download: `blobs` (the update, parsed and checked) or `error` (why not), on a worker."""
+
+    node: str
+    reply: TrainReply
+    blobs: dict[str, Params] | None
+    error: Exception | None
+    seconds: float
+
+
+class Fetcher:
+    """Downloads replies' blobs on up to `workers` threads (see the module docstring); a context manager."""
+
+    def __init__(
+        self,
+        load: Load,
+        deliver: Callable[[Fetched], None],
+        workers: int,
+        clients: ClientFactory,
+        deadline: float,
+        transfer: float,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("a Fetcher needs at least one worker")
+        self._load, self._deliver, self._workers = load, deliver, workers
+        self._clients, self._deadline, self._transfer = clients, deadline, transfer
+        self._tasks: queue.SimpleQueue[tuple[str, TrainReply] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []  # started one a task, up to `workers`
+        self._cond = threading.Condition()
+        self._slots = workers  # updates that may still be taken out of the store before the round folds one
+        self._closed = False
+
+    def submit(self, node: str, reply: TrainReply) -> None:
+        """Download `reply`'s blobs on a worker; the outcome goes to `deliver` (never after `close`)."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("this Fetcher is closed")
+        self._tasks.put((node, reply))
+        if len(self._threads) < self._workers:
+            thread = threading.Thread(target=self._work, name=f"fedsilo-fetch-{len(self._threads)}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def release(self) -> None:
+        """The round has folded (or dropped) one delivered update: another may be taken out of the store."""
+        with self._cond:
+            self._slots += 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop: downloads not started are dropped, results of running ones discarded; returns at once."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for _ in self._threads:
+            self._tasks.put(None)
+
+    def threads(self) -> list[threading.Thread]:
+        """The workers still alive (a closed Fetcher's end with their download)."""
+        return [t for t in self._threads if t.is_alive()]
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ worker threads
+    def _work(self) -> None:
+        client: FileStoreClient | None = None
+        read_timeout = 0.0
+        try:
+            while (task := self._next()) is not None:
+                node, reply = task
+                t0 = time.perf_counter()
+                blobs, error = None, None
+                try:
+                    # Near the deadline a new client whose reads give up with the round (see the module docstring).
+                    wanted = min(self._transfer, max(self._deadline - time.monotonic(), MIN_READ_S))
+                    if client is None or wanted < read_timeout:
+                        if client is not None:
+                            client.close()
+                        client, read_timeout = None, wanted
+                        client = self._clients(wanted)
+                    blobs = self._load(client, reply)
+                except Exception as exc:  # the round says what it means: a drop, or its own failure
+                    error = exc
+                done = Fetched(node, reply, blobs, error, time.perf_counter() - t0)
+                with self._cond:  # under the lock: nothing is delivered once `close` returned
+                    if self._closed:
+                        log.debug("download of %s's update finished after the round ended; discarded", node)
+                        return
+                    self._deliver(done)
+        finally:
+            if client is not None:
+                client.close()
+
+    def _next(self) -> tuple[str, TrainReply] | None:
+        """The next task once a slot is free; None once closed."""
+        task = self._tasks.get()
+        with self._cond:
+            while self._slots == 0 and not self._closed:
+                self._cond.wait()
+            if self._closed or task is None:
+                return None
+            self._slots -= 1
+            return task
