@@ -29,10 +29,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fedsilo.common.serialization import check_compatible, params_from_bytes
 from fedsilo.network.filestore_client import FileStoreClient
-from fedsilo.network.messages import TrainReply
+from fedsilo.network.messages import BlobRef, TrainReply
 
 from .algorithms.base import Params
+from .compression import Compression, decode_params
+from .update_checks import InvalidUpdate, check_params
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,47 @@ class Fetched:
     blobs: dict[str, Params] | None
     error: Exception | None
     seconds: float
+
+
+class UpdateLoader:
+    """What a fetch thread does with a reply (a `Load`): its blobs downloaded, parsed in place and checked.
+
+    "params" must match the model (a codec blob is decoded first); every blob must be finite. `masked`
+    (secure aggregation): "params" is int64 in the model's layout, only parsed, never read alone. Reads only
+    what it was built with, so it runs on several threads at once.
+
+        load = UpdateLoader(global_params, max_bytes=2 * 40_000_000)
+        blobs = load(client, reply)          # {"params": {...}}; raises TransferError, SerializationError...
+    """
+
+    def __init__(
+        self, global_params: Params, max_bytes: int, compression: Compression | None = None, masked: bool = False
+    ) -> None:
+        self.global_params, self.max_bytes = global_params, max_bytes
+        self.compression, self.masked = compression, masked
+
+    def __call__(self, files: FileStoreClient, reply: TrainReply) -> dict[str, Params]:
+        if self.masked:
+            return {"params": self._parse(files, reply.params)}
+        return {name: self._checked(files, name, ref) for name, ref in reply.blobs.items()}
+
+    def _checked(self, files: FileStoreClient, name: str, ref: BlobRef) -> Params:
+        if name == "params" and self.compression is not None:  # a codec blob: decoded before `add`
+            data = files.download_buffer(ref, max_bytes=self.max_bytes)  # parsed in place, as _parse
+            params = decode_params(data, self.global_params, self.compression)
+        else:
+            params = self._parse(files, ref)
+        if name == "params":
+            check_compatible(params, self.global_params)
+        try:
+            check_params(params)
+        except InvalidUpdate as exc:
+            raise InvalidUpdate(f"blob '{name}': {exc}") from None
+        return params
+
+    def _parse(self, files: FileStoreClient, ref: BlobRef) -> Params:
+        # parsed in place: the tensors are views into the buffer just downloaded, which nothing else holds
+        return params_from_bytes(files.download_buffer(ref, max_bytes=self.max_bytes), copy=False)
 
 
 class Fetcher:

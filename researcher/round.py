@@ -21,7 +21,7 @@ from typing import Any
 from fedsilo.common.algorithms import AlgorithmSpec
 from fedsilo.common.errors import SerializationError, TransferError
 from fedsilo.common.secagg import SecaggError
-from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_buffers
+from fedsilo.common.serialization import params_to_buffers
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.network.filestore_client import FileStoreClient
 from fedsilo.network.messages import (
@@ -38,15 +38,15 @@ from fedsilo.network.messages import (
 )
 
 from .algorithms.base import AggregationError, FedAlgorithm, NodeTask, NodeUpdate, Params
-from .compression import Compression, decode_params
+from .compression import Compression
 from .connection import Waiter
-from .fetch import FETCH_THREADS, ClientFactory, Fetched, Fetcher
+from .fetch import FETCH_THREADS, ClientFactory, Fetched, Fetcher, UpdateLoader
 from .history import NodeResult, RoundRecord
 from .monitor import Monitor
 from .requests import Requests, remote_error
 from .secagg import SecaggRound, SecureAggregation
 from .strategies import Drop, RoundFailed, RoundOutcome, Strategy
-from .update_checks import InvalidUpdate, check_params, check_reply
+from .update_checks import InvalidUpdate, check_reply
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,10 @@ class TrainingRound:
         Updates are downloaded on fetch threads while the loop goes on taking replies (researcher/fetch.py);
         each finished download comes back through the waiter's queue and wakes the loop as a reply does."""
         workers = min(FETCH_THREADS, max(len(self._pending), 1))
-        fetcher = Fetcher(self._load, waiter.queue.put, workers, self._download_client(),  # type: ignore[arg-type]
-                          deadline, self.ctx.requests.timeouts.transfer)  # fmt: skip
+        ctx = self.ctx
+        load = UpdateLoader(ctx.global_params, self._max_bytes, ctx.compression, masked=self._secagg is not None)
+        fetcher = Fetcher(load, waiter.queue.put, workers, self._download_client(),  # type: ignore[arg-type]
+                          deadline, ctx.requests.timeouts.transfer)  # fmt: skip
         with fetcher:
             self._fetcher = fetcher
             while self._pending or self._fetching:
@@ -209,7 +211,7 @@ class TrainingRound:
             self.bar.set_postfix_str(f"loss={loss:.4g}", refresh=True)
 
     def _on_train_reply(self, node: str, msg: TrainReply) -> None:
-        """Checked here; its blobs are downloaded on a fetch thread (`_load`) and folded in by `_on_fetched`."""
+        """Checked here; its blobs are downloaded on a fetch thread (`UpdateLoader`), folded in by `_on_fetched`."""
         ctx = self.ctx
         if msg.round != self.index or msg.job_id != ctx.job_id:
             self._drop(node, "invalid", f"replied for job {msg.job_id} round {msg.round}")
@@ -234,7 +236,7 @@ class TrainingRound:
         self._fetching.discard(node)
         try:
             if done.error is not None:
-                raise done.error  # what `_load` raised on the fetch thread; anything unforeseen fails the round
+                raise done.error  # what the loader raised on the fetch thread; anything unforeseen fails the round
             assert done.blobs is not None
             if self._secagg is not None:  # a masked int64 blob in the model's layout: summed, never read alone
                 self._secagg.add(node, msg, done.blobs["params"])
@@ -259,33 +261,6 @@ class TrainingRound:
         result.metrics, result.applied_caps = dict(msg.metrics), dict(msg.applied_caps)
         result.test_samples = msg.test_samples  # the weight of its test_*/global_* metrics
         result.device = msg.device.model_dump() if msg.device is not None else {}
-
-    # ------------------------------------------------------------------ on the fetch threads (researcher/fetch.py)
-    def _load(self, files: FileStoreClient, msg: TrainReply) -> dict[str, Params]:
-        """A reply's blobs, downloaded with this thread's client, parsed and checked; nothing here touches the
-        algorithm or the round's state (they belong to the round's thread)."""
-        if self._secagg is not None:
-            return {"params": self._fetch(files, msg.params)}
-        return {name: self._download(files, name, ref) for name, ref in msg.blobs.items()}
-
-    def _download(self, files: FileStoreClient, name: str, ref: BlobRef) -> Params:
-        """A reply's blob, parsed and checked: "params" must match the model; every blob must be finite."""
-        if name == "params" and self.ctx.compression is not None:  # a codec blob: decoded before `add`
-            data = files.download_buffer(ref, max_bytes=self._max_bytes)  # parsed in place, as _fetch
-            params = decode_params(data, self.ctx.global_params, self.ctx.compression)
-        else:
-            params = self._fetch(files, ref)
-        if name == "params":
-            check_compatible(params, self.ctx.global_params)
-        try:
-            check_params(params)
-        except InvalidUpdate as exc:
-            raise InvalidUpdate(f"blob '{name}': {exc}") from None
-        return params
-
-    def _fetch(self, files: FileStoreClient, ref: BlobRef) -> Params:
-        # parsed in place: the tensors are views into the buffer just downloaded, which nothing else holds
-        return params_from_bytes(files.download_buffer(ref, max_bytes=self._max_bytes), copy=False)
 
     def _download_client(self) -> ClientFactory:
         """`ctx.download_client`, or clients like the experiment's own, from the party's credentials."""
