@@ -68,3 +68,44 @@ def test_round_child_finds_the_dataset_parsed(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", WARM, str(csv)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == 50
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_the_next_rounds_process_is_forked_before_its_task_arrives() -> None:
+    """Fork (6-7 ms) and the child's first touches of torch happen between rounds: a round's process waits for
+    its task, reads it itself, answers, and the worker forks the next one; `stop` ends both."""
+    import time
+    from multiprocessing.connection import Pipe
+
+    from fedsilo.node.workerwire import decode, encode
+
+    ours, theirs = Pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "fedsilo.node.worker_process", str(theirs.fileno()), "--parent",
+                             "0"], pass_fds=(theirs.fileno(),))  # fmt: skip
+    theirs.close()
+    try:
+        assert ours.poll(120) and decode(ours.recv_bytes())[0] == {"op": "ready"}
+        deadline = time.monotonic() + 30
+        while not _children(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = _children(proc.pid)
+        assert len(first) == 1  # forked with no task in sight
+        ours.send_bytes(encode({"op": "task", "task_id": "t1", "request": "{}"}))  # unparsable: answered FS-error
+        assert ours.poll(60)
+        answer, _ = decode(ours.recv_bytes())
+        assert answer["task_id"] == "t1" and answer["ok"] is False
+        while (_children(proc.pid) in ([], first)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = _children(proc.pid)
+        assert len(second) == 1 and second != first  # the next round's process, again ahead of its task
+        ours.send_bytes(encode({"op": "stop"}))
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        ours.close()
