@@ -5,10 +5,11 @@ one inherited socket (FD): no node directory, no credentials, no connection to t
 store. It imports torch once, then runs the rounds the daemon hands it (`round.execute_round`) and
 answers with frames (`workerwire`). Its log lines go to stdout, which the daemon copies to node.log.
 
-Each round runs in a child forked from this warm process (medians 54-128 ms with its exit): the child confines itself
-(`sandbox_limits.confine`, with `--confine`) before any plan code, answers on the inherited socket and
-exits; what a plan changed (modules it patched, memory it filled, limits it exhausted) dies with it. A
-child that dies without answering is answered for by this process (`_answer_for`). This process stays
+Each round runs in a child forked from this warm process ahead of its task (`_next_round`): the child warms
+up, reads the task from the daemon's socket itself, confines itself (`sandbox_limits.confine`, with
+`--confine`) before any plan code, answers on the inherited socket and exits; what a plan changed (modules it
+patched, memory it filled, limits it exhausted) dies with it. A child that dies without answering is answered
+for by this process, which learnt the task's id from the child's first line on a pipe. This process stays
 single-threaded in torch (OpenMP after a fork hangs a child whose parent ran a parallel region: measured,
 a 2-thread warm-up then a matmul in the child never returned); each child sets the node's thread count.
 """
