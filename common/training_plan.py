@@ -199,8 +199,12 @@ class TorchTrainingPlan:
         # Opacus wraps the model during DP training; parameters travel under the plain names.
         return getattr(model, "_module", model)
 
-    def get_parameters(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self._plain_model().state_dict().items()}
+    def get_parameters(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """The model's state dict on the CPU, a snapshot; `copy=False` gives the live tensors themselves (a CPU
+        model's parameters) to a caller that only reads them at once: the node's check that the received model
+        fits the plan's (a 40 MB clone less a round for 10 M parameters)."""
+        tensors = {k: v.detach().cpu() for k, v in self._plain_model().state_dict().items()}
+        return {k: v.clone() for k, v in tensors.items()} if copy else tensors
 
     def set_parameters(self, params: dict[str, torch.Tensor]) -> None:
         """Load `params`: every parameter, or every shared one (the local ones are then left as they are)."""
@@ -218,13 +222,13 @@ class TorchTrainingPlan:
         """Whether parameter `name` stays on the node (see `local_parameters`)."""
         return any(name == p or (p.endswith(".") and name.startswith(p)) for p in self.local_parameters)
 
-    def shared_parameters(self) -> dict[str, torch.Tensor]:
-        """What travels: every parameter that is not local."""
-        return {k: v for k, v in self.get_parameters().items() if not self.is_local(k)}
+    def shared_parameters(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """What travels: every parameter that is not local (`copy` as in `get_parameters`)."""
+        return {k: v for k, v in self.get_parameters(copy).items() if not self.is_local(k)}
 
-    def local_state(self) -> dict[str, torch.Tensor]:
-        """What stays on the node: the local parameters."""
-        return {k: v for k, v in self.get_parameters().items() if self.is_local(k)}
+    def local_state(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """What stays on the node: the local parameters (`copy` as in `get_parameters`)."""
+        return {k: v for k, v in self.get_parameters(copy).items() if self.is_local(k)}
 
     def data_manager(self) -> DataManager:
         """Call `training_data` with the round's batch size and check what it returns."""

@@ -168,7 +168,7 @@ def build_plan(r: _Round) -> None:
 @stage("params", ErrorCode.PARAMS_INVALID)
 def set_params(r: _Round) -> None:
     """The received global model into the plan; its personalised layers, if any, from this node's own state."""
-    check_compatible(r.received, r.plan.shared_parameters())
+    check_compatible(r.received, r.plan.shared_parameters(copy=False))  # names, shapes, dtypes: no copy needed
     r.plan.set_parameters(r.received)
     r.local_layers = LocalLayers(r.plan, r.task.state_dir)
     r.local_layers.restore()

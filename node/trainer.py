@@ -149,7 +149,7 @@ class Trainer:
         base_optimizer = getattr(optimizer, "original_optimizer", optimizer)
         lr = float(base_optimizer.param_groups[0].get("lr", 0.0))
         extra = self.hooks.after_training(plain, progress.step, lr)
-        params = TorchTrainingPlan.get_parameters(plan)
+        params = TorchTrainingPlan.get_parameters(plan)  # a snapshot: a testing_step after this changes nothing sent
         bad = non_finite(params)
         if bad:
             raise NonFiniteError(f"parameters {', '.join(bad[:5])} hold NaN or infinity after step "

@@ -203,6 +203,15 @@ def test_uploaded_parameters_are_those_right_after_training():
     assert result.params["weight"].abs().max() < 100.0
 
 
+def test_get_parameters_copies_unless_told_not_to():
+    """`copy=False` (the node's shape check of the received model) reads the live tensors: no 40 MB clone."""
+    plan = build(epochs=1)
+    live = plan.model().weight.data_ptr()
+    assert plan.get_parameters(copy=False)["weight"].data_ptr() == live
+    assert plan.shared_parameters(copy=False)["weight"].data_ptr() == live
+    assert plan.get_parameters()["weight"].data_ptr() != live
+
+
 # --------------------------------------------------------------------------------------- custom loops
 CUSTOM = LOGREG_PLAN + '''
     def training_routine(self, loader, on_scalar=None):
