@@ -8,22 +8,28 @@ uploader holds a coroutine, not a thread) but, for this store, needs three chang
 - chunked uploads get the Content-Length of what arrived (the view refuses a body without one, 411),
   as waitress did before;
 - file responses are streamed from disk a block at a time. Django consumes a synchronous iterator
-  whole (`list(...)`) before sending it, which would hold a whole blob (up to 1 GiB) in memory per download.
+  whole (`list(...)`) before sending it, which would hold a whole blob (up to 1 GiB) in memory per download;
+- views run on a few long-lived threads that keep their SQLite connections (`workers.py`), not on a new
+  thread per request; on lifespan shutdown each thread closes its connection.
 
     app = create_asgi_app(netdir, max_body=cfg.max_upload_bytes + BODY_SLACK)
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from asgiref.sync import ThreadSensitiveContext
 from django.core.handlers.asgi import ASGIHandler
 from django.http import FileResponse
 
 from .spool import read_body_hashed
+from .workers import WorkerThreads
 from .wsgi import configure
 
 Scope = dict[str, Any]
@@ -31,6 +37,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 BLOCK = 1 << 20
+
+log = logging.getLogger("fedsilo.network.filestore")
 
 
 class BodyTooLarge(Exception):
@@ -60,12 +68,14 @@ class FileStoreHandler(ASGIHandler):
         uvicorn.run(FileStoreHandler(max_body=1 << 30), ssl_certfile=..., ssl_keyfile=...)   # after configure(netdir)
     """
 
-    def __init__(self, max_body: int) -> None:
+    def __init__(self, max_body: int, workers: WorkerThreads | None = None) -> None:
         super().__init__()
         self.max_body = max_body
+        self.workers = workers or WorkerThreads()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":  # uvicorn runs with lifespan off; answer politely anyway
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
             return
         length = _content_length(scope)
         if length is not None and length > self.max_body:
@@ -83,9 +93,26 @@ class FileStoreHandler(ASGIHandler):
 
         bounded.blob_put = scope.get("method") == "PUT"  # type: ignore[attr-defined] # read_body: hash it
         try:
-            await super().__call__(scope, bounded, send)
+            # Django's own ThreadSensitiveContext() inside finds this one set and leaves it: the view runs on
+            # a worker thread of the store, not on a thread started for this request.
+            async with ThreadSensitiveContext(executor=self.workers.for_request()):
+                await super().__call__(scope, bounded, send)
         except BodyTooLarge:
             await _plain(send, 413, f"request body over the file store's limit of {self.max_body} bytes")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """ASGI lifespan (serve.py turns it on): on shutdown the worker threads close their connections.
+        uvicorn re-raises SIGTERM once it has stopped, so code after `server.run()` never runs."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                closed = await asyncio.to_thread(self.workers.close)
+                log.info("file store stopped: %d of %d worker threads closed their database connection",
+                         closed, self.workers.count)  # fmt: skip
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def read_body(self, receive: Receive) -> Any:
         if getattr(receive, "blob_put", False):  # an upload: hashed as it arrives, into the file the store keeps
@@ -121,10 +148,15 @@ class FileStoreHandler(ASGIHandler):
 def create_asgi_app(netdir: str | Path, max_body: int) -> FileStoreHandler:
     """Configure Django from the network directory, apply migrations, return the ASGI application."""
     configure(netdir)
+    from django.db import connections
+    from django.db.backends.signals import connection_created
     from django.urls import get_resolver
 
     get_resolver().url_patterns  # noqa: B018 - import the URLconf (views, DRF) now, not on the first request
     from django.conf import settings
 
     tempfile.tempdir = str(settings.FEDSILO_FILESTORE["tmp"])  # bodies over 2.5 MiB spool to the store's disk
-    return FileStoreHandler(max_body)
+    connections.close_all()  # migrations' connection: the loop's thread never queries, the workers do
+    workers = WorkerThreads()
+    connection_created.connect(workers.connection_opened, weak=False)
+    return FileStoreHandler(max_body, workers)

@@ -129,5 +129,11 @@ def gc_forever(interval_s: float, stop: threading.Event) -> None:
         except Exception:
             log.exception("retention: collection failed; retrying in %gs", interval_s)
             continue
+        finally:
+            # Hours pass between collections: no connection held meanwhile, none left open at shutdown
+            # (SQLite checkpoints and removes its WAL when the last connection closes).
+            from django.db import connections
+
+            connections.close_all()
         if report.count or report.leftovers:
             log.info("retention: %s", report.render())

@@ -64,7 +64,7 @@ def uvicorn_options(cfg: NetworkConfig, netdir: Any) -> dict[str, Any]:
     options: dict[str, Any] = {
         "host": cfg.host,
         "port": cfg.http_port,
-        "lifespan": "off",
+        "lifespan": "on",  # shutdown closes the worker threads' database connections (asgi.py)
         "http": "h11",  # pure Python; httptools is not installed, and h11 bounds a request's headers (16 KiB)
         "ws": "none",
         "interface": "asgi3",

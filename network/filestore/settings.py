@@ -61,8 +61,11 @@ def build_settings(netdir: str | Path) -> dict[str, Any]:
             "disable_existing_loggers": False,
             "handlers": {"stderr": {"class": "logging.StreamHandler"}},
             "loggers": {
-                "django": {"handlers": ["stderr"], "level": "WARNING"},
-                "fedsilo": {"handlers": ["stderr"], "level": "INFO"},
+                # Not propagated (here and below): serve.py's root handler printed each line twice. django.request
+                # at ERROR: a 404 is an answer here (large uploads ask HEAD first), not a warning for the log.
+                "django": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+                "django.request": {"handlers": ["stderr"], "level": "ERROR", "propagate": False},
+                "fedsilo": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
                 "uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
             },
         },
