@@ -6,7 +6,7 @@ import hashlib
 import os
 import ssl
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -117,15 +117,15 @@ class FileStoreClient:
     def upload_bytes(self, data: bytes | Payload, readers: Iterable[str] = ()) -> BlobRef:
         """Store `data` readable by this party and `readers` (party names); return its reference.
 
-        A large blob this party may already read is not sent again: it is granted to `readers` instead.
-        A `Payload` (`params_to_buffers`' result) is hashed once and sent from the tensors' memory, uncopied.
+        A blob over `SMALL_BLOB` is hashed while it is sent (`POST /api/v1/blobs`, the store answers its sha256,
+        checked against this client's), not hashed first and then sent: the store receives while the client
+        hashes. A `Payload` (`params_to_buffers`' result) is sent from the tensors' memory, uncopied.
         """
+        readers = list(readers)
+        if len(data) > SMALL_BLOB:
+            return self._post(data, readers)
         sha256 = sha256_bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data.sha256()
         ref = BlobRef(sha256=sha256, size=len(data))
-        readers = list(readers)
-        if ref.size > SMALL_BLOB:
-            self._put_unless_readable(ref, data, readers)
-            return ref
         try:
             self._put(ref, data, readers)
         except BlobTransferError as exc:
@@ -212,6 +212,32 @@ class FileStoreClient:
             self.grant(ref, readers)
         else:
             self._put(ref, body, readers)
+
+    def _post(self, data: bytes | Payload, readers: list[str]) -> BlobRef:
+        """Send `data` hashing each block on its way out; the store names the blob by what it received.
+
+        Measured (bench/blobs.py, 40 MB of parameters over HTTPS, 2026-11-30 19:41-19:44, load 3.6-4.9, other
+        processes 44-71 % of the CPU; both ways in turn within each repeat, 5 sittings): hashed while sent
+        0.153-0.171 s (0.306 s in the busiest sitting), hash, HEAD, then PUT 0.178-0.194 s (0.379 s); raw TLS
+        loopback 0.080-0.082 s (0.155 s). The store no longer waits while the client hashes; the "ask first"
+        HEAD saved a re-send of a blob already stored, which rounds never do (each update and global model is new).
+        """
+        body = _HashingBody(data)
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
+        if readers:
+            headers[READERS_HEADER] = ",".join(sorted(set(readers)))
+        what = f"upload of a blob of {len(body)} bytes"
+        response = self._call("POST", f"{self._api}/blobs", what=what, ok=(200, 201), data=body, headers=headers)
+        ref = BlobRef(sha256=body.sha256(), size=len(body))
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = {}
+        if not isinstance(answer, dict) or answer.get("sha256") != ref.sha256 or answer.get("size") != ref.size:
+            raise BlobTransferError(f"file store {what} failed: the store answered {str(answer)[:200]}, "
+                                    f"this client sent {ref.size} bytes hashing to {ref.sha256}")  # fmt: skip
+        self._granted.setdefault(ref.sha256, set()).update(readers)
+        return ref
 
     def _put(self, ref: BlobRef, body: bytes | Payload | BinaryIO, readers: Iterable[str] = ()) -> None:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(ref.size)}
@@ -306,6 +332,34 @@ class FileStoreClient:
                 server_message=message,
             )
         return response
+
+
+class _HashingBody:
+    """A request body that hashes each block as it is handed to the socket (`requests` sends an iterable with
+    a length as it is, with that Content-Length).
+
+        body = _HashingBody(payload); session.post(url, data=body); body.sha256()
+    """
+
+    def __init__(self, data: bytes | Payload) -> None:
+        self._data = data
+        self._size = len(data)
+        self._digest = hashlib.sha256()
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[memoryview]:
+        parts = [data] if isinstance(data := self._data, (bytes, bytearray, memoryview)) else data
+        for part in parts:
+            view = memoryview(part).cast("B")
+            for start in range(0, view.nbytes, CHUNK):  # 1 MiB: hashing it takes ~1 ms, the store reads meanwhile
+                block = view[start : start + CHUNK]
+                self._digest.update(block)
+                yield block
+
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
 
 
 def _readinto(response: requests.Response) -> Callable[[memoryview], int]:

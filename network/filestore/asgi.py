@@ -37,6 +37,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 BLOCK = 1 << 20
+UPLOAD_PATH = "/api/v1/blobs"
+"""POST here: a blob whose sha256 the store computes (views.UploadView); its body is spooled as a PUT's."""
 
 log = logging.getLogger("fedsilo.network.filestore")
 
@@ -91,7 +93,8 @@ class FileStoreHandler(ASGIHandler):
                 raise BodyTooLarge()
             return message
 
-        bounded.blob_put = scope.get("method") == "PUT"  # type: ignore[attr-defined] # read_body: hash it
+        upload = scope.get("method") == "PUT" or (scope.get("method") == "POST" and scope.get("path") == UPLOAD_PATH)
+        bounded.blob_put = upload  # type: ignore[attr-defined] # read_body: hash it as it arrives
         try:
             # Django's own ThreadSensitiveContext() inside finds this one set and leaves it: the view runs on
             # a worker thread of the store, not on a thread started for this request.

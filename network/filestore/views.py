@@ -25,7 +25,7 @@ from .spool import HashingSpool
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ApiError", "BlobView", "GrantView", "HealthView", "json_exception_handler"]
+__all__ = ["ApiError", "BlobView", "GrantView", "HealthView", "UploadView", "json_exception_handler"]
 
 CHUNK = 1 << 20
 DRAIN_LIMIT = 64 << 20
@@ -99,43 +99,55 @@ class BlobView(APIView):
 
     def put(self, request: Any, sha256: str) -> Response:
         _check_sha(sha256)
-        readers = access.parse_readers(request.META.get(access.READERS_HEADER, ""))
-        limit: int = _conf()["max_upload_bytes"]
-        raw = request._request  # the Django request: its body has not been touched by DRF parsers
-        meta = raw.META
-        length_header = meta.get("CONTENT_LENGTH") or ""
-        if not length_header:
-            # a chunked body has arrived whole before the view runs, and asgi.py sets Content-Length to its size.
-            raise ApiError(411, "send the blob as the raw request body with Content-Length or chunked encoding")
-        try:
-            length = int(length_header)
-        except ValueError:
-            raise ApiError(400, f"invalid Content-Length '{length_header}'") from None
-        if length > limit:
-            _drain(raw, length)
-            raise ApiError(413, f"blob of {length} bytes exceeds the file store limit of {limit} bytes")
-
-        spool = getattr(raw, "_stream", None)  # ASGIRequest keeps the body file it was given as _stream
-        if isinstance(spool, HashingSpool):  # asgi.py hashed the body as it arrived: no second pass
-            size, actual, tmp_name = spool.size, spool.sha256(), spool.detach()
-        else:
-            size, actual, tmp_name = _copy_hashed(raw, sha256)
-        try:
-            if size != length:
-                raise ApiError(400, f"body ended after {size} of {length} bytes")
-            if actual != sha256:
-                raise ApiError(400, f"sha256 mismatch: the body hashes to {actual}, the URL names {sha256}")
-            created = access.store(sha256, size, tmp_name, request.user.name, readers)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)  # moved into blobs/ when stored
-        return Response({"sha256": sha256, "size": size}, status=201 if created else 200)
+        return _store_upload(request, sha256)
 
 
-def _copy_hashed(raw: Any, sha256: str) -> tuple[int, str, str]:
+class UploadView(APIView):
+    """`POST /api/v1/blobs`: a blob whose sha256 the client computes while it sends (the store answers it)."""
+
+    def post(self, request: Any) -> Response:
+        return _store_upload(request, None)
+
+
+def _store_upload(request: Any, sha256: str | None) -> Response:
+    """The body of a PUT (named `sha256`: it must hash to it) or of a POST (stored under what it hashes to)."""
+    readers = access.parse_readers(request.META.get(access.READERS_HEADER, ""))
+    limit: int = _conf()["max_upload_bytes"]
+    raw = request._request  # the Django request: its body has not been touched by DRF parsers
+    meta = raw.META
+    length_header = meta.get("CONTENT_LENGTH") or ""
+    if not length_header:
+        # a chunked body has arrived whole before the view runs, and asgi.py sets Content-Length to its size.
+        raise ApiError(411, "send the blob as the raw request body with Content-Length or chunked encoding")
+    try:
+        length = int(length_header)
+    except ValueError:
+        raise ApiError(400, f"invalid Content-Length '{length_header}'") from None
+    if length > limit:
+        _drain(raw, length)
+        raise ApiError(413, f"blob of {length} bytes exceeds the file store limit of {limit} bytes")
+
+    spool = getattr(raw, "_stream", None)  # ASGIRequest keeps the body file it was given as _stream
+    if isinstance(spool, HashingSpool):  # asgi.py hashed the body as it arrived: no second pass
+        size, actual, tmp_name = spool.size, spool.sha256(), spool.detach()
+    else:
+        size, actual, tmp_name = _copy_hashed(raw, "post")
+    try:
+        if size != length:
+            raise ApiError(400, f"body ended after {size} of {length} bytes")
+        if sha256 is not None and actual != sha256:
+            raise ApiError(400, f"sha256 mismatch: the body hashes to {actual}, the URL names {sha256}")
+        created = access.store(actual, size, tmp_name, request.user.name, readers)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)  # moved into blobs/ when stored
+    return Response({"sha256": actual, "size": size}, status=201 if created else 200)
+
+
+def _copy_hashed(raw: Any, prefix: str) -> tuple[int, str, str]:
     """A body not spooled by `HashingSpool` (a server without asgi.py's read_body), copied to a temp file of
     the store and hashed on the way: (size, sha256, path)."""
-    fd, tmp_name = tempfile.mkstemp(dir=Path(_conf()["tmp"]), prefix=sha256[:12] + ".")
+    fd, tmp_name = tempfile.mkstemp(dir=Path(_conf()["tmp"]), prefix=prefix + ".")
     try:
         digest = hashlib.sha256()
         size = 0

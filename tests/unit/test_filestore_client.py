@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 
 from fedsilo.network import filestore_client
 from fedsilo.network.credentials import FileStoreSettings
 from fedsilo.network.filestore_client import BlobTransferError, FileStoreClient
+from fedsilo.network.messages import BlobRef
 
 
 class Recorder(FileStoreClient):
@@ -17,6 +21,10 @@ class Recorder(FileStoreClient):
     def exists(self, sha256: str) -> bool:
         self.calls.append("HEAD")
         return self.stored
+
+    def _post(self, data, readers) -> BlobRef:
+        self.calls.append(f"POST {','.join(readers)}".strip())
+        return BlobRef(sha256=hashlib.sha256(bytes(data)).hexdigest(), size=len(data))
 
     def _put(self, ref, body, readers=()) -> None:
         self.calls.append(f"PUT {','.join(readers)}".strip())
@@ -34,11 +42,20 @@ def test_small_blobs_are_sent_without_asking() -> None:
     assert client.calls == ["PUT"] and ref.size == len(b"parameters")
 
 
-def test_large_blobs_already_stored_are_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_blobs_are_hashed_while_sent_without_asking(monkeypatch: pytest.MonkeyPatch) -> None:
+    # hashing first, then asking, then sending kept the store idle while the client hashed (bench/blobs.py)
     monkeypatch.setattr(filestore_client, "SMALL_BLOB", 4)
+    client = Recorder(stored=True)
+    ref = client.upload_bytes(b"large blob", readers=["node-b"])
+    assert client.calls == ["POST node-b"] and ref.sha256 == hashlib.sha256(b"large blob").hexdigest()
+
+
+def test_large_files_already_stored_are_not_sent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(filestore_client, "SMALL_BLOB", 4)
+    (tmp_path / "blob").write_bytes(b"large blob")
     stored, missing = Recorder(stored=True), Recorder(stored=False)
-    stored.upload_bytes(b"large blob")
-    missing.upload_bytes(b"large blob")
+    stored.upload_file(tmp_path / "blob")
+    missing.upload_file(tmp_path / "blob")
     assert stored.calls == ["HEAD"] and missing.calls == ["HEAD", "PUT"]
 
 
@@ -48,12 +65,13 @@ def test_over_the_limit_but_stored_is_fine() -> None:
     assert client.calls == ["PUT node-a", "HEAD", "GRANT node-a"]
 
 
-def test_a_large_blob_already_readable_is_granted_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_large_file_already_readable_is_granted_not_sent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # e.g. the same plan reused by a later round that samples another node
     monkeypatch.setattr(filestore_client, "SMALL_BLOB", 4)
+    (tmp_path / "blob").write_bytes(b"large blob")
     stored, missing = Recorder(stored=True), Recorder(stored=False)
-    stored.upload_bytes(b"large blob", readers=["node-b"])
-    missing.upload_bytes(b"large blob", readers=["node-b"])
+    stored.upload_file(tmp_path / "blob", readers=["node-b"])
+    missing.upload_file(tmp_path / "blob", readers=["node-b"])
     assert stored.calls == ["HEAD", "GRANT node-b"] and missing.calls == ["HEAD", "PUT node-b"]
 
 
