@@ -92,7 +92,10 @@ async def read_body_hashed(receive: Any, directory: Path) -> HashingSpool:
 
     Each block is hashed and written on the event loop. Handing that to a thread, to overlap it with the
     decryption of the next block, was measured and dropped (5 x 40 MB PUTs, alternated 3 times, load 9-10):
-    the store used 1.34-1.83 CPU s against 1.10-1.40 s, and the uploads took no less wall time.
+    the store used 1.34-1.83 CPU s against 1.10-1.40 s, and the uploads took no less wall time. Measured again
+    with the client hashing while it sends (bench/blobs.py, 40 MB, 2026-11-30 19:50-19:53, load 6.6-7.3, other
+    processes 71-81 % of the CPU, alternated twice; hash + write on a thread, one block in flight): uploads 0.480
+    and 0.262 s against 0.476 and 0.198 s on the loop. Two cores hold the client and the store already.
     """
     from django.core.exceptions import RequestAborted
 
