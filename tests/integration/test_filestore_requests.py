@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from fedsilo.common.config import Timeouts
 from fedsilo.network.filestore.workers import WORKER_THREADS
 from fedsilo.network.filestore_client import FileStoreClient
 from fedsilo.network.pki import client_context
+from tests.integration.test_filestore_hostile import LIVENESS_S, Tricklers
 from tests.support.procs import NetworkHandle, start_network
 
 CLIENTS = 10
@@ -36,9 +38,9 @@ def _threads_that_connected(net: NetworkHandle) -> list[str]:
     return OPENED.findall(_store_log(net))
 
 
-def _client_session(net: NetworkHandle, rounds: int) -> int:
+def _client_session(net: NetworkHandle, rounds: int, timeouts: Timeouts | None = None) -> int:
     """One client: PUT, HEAD and GET of its own 200 KB blobs, `rounds` times; returns the requests made."""
-    with FileStoreClient(net.credentials("researcher").filestore) as client:
+    with FileStoreClient(net.credentials("researcher").filestore, timeouts) as client:
         for _ in range(rounds):
             data = os.urandom(200_000)
             ref = client.upload_bytes(data)
@@ -81,6 +83,30 @@ def test_cut_off_uploads_among_busy_clients_leave_nothing_and_hold_no_thread(net
     assert len(_threads_that_connected(net)) <= WORKER_THREADS
     spool = net.netdir / "filestore" / "tmp"
     assert not [p.name for p in spool.iterdir() if p.name.startswith("put.")]  # the cut bodies' spools removed
+
+
+def test_slow_clients_beyond_the_thread_count_hold_no_thread(net: NetworkHandle) -> None:
+    """Twice as many trickling uploads (PUT and POST) and unread downloads as there are worker threads: every
+    other client is still served, each call within `LIVENESS_S` (a call timeout, as in the hostile tests)."""
+    with FileStoreClient(net.credentials("researcher").filestore) as researcher:
+        big = researcher.upload_bytes(os.urandom(6 << 20))
+    host, port = net.filestore_url.rsplit("//", 1)[1].rsplit(":", 1)
+    token = net.credentials("researcher").filestore.token
+    slow = Tricklers((host, int(port)), client_context(net.credentials("researcher").filestore.tls))
+    auth = f"Host: x\r\nAuthorization: Token {token}\r\n"
+    try:
+        for i in range(2 * WORKER_THREADS):
+            slow.open(f"PUT /api/v1/blobs/{i:064x} HTTP/1.1\r\n{auth}Content-Length: {1 << 20}\r\n\r\n".encode())
+            slow.open(f"POST /api/v1/blobs HTTP/1.1\r\n{auth}Content-Length: {1 << 20}\r\n\r\n".encode())
+            slow.open(f"GET /api/v1/blobs/{big.sha256} HTTP/1.1\r\n{auth}\r\n".encode(), rcvbuf=4096)
+        slow.start()
+        timeouts = Timeouts(connect=LIVENESS_S, transfer=LIVENESS_S)
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            served = sum(pool.map(lambda _: _client_session(net, 2, timeouts), range(CLIENTS)))
+        assert served == 3 * 2 * CLIENTS
+    finally:
+        slow.stop()
+    assert len(_threads_that_connected(net)) <= WORKER_THREADS
 
 
 def test_a_stopped_store_has_closed_its_connections(net: NetworkHandle) -> None:
