@@ -109,3 +109,12 @@ def test_the_next_rounds_process_is_forked_before_its_task_arrives() -> None:
         if proc.poll() is None:
             proc.kill()
         ours.close()
+
+
+def test_the_source_lines_torch_seeding_reads_are_preloaded() -> None:
+    code = ("import linecache, torch.random\nfrom fedsilo.node import worker_process as wp\n"
+            "assert torch.random.__file__ not in linecache.cache\nwp._preload()\n"
+            "print(torch.random.__file__ in linecache.cache and wp.__file__ in linecache.cache)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "True"
