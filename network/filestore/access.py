@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,18 @@ def readable(sha256: str, party: str) -> bool:
     return Access.objects.filter(blob_id=sha256, party=party).exists()
 
 
+TOUCH_EVERY_S = 60.0
+"""A read refreshes `last_used_at` only when it is older than this: a write takes SQLite's one write lock, and
+K nodes fetching the same global model at once queued on it, once each. Retention is at least an hour, so a
+blob outlives its last read by at least `retention - TOUCH_EVERY_S`."""
+
+
 def touch(sha256: str) -> None:
-    Blob.objects.filter(sha256=sha256).update(last_used_at=timezone.now())
+    """Record a read of the blob (retention), writing only when the last record is older than `TOUCH_EVERY_S`."""
+    now = timezone.now()
+    stale = Blob.objects.filter(sha256=sha256, last_used_at__lt=now - timedelta(seconds=TOUCH_EVERY_S))
+    if stale.exists():  # a read: WAL readers take no lock
+        stale.update(last_used_at=now)
 
 
 def usage(party: str) -> tuple[int, int]:

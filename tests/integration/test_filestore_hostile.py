@@ -264,7 +264,7 @@ def test_the_byte_quota_holds_under_concurrent_uploads(net: NetworkHandle) -> No
 def _backdate(net: NetworkHandle, sha: str, days: float) -> None:
     """Pretend a blob was last used `days` ago (the store's own clock is not ours to move)."""
     when = (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%d %H:%M:%S.%f")
-    with sqlite3.connect(net.netdir / "filestore" / "db.sqlite3", timeout=20) as db:
+    with contextlib.closing(sqlite3.connect(net.netdir / "filestore" / "db.sqlite3", timeout=20)) as db, db:
         assert db.execute("UPDATE filestore_blob SET last_used_at = ? WHERE sha256 = ?", (when, sha)).rowcount == 1
 
 

@@ -3,9 +3,11 @@ connection, against many clients at once and clients that cut their uploads off;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +18,7 @@ from fedsilo.common.config import Timeouts
 from fedsilo.network.filestore.workers import WORKER_THREADS
 from fedsilo.network.filestore_client import FileStoreClient
 from fedsilo.network.pki import client_context
-from tests.integration.test_filestore_hostile import LIVENESS_S, Tricklers
+from tests.integration.test_filestore_hostile import LIVENESS_S, Tricklers, _backdate
 from tests.support.procs import NetworkHandle, start_network
 
 CLIENTS = 10
@@ -107,6 +109,39 @@ def test_slow_clients_beyond_the_thread_count_hold_no_thread(net: NetworkHandle)
     finally:
         slow.stop()
     assert len(_threads_that_connected(net)) <= WORKER_THREADS
+
+
+def test_reads_of_a_recently_used_blob_take_no_write_lock(net: NetworkHandle) -> None:
+    """While another process holds SQLite's write lock (as `fedsilo network gc` does while it deletes), a blob
+    used within `access.TOUCH_EVERY_S` (a minute) is still read: K nodes fetching one model do not queue on it."""
+    data = os.urandom(200_000)
+    timeouts = Timeouts(connect=LIVENESS_S, transfer=LIVENESS_S)
+    with FileStoreClient(net.credentials("researcher").filestore, timeouts) as client:
+        ref = client.upload_bytes(data)
+        writer = sqlite3.connect(net.netdir / "filestore" / "db.sqlite3", isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")  # the write lock, held until the reads are done
+            assert client.exists(ref.sha256)
+            assert client.download_bytes(ref) == data
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+        assert client.download_bytes(ref) == data
+
+
+def _last_used(net: NetworkHandle, sha: str) -> str:
+    # closed, not only committed: an open connection here would keep the WAL the last test checks
+    with contextlib.closing(sqlite3.connect(net.netdir / "filestore" / "db.sqlite3")) as db:
+        return db.execute("SELECT last_used_at FROM filestore_blob WHERE sha256 = ?", (sha,)).fetchone()[0]
+
+
+def test_a_read_refreshes_a_blob_last_used_long_enough_ago(net: NetworkHandle) -> None:
+    with FileStoreClient(net.credentials("researcher").filestore) as client:
+        ref = client.upload_bytes(os.urandom(1000))
+        _backdate(net, ref.sha256, days=1 / 24)  # an hour: past `access.TOUCH_EVERY_S`
+        before = _last_used(net, ref.sha256)
+        client.download_bytes(ref)
+    assert _last_used(net, ref.sha256) > before  # retention still counts reads
 
 
 def test_a_stopped_store_has_closed_its_connections(net: NetworkHandle) -> None:
