@@ -38,7 +38,7 @@ from fedsilo.network.launcher import start_network
 from fedsilo.network.messages import BlobRef, TrainReply
 from fedsilo.researcher.algorithms.base import NodeUpdate
 from fedsilo.researcher.algorithms.fedavg import FedAverage
-from fedsilo.researcher.fetch import Fetched, Fetcher, UpdateLoader
+from fedsilo.researcher.fetch import ClientPool, Fetched, Fetcher, UpdateLoader
 
 
 def reply(i: int, ref: BlobRef) -> TrainReply:
@@ -47,7 +47,7 @@ def reply(i: int, ref: BlobRef) -> TrainReply:
                       blobs={"params": ref}, sample_size=10 + i)  # fmt: skip
 
 
-def one_round(replies: list[TrainReply], load: UpdateLoader, client: FileStoreClient, settings: object,
+def one_round(replies: list[TrainReply], load: UpdateLoader, client: FileStoreClient, pool: ClientPool,
               global_params: dict, threads: int, gap_s: float) -> tuple[float, float]:  # fmt: skip
     """(tail s, total s) of one round's receive path; `threads` 0 = serial on the round's thread."""
     inbox: queue.Queue[TrainReply | Fetched] = queue.Queue()
@@ -64,12 +64,10 @@ def one_round(replies: list[TrainReply], load: UpdateLoader, client: FileStoreCl
     def fold(r: TrainReply, blobs: dict) -> None:
         algorithm.add(NodeUpdate(r.node_id, blobs, r.sample_size))
 
-    timeouts = Timeouts()
     t0 = time.perf_counter()
     threading.Thread(target=arrive, daemon=True).start()
     folded = 0
-    with Fetcher(load, inbox.put, max(threads, 1), lambda t: FileStoreClient(settings, timeouts),  # type: ignore[arg-type]
-                 time.monotonic() + 600, timeouts.transfer) as fetcher:  # fmt: skip
+    with Fetcher(load, inbox.put, max(threads, 1), pool, time.monotonic() + 600) as fetcher:  # type: ignore[arg-type]
         while folded < len(replies):
             msg = inbox.get()
             if isinstance(msg, Fetched):
@@ -123,6 +121,7 @@ def main() -> None:
                         for i in range(args.k)]  # fmt: skip
                 replies = [reply(i, ref) for i, ref in enumerate(refs)]
                 load = UpdateLoader(global_params, max_bytes=2 * max(r.size for r in refs))
+                pool = ClientPool(lambda t: FileStoreClient(settings, Timeouts()), Timeouts().transfer)  # as a round
                 modes = [0] + [int(t) for t in args.threads.split(",")]
                 meter = CpuMeter()
                 meter.start()
@@ -131,7 +130,7 @@ def main() -> None:
                 print("|---|---|---|---|")
                 for gap in [int(g) for g in args.gaps.split(",")]:
                     for threads in modes:
-                        runs = [one_round(replies, load, client, settings, global_params, threads, gap / 1e3)
+                        runs = [one_round(replies, load, client, pool, global_params, threads, gap / 1e3)
                                 for _ in range(args.repeats)]  # fmt: skip
                         tail = statistics.median(r[0] for r in runs)
                         total = statistics.median(r[1] for r in runs)

@@ -5,19 +5,19 @@ waiter; a worker thread downloads, parses and checks the reply's blobs (the roun
 hands the outcome, a `Fetched`, to `deliver`: the round's waiter queue. The round's thread wakes on it as
 on a message and folds the update in itself, so `FedAlgorithm.add` never runs on two threads at once.
 
-    with Fetcher(load, waiter.queue.put, workers=3, clients=make_client, deadline=deadline) as fetcher:
+    with Fetcher(load, waiter.queue.put, workers=3, clients=pool, deadline=deadline) as fetcher:
         fetcher.submit("node-a", reply)       # returns at once; a worker downloads node-a's blobs
         done = waiter.get(deadline)           # ... the Fetched, once they are in (or why they are not)
         algorithm.add(...); fetcher.release() # the slot is free for the next download
 
 Bounds: `workers` threads, each with a `FileStoreClient` of its own (a `requests.Session` is not documented
-as safe to share between threads; one session each is), and at most `workers` updates taken out of the
-store but not yet folded (`release`): memory holds at most that many updates beyond what the algorithm
-keeps. A download cannot be cut off from another thread (it blocks in a socket read, and the client keeps
-its socket), so a thread reads with a timeout no longer than the time the round has left when it starts a
-download: a stalled download ends about when the round does. `close` drops downloads not started and
-discards the results of those still running; their threads end with them (daemon threads: they never hold
-the interpreter's exit).
+as safe to share between threads; one session each is; a `ClientPool` keeps them for the next round), and at
+most `workers` updates taken out of the store but not yet folded (`release`): memory holds at most that many
+updates beyond what the algorithm keeps. A download cannot be cut off from another thread (it blocks in a
+socket read, and the client keeps its socket), so a thread reads with a timeout no longer than the time the
+round has left when it starts a download: a stalled download ends about when the round does. `close` drops
+downloads not started and discards the results of those still running; their threads end with them (daemon
+threads: they never hold the interpreter's exit).
 """
 
 from __future__ import annotations
@@ -102,6 +102,49 @@ class UpdateLoader:
         return params_from_bytes(files.download_buffer(ref, max_bytes=self.max_bytes), copy=False)
 
 
+class ClientPool:
+    """The download threads' file-store clients, kept from one round to the next (at most `keep` idle).
+
+    A new client costs its TLS context and handshake: about 4 ms each here, and with four new clients a round the
+    researcher's CPU per K=10 small round went 75 -> 101 ms (2026-11-30, bench/run.py, load 5). A client made
+    with a read timeout shorter than `transfer` (near a deadline) is closed after its download, never kept.
+
+        pool = ClientPool(lambda t: FileStoreClient(settings, timeouts.model_copy(update={"transfer": t})), 60.0)
+        client = pool.take(60.0)
+        ...
+        pool.give(client, 60.0)
+    """
+
+    def __init__(self, make: ClientFactory, transfer: float, keep: int = FETCH_THREADS) -> None:
+        self.transfer = transfer
+        self._make, self._keep = make, keep
+        self._idle: list[FileStoreClient] = []
+        self._lock = threading.Lock()
+
+    def take(self, read_timeout: float) -> FileStoreClient:
+        """A client whose reads time out after `read_timeout` s (an idle one when that is `transfer`)."""
+        if read_timeout < self.transfer:
+            return self._make(read_timeout)
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self._make(self.transfer)
+
+    def give(self, client: FileStoreClient, read_timeout: float) -> None:
+        """A thread is done with `client` (taken with `read_timeout`): kept for later, or closed."""
+        with self._lock:
+            if read_timeout >= self.transfer and len(self._idle) < self._keep:
+                self._idle.append(client)
+                return
+        client.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
+
+
 class Fetcher:
     """Downloads replies' blobs on up to `workers` threads (see the module docstring); a context manager."""
 
@@ -110,14 +153,13 @@ class Fetcher:
         load: Load,
         deliver: Callable[[Fetched], None],
         workers: int,
-        clients: ClientFactory,
+        clients: ClientPool,
         deadline: float,
-        transfer: float,
     ) -> None:
         if workers < 1:
             raise ValueError("a Fetcher needs at least one worker")
         self._load, self._deliver, self._workers = load, deliver, workers
-        self._clients, self._deadline, self._transfer = clients, deadline, transfer
+        self._clients, self._deadline = clients, deadline
         self._tasks: queue.SimpleQueue[tuple[str, TrainReply] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []  # started one a task, up to `workers`
         self._cond = threading.Condition()
@@ -170,12 +212,12 @@ class Fetcher:
                 blobs, error = None, None
                 try:
                     # Near the deadline a new client whose reads give up with the round (see the module docstring).
-                    wanted = min(self._transfer, max(self._deadline - time.monotonic(), MIN_READ_S))
+                    wanted = min(self._clients.transfer, max(self._deadline - time.monotonic(), MIN_READ_S))
                     if client is None or wanted < read_timeout:
                         if client is not None:
-                            client.close()
+                            self._clients.give(client, read_timeout)
                         client, read_timeout = None, wanted
-                        client = self._clients(wanted)
+                        client = self._clients.take(wanted)
                     blobs = self._load(client, reply)
                 except Exception as exc:  # the round says what it means: a drop, or its own failure
                     error = exc
@@ -187,7 +229,7 @@ class Fetcher:
                     self._deliver(done)
         finally:
             if client is not None:
-                client.close()
+                self._clients.give(client, read_timeout)
 
     def _next(self) -> tuple[str, TrainReply] | None:
         """The next task once a slot is free; None once closed."""

@@ -13,6 +13,7 @@ model and finite. Anything unusable drops that node for the round, with the reas
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from fedsilo.network.messages import (
 from .algorithms.base import AggregationError, FedAlgorithm, NodeTask, NodeUpdate, Params
 from .compression import Compression
 from .connection import Waiter
-from .fetch import FETCH_THREADS, ClientFactory, Fetched, Fetcher, UpdateLoader
+from .fetch import FETCH_THREADS, ClientFactory, ClientPool, Fetched, Fetcher, UpdateLoader
 from .history import NodeResult, RoundRecord
 from .monitor import Monitor
 from .requests import Requests, remote_error
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 
 BLOB_SLACK = 1 << 16
 """A node's blob may exceed the global model's size by this much (safetensors header, metadata)."""
+_POOLS: dict[tuple[str, str, float], ClientPool] = {}
+"""Download clients kept between rounds, per file store, token and read timeout (researcher/fetch.py)."""
+_POOLS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -166,8 +170,8 @@ class TrainingRound:
         workers = min(FETCH_THREADS, max(len(self._pending), 1))
         ctx = self.ctx
         load = UpdateLoader(ctx.global_params, self._max_bytes, ctx.compression, masked=self._secagg is not None)
-        fetcher = Fetcher(load, waiter.queue.put, workers, self._download_client(),  # type: ignore[arg-type]
-                          deadline, ctx.requests.timeouts.transfer)  # fmt: skip
+        pool = self._client_pool()
+        fetcher = Fetcher(load, waiter.queue.put, workers, pool, deadline)  # type: ignore[arg-type]
         with fetcher:
             self._fetcher = fetcher
             while self._pending or self._fetching:
@@ -262,12 +266,20 @@ class TrainingRound:
         result.test_samples = msg.test_samples  # the weight of its test_*/global_* metrics
         result.device = msg.device.model_dump() if msg.device is not None else {}
 
-    def _download_client(self) -> ClientFactory:
-        """`ctx.download_client`, or clients like the experiment's own, from the party's credentials."""
+    def _client_pool(self) -> ClientPool:
+        """The download threads' clients: from `ctx.download_client` for this round alone, or else like the
+        experiment's own client (the party's credentials), kept for the party's later rounds (`_POOLS`)."""
+        transfer = self.ctx.requests.timeouts.transfer
         if self.ctx.download_client is not None:
-            return self.ctx.download_client
+            return ClientPool(self.ctx.download_client, transfer, keep=0)
         settings, timeouts = self.ctx.requests.credentials.filestore, self.ctx.requests.timeouts
-        return lambda transfer: FileStoreClient(settings, timeouts.model_copy(update={"transfer": transfer}))
+        key = (settings.url, settings.token, transfer)
+        with _POOLS_LOCK:
+            if key not in _POOLS:
+                _POOLS[key] = ClientPool(
+                    lambda t: FileStoreClient(settings, timeouts.model_copy(update={"transfer": t})), transfer
+                )
+            return _POOLS[key]
 
     def _secagg_stage(self, fn: Callable[[], Any]) -> Any:
         """A secure-aggregation stage; its failure fails the round (too few nodes left to hide each update)."""

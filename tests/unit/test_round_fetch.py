@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from fedsilo.network.messages import BlobRef, TrainReply
-from fedsilo.researcher.fetch import MIN_READ_S, Fetched, Fetcher
+from fedsilo.researcher.fetch import MIN_READ_S, ClientPool, Fetched, Fetcher
 
 WAIT = 30.0  # a bound on waits that end at once when the code works; reaching it fails the test
 
@@ -63,8 +63,9 @@ class _Closable:
         self.closed = True
 
 
-def _fetcher(loads: Loads, out: queue.Queue[Fetched], workers: int, deadline_in: float = 600.0) -> Fetcher:
-    return Fetcher(loads, out.put, workers, loads.client, time.monotonic() + deadline_in, transfer=60.0)
+def _fetcher(loads: Loads, out: queue.Queue[Fetched], workers: int, deadline_in: float = 600.0,
+             pool: ClientPool | None = None) -> Fetcher:  # fmt: skip
+    return Fetcher(loads, out.put, workers, pool or ClientPool(loads.client, 60.0), time.monotonic() + deadline_in)
 
 
 def test_downloads_overlap_on_at_most_workers_threads_and_wait_for_a_free_slot() -> None:
@@ -135,3 +136,28 @@ def test_near_the_deadline_reads_give_up_with_the_round() -> None:
         fetcher.submit("b", reply("b"))
         out.get(timeout=WAIT)
     assert loads2.timeouts == [60.0]  # far from the deadline: the configured timeout, one client for both
+
+
+def test_clients_are_kept_for_the_next_round_except_those_made_near_a_deadline() -> None:
+    loads, out = Loads(), queue.Queue[Fetched]()
+    loads.go.set()
+    pool = ClientPool(loads.client, 60.0)
+    for _ in range(3):  # three rounds of two downloads on two threads
+        with _fetcher(loads, out, workers=2, pool=pool) as fetcher:
+            for node in ("a", "b"):
+                fetcher.submit(node, reply(node))
+            for _ in range(2):
+                out.get(timeout=WAIT)
+                fetcher.release()
+        for thread in fetcher._threads:
+            thread.join(WAIT)
+    assert 1 <= len(loads.timeouts) <= 2 and set(loads.timeouts) == {60.0}  # made in the first round only
+    kept = list(pool._idle)
+    with _fetcher(loads, out, workers=1, deadline_in=5.0, pool=pool) as fetcher:
+        fetcher.submit("c", reply("c"))
+        out.get(timeout=WAIT)
+    for thread in fetcher._threads:
+        thread.join(WAIT)
+    assert loads.timeouts[-1] <= 5.0 and pool._idle == kept  # the short-timeout client was closed, not kept
+    pool.close()
+    assert all(client.closed for client in kept) and pool._idle == []
