@@ -9,10 +9,11 @@ one of them when it first needs a thread (after its body has arrived: a slow cli
 the one with the fewest calls waiting, and keeps it to its end (Django's thread-sensitive contract: a
 request's signals, view and response close run on one thread, with one connection).
 
-Measured (bench/filestore_requests.py, 200 KB blob, HTTPS, 2026-11-30 19:38-19:39, load 2.8-5.2, other
-processes 47-57 % of the CPU; before/after alternated twice), median ms and requests/s:
-HEAD 1 client 3.0-3.8 -> 2.5-2.7 ms; HEAD 10 clients 219-265 -> 432-482 req/s; GET 1 client 4.9-6.9 -> 3.2-3.3 ms;
-GET 10 clients 183-198 -> 331-334 req/s; PUT 1 client 7.9-8.7 -> 6.3-7.9 ms; PUT 10 clients 97-108 -> 92-144 req/s
+Measured (bench/filestore_requests.py, 200 KB blob, HTTPS, 60 requests per client; 2026-11-30 20:01-20:03, load
+2.5-2.8 falling, other processes 0-10 % of the CPU; the store of 632048f and this one alternated twice; this one
+also reads without a write, access.TOUCH_EVERY_S), median ms / requests per second:
+HEAD 1 client 4.4-4.5 -> 2.9-3.1 ms, 10 clients 198-221 -> 352-382 req/s; GET 1 client 5.1-7.8 -> 3.7-4.1 ms,
+10 clients 166-186 -> 260-272 req/s; PUT 1 client 9.8-11.0 -> 8.4 ms, 10 clients 97-100 -> 121-128 req/s
 (PUTs wait on SQLite's single writer and the file writes, not on threads).
 
     workers = WorkerThreads(4)
