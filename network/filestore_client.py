@@ -122,18 +122,18 @@ class FileStoreClient:
         hashes. A `Payload` (`params_to_buffers`' result) is sent from the tensors' memory, uncopied.
         """
         readers = list(readers)
-        if len(data) > SMALL_BLOB:
-            return self._post(data, readers)
-        sha256 = sha256_bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data.sha256()
-        ref = BlobRef(sha256=sha256, size=len(data))
         try:
+            if len(data) > SMALL_BLOB:
+                return self._post(data, readers)
+            ref = _ref(data)
             self._put(ref, data, readers)
+            return ref
         except BlobTransferError as exc:
             # Over a limit lowered since the blob was stored: it is there all the same.
-            if exc.status != 413 or not self.exists(ref.sha256):
+            if exc.status != 413 or not self.exists((ref := _ref(data)).sha256):
                 raise
             self.grant(ref, readers)
-        return ref
+            return ref
 
     def upload_file(self, path: str | Path, readers: Iterable[str] = ()) -> BlobRef:
         """Stream a file to the store without reading it into memory (readers as in `upload_bytes`)."""
@@ -334,6 +334,11 @@ class FileStoreClient:
                 server_message=message,
             )
         return response
+
+
+def _ref(data: bytes | Payload) -> BlobRef:
+    sha256 = sha256_bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data.sha256()
+    return BlobRef(sha256=sha256, size=len(data))
 
 
 class _HashingBody:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
+import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,8 @@ class Recorder(FileStoreClient):
 
     def _post(self, data, readers) -> BlobRef:
         self.calls.append(f"POST {','.join(readers)}".strip())
+        if self.put_error is not None:
+            raise BlobTransferError("refused", status=self.put_error)
         return BlobRef(sha256=hashlib.sha256(bytes(data)).hexdigest(), size=len(data))
 
     def _put(self, ref, body, readers=()) -> None:
@@ -59,10 +64,13 @@ def test_large_files_already_stored_are_not_sent(monkeypatch: pytest.MonkeyPatch
     assert stored.calls == ["HEAD"] and missing.calls == ["HEAD", "PUT"]
 
 
-def test_over_the_limit_but_stored_is_fine() -> None:
+@pytest.mark.parametrize(("small_blob", "sent_by"), [(1 << 20, "PUT"), (4, "POST")])
+def test_over_the_limit_but_stored_is_fine(monkeypatch: pytest.MonkeyPatch, small_blob: int, sent_by: str) -> None:
+    monkeypatch.setattr(filestore_client, "SMALL_BLOB", small_blob)
     client = Recorder(stored=True, put_error=413)
-    client.upload_bytes(b"stored before the limit was lowered", readers=["node-a"])
-    assert client.calls == ["PUT node-a", "HEAD", "GRANT node-a"]
+    ref = client.upload_bytes(b"stored before the limit was lowered", readers=["node-a"])
+    assert client.calls == [f"{sent_by} node-a", "HEAD", "GRANT node-a"]
+    assert ref.sha256 == hashlib.sha256(b"stored before the limit was lowered").hexdigest()
 
 
 def test_a_large_file_already_readable_is_granted_not_sent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -75,7 +83,47 @@ def test_a_large_file_already_readable_is_granted_not_sent(monkeypatch: pytest.M
     assert stored.calls == ["HEAD", "GRANT node-b"] and missing.calls == ["HEAD", "PUT node-b"]
 
 
+@pytest.mark.parametrize("small_blob", [1 << 20, 2])
 @pytest.mark.parametrize(("stored", "status"), [(False, 413), (True, 500), (True, 401)])
-def test_other_failures_are_raised(stored: bool, status: int) -> None:
+def test_other_failures_are_raised(monkeypatch: pytest.MonkeyPatch, small_blob: int, stored: bool, status: int) -> None:
+    monkeypatch.setattr(filestore_client, "SMALL_BLOB", small_blob)
     with pytest.raises(BlobTransferError):
         Recorder(stored=stored, put_error=status).upload_bytes(b"data")
+
+
+class _LyingStore(http.server.BaseHTTPRequestHandler):
+    """A store that reads each POST whole and names it with another sha256 (or another size)."""
+
+    answer: dict = {}
+
+    def do_POST(self) -> None:  # http.server names its handlers so
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps(self.answer).encode()
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("lie", ["sha256", "size", "not-json"])
+def test_a_store_naming_a_large_upload_otherwise_is_refused(monkeypatch: pytest.MonkeyPatch, lie: str) -> None:
+    monkeypatch.setattr(filestore_client, "SMALL_BLOB", 4)
+    data = b"what the client sent"
+    honest = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    lies = {"sha256": {**honest, "sha256": "0" * 64}, "size": {**honest, "size": 5}, "not-json": []}
+    handler = type("Handler", (_LyingStore,), {"answer": lies[lie]})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with FileStoreClient(FileStoreSettings(url=url, token="t" * 32)) as client, \
+                pytest.raises(BlobTransferError, match="this client sent 20 bytes hashing to"):  # fmt: skip
+            client.upload_bytes(data)
+    finally:
+        server.shutdown()
+        server.server_close()
