@@ -21,16 +21,31 @@ from persistqueue.exceptions import Empty
 SEEN_RETENTION_S = 14 * 24 * 3600
 
 
+class _AckQueue(SQLiteAckQueue):
+    """persist-queue's queue, its WAL commits written without waiting for the disk (`synchronous=NORMAL`).
+
+    A commit is then durable against the daemon's own crash or kill (the page cache holds it), which is what the
+    queue is for; after a power cut the last few may be lost, and the researcher re-sends what it has no answer
+    for. Measured (2026-11-30, this VM's disk while other test suites wrote to it): put + get + ack with a seen
+    record 52-63 ms with an fsync per commit (5 a round), 3 ms on an idle disk."""
+
+    def _new_db_connection(self, path: str, multithreading: bool, timeout: float) -> sqlite3.Connection:
+        conn = super()._new_db_connection(path, multithreading, timeout)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+
 class TaskQueue:
     def __init__(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self._q = SQLiteAckQueue(
+        self._q = _AckQueue(
             str(path), auto_resume=True, multithreading=True, serializer=json_serializer, name="train"
         )
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._seen = sqlite3.connect(str(path / "seen.db"), check_same_thread=False, isolation_level=None)
         self._seen.execute("PRAGMA journal_mode=WAL")
+        self._seen.execute("PRAGMA synchronous=NORMAL")  # as the queue's (_AckQueue)
         self._seen.execute(
             "CREATE TABLE IF NOT EXISTS seen (request_id TEXT PRIMARY KEY, at REAL NOT NULL, state TEXT NOT NULL)"
         )
