@@ -18,6 +18,7 @@ uploader holds a coroutine, not a thread) but, for this store, needs three chang
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,29 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+BODY_METHODS = frozenset({"PUT", "POST", "PATCH"})
+
+
+def _party(scope: Scope) -> Any:
+    from .auth import party_for  # imported once Django is configured (create_asgi_app)
+
+    return party_for(_header(scope, b"authorization"))
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+async def _json(send: Send, status: int, text: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps({"error": text}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _plain(send: Send, status: int, text: str) -> None:
     body = text.encode()
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
@@ -94,6 +118,12 @@ class FileStoreHandler(ASGIHandler):
             return message
 
         upload = scope.get("method") == "PUT" or (scope.get("method") == "POST" and scope.get("path") == UPLOAD_PATH)
+        if scope.get("method") in BODY_METHODS and _party(scope) is None:
+            # before a byte of the body is read: a party without a valid token gets nothing spooled to the
+            # store's disk (Django's authentication runs only once the whole body has arrived)
+            await _json(send, 401, "invalid token; send 'Authorization: Token <token>' with the token from your "
+                        "credentials file", [(b"www-authenticate", b"Token")])  # fmt: skip
+            return
         bounded.blob_put = upload  # type: ignore[attr-defined] # read_body: hash it as it arrives
         try:
             # Django's own ThreadSensitiveContext() inside finds this one set and leaves it: the view runs on

@@ -65,6 +65,16 @@ def party_names() -> set[str]:
     return _index.names(settings.FEDSILO_FILESTORE["parties"])
 
 
+def party_for(header: str) -> Party | None:
+    """The party an `Authorization: Token <token>` header names, or None (no header, another scheme, a token
+    no party holds)."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme != PartyTokenAuthentication.keyword or not token:
+        return None
+    return _index.lookup(settings.FEDSILO_FILESTORE["parties"], hashlib.sha256(token.encode()).hexdigest())
+
+
 class PartyTokenAuthentication(authentication.BaseAuthentication):
     keyword = "Token"
 

@@ -322,3 +322,24 @@ def test_gc_refuses_a_directory_that_is_not_a_network(tmp_path: Path) -> None:
     done = subprocess.run([*FEDSILO, "network", "gc", "--dir", str(tmp_path)], capture_output=True, text=True,
                           timeout=60)  # fmt: skip
     assert done.returncode == 1 and "not a network directory" in done.stderr
+
+
+# ------------------------------------------------------------------------------------ no token, no body
+@pytest.mark.parametrize("method,path", [("PUT", "/api/v1/blobs/" + "ab" * 32), ("POST", "/api/v1/blobs")])
+@pytest.mark.parametrize("auth", ["", "Authorization: Token not-a-token\r\n", "Authorization: Basic eDp5\r\n"])
+def test_an_upload_without_a_valid_token_is_refused_before_its_body(net: NetworkHandle, method: str, path: str,
+                                                                    auth: str) -> None:  # fmt: skip
+    """The 401 comes while the 50 MB body is still unsent: nothing of it reaches the store's disk (Django's
+    authentication runs only once a body has arrived whole, so the store used to spool it first)."""
+    host, port = net.filestore_url.rsplit("//", 1)[1].rsplit(":", 1)
+    tmp_before = set(os.listdir(net.netdir / "filestore" / "tmp"))
+    tls = client_context(net.credentials("researcher").filestore.tls)
+    raw = socket.create_connection((host, int(port)), timeout=30)
+    with raw, tls.wrap_socket(raw, server_hostname=host) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 50000000\r\n\r\n".encode()
+                  + os.urandom(65536))  # fmt: skip
+        answer = ""
+        while "}" not in answer and (chunk := s.recv(4096)):  # the head, then the JSON body
+            answer += chunk.decode("latin-1")
+    assert answer.startswith("HTTP/1.1 401") and "invalid token" in answer
+    assert set(os.listdir(net.netdir / "filestore" / "tmp")) <= tmp_before
