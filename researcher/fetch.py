@@ -43,6 +43,11 @@ FETCH_THREADS = 4
 """Downloads at once (at most one per node of the round); see `round.py` for the measurement."""
 MIN_READ_S = 1.0
 """The shortest read timeout a worker's client gets near the deadline (a download started at the deadline)."""
+INLINE_BYTES = 1 << 20
+"""A reply whose blobs total at most this is loaded on the round's thread (`Fetcher.fetch_here`): such a download
+takes about 3 ms here, and handing it to a thread cost more than it saved. Measured (2026-11-30, bench/run.py K=10
+small, 200 KB updates, load 2-3, 1 % foreign CPU): researcher CPU 68 ms a round serial, 84 ms with every update
+on a thread."""
 
 ClientFactory = Callable[[float], FileStoreClient]
 """A read timeout in seconds -> a new client of the store (one per worker thread)."""
@@ -201,35 +206,58 @@ class Fetcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def fetch_here(self, node: str, reply: TrainReply) -> Fetched:
+        """`reply`'s blobs loaded on the calling thread, with a client of the pool (for small updates, see
+        `INLINE_BYTES`); it takes a slot as a worker's download does: `release` it once folded."""
+        with self._cond:
+            self._slots -= 1
+        taken: list[tuple[FileStoreClient, float]] = []
+
+        def client() -> FileStoreClient:
+            wanted = self._read_timeout()
+            taken.append((self._clients.take(wanted), wanted))
+            return taken[0][0]
+
+        try:
+            return self._fetch(node, reply, client)
+        finally:
+            for c, timeout in taken:
+                self._clients.give(c, timeout)
+
     # ------------------------------------------------------------------ worker threads
+    def _read_timeout(self) -> float:
+        """Reads give up with the round near its deadline (see the module docstring)."""
+        return min(self._clients.transfer, max(self._deadline - time.monotonic(), MIN_READ_S))
+
+    def _fetch(self, node: str, reply: TrainReply, client: Callable[[], FileStoreClient]) -> Fetched:
+        t0 = time.perf_counter()
+        try:
+            return Fetched(node, reply, self._load(client(), reply), None, time.perf_counter() - t0)
+        except Exception as exc:  # the round says what it means: a drop, or its own failure
+            return Fetched(node, reply, None, exc, time.perf_counter() - t0)
+
     def _work(self) -> None:
-        client: FileStoreClient | None = None
-        read_timeout = 0.0
+        held: list[tuple[FileStoreClient, float]] = []  # this thread's client and its read timeout
+
+        def client() -> FileStoreClient:
+            wanted = self._read_timeout()
+            if held and wanted < held[0][1]:  # near the deadline: a new client whose reads end with the round
+                self._clients.give(*held.pop())
+            if not held:
+                held.append((self._clients.take(wanted), wanted))
+            return held[0][0]
+
         try:
             while (task := self._next()) is not None:
-                node, reply = task
-                t0 = time.perf_counter()
-                blobs, error = None, None
-                try:
-                    # Near the deadline a new client whose reads give up with the round (see the module docstring).
-                    wanted = min(self._clients.transfer, max(self._deadline - time.monotonic(), MIN_READ_S))
-                    if client is None or wanted < read_timeout:
-                        if client is not None:
-                            self._clients.give(client, read_timeout)
-                        client, read_timeout = None, wanted
-                        client = self._clients.take(wanted)
-                    blobs = self._load(client, reply)
-                except Exception as exc:  # the round says what it means: a drop, or its own failure
-                    error = exc
-                done = Fetched(node, reply, blobs, error, time.perf_counter() - t0)
+                done = self._fetch(*task, client)
                 with self._cond:  # under the lock: nothing is delivered once `close` returned
                     if self._closed:
-                        log.debug("download of %s's update finished after the round ended; discarded", node)
+                        log.debug("download of %s's update finished after the round ended; discarded", done.node)
                         return
                     self._deliver(done)
         finally:
-            if client is not None:
-                self._clients.give(client, read_timeout)
+            for c, timeout in held:
+                self._clients.give(c, timeout)
 
     def _next(self) -> tuple[str, TrainReply] | None:
         """The next task once a slot is free; None once closed."""

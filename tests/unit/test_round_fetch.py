@@ -161,3 +161,18 @@ def test_clients_are_kept_for_the_next_round_except_those_made_near_a_deadline()
     assert loads.timeouts[-1] <= 5.0 and pool._idle == kept  # the short-timeout client was closed, not kept
     pool.close()
     assert all(client.closed for client in kept) and pool._idle == []
+
+
+def test_a_small_update_is_loaded_on_the_calling_thread_with_a_pooled_client() -> None:
+    loads, out = Loads(), queue.Queue[Fetched]()
+    loads.go.set()
+    pool = ClientPool(loads.client, 60.0)
+    with _fetcher(loads, out, workers=1, pool=pool) as fetcher:
+        first = fetcher.fetch_here("a", reply("a"))
+        fetcher.release()
+        second = fetcher.fetch_here("bad-b", reply("bad-b"))
+        fetcher.release()
+        assert fetcher.threads() == [] and out.empty()  # no thread, nothing through `deliver`
+    assert first.error is None and isinstance(second.error, ValueError)
+    assert loads.threads == {threading.current_thread().name}
+    assert loads.timeouts == [60.0] and len(pool._idle) == 1  # one client, taken twice, back in the pool
