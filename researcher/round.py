@@ -6,6 +6,9 @@ usable reply (`add`, then `result`), and the round policy (`Strategy.check_round
 round counts. Every reply is checked before the algorithm sees it (`update_checks`): the dataset and the
 sample count against what the node reported, the blobs parsed as safetensors, compatible with the
 model and finite. Anything unusable drops that node for the round, with the reason; the round goes on.
+Updates are downloaded and checked on a few threads while the loop keeps taking replies (researcher/fetch.py);
+each is folded in on the round's thread as soon as its download is done. A download still running at the
+deadline drops its node as a timeout.
 
     record, new_global = TrainingRound(context, round_index=3, bar=bar).run()
 """

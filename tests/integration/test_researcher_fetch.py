@@ -50,10 +50,12 @@ def update(fill: float) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------- the wire
 class Relay:
     """TCP relay to the file store. The first connection whose server->client bytes pass `HOLD_AFTER` is held
-    (its next bytes are not forwarded) until `release` is set: a download stalled in the middle of its body."""
+    (its next bytes are not forwarded) until `release` is set: a download stalled in the middle of its body.
+    With `cut`, that connection is closed instead: the store went away in the middle of a download."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
+        self.cut = False
         self.held, self.release = threading.Event(), threading.Event()
         self._holder: socket.socket | None = None
         self._lock = threading.Lock()
@@ -86,6 +88,9 @@ class Relay:
                 forwarded += len(data)
                 if downstream and forwarded > HOLD_AFTER and self._hold(src):
                     self.held.set()
+                    if self.cut:
+                        _shut(src)
+                        return
                     self.release.wait()
                 dst.sendall(data)
         except OSError:
@@ -273,6 +278,23 @@ def test_the_deadline_holds_while_a_download_hangs(
     for thread in training._fetcher.threads():
         thread.join(WAIT)
     assert training._fetcher.threads() == []
+
+
+def test_a_download_cut_off_mid_body_drops_only_its_node(
+    net: NetworkHandle, requests_: Requests, files: FileStoreClient, relay: Relay, nodes: dict[str, Node]
+) -> None:
+    relay.cut = True
+    cut, fine = start(net, nodes, "cut", {
+        "first": sends(update(1.0)),
+        "then": sends(update(2.0), before=lambda: relay.held.wait(WAIT)),
+    })  # fmt: skip
+    _, record, params = run_round(files, requests_, nodes, Recording(), relay=relay)
+    assert relay.held.is_set()
+    kind, reason = dropped(record)[cut]
+    size = len(params_to_bytes(update(1.0)))
+    assert kind == "invalid" and "unusable update" in reason and f"bytes, expected {size}" in reason, reason
+    assert record.nodes[fine].dropped is None
+    assert torch.equal(params["weight"], torch.full(SHAPE, 2.0))
 
 
 def test_hostile_replies_drop_only_their_node_with_the_reason(
