@@ -214,23 +214,12 @@ class Fetcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def fetch_here(self, node: str, reply: TrainReply) -> Fetched:
-        """`reply`'s blobs loaded on the calling thread, with a client of the pool (for small updates, see
+    def fetch_here(self, node: str, reply: TrainReply, client: FileStoreClient) -> Fetched:
+        """`reply`'s blobs loaded on the calling thread with `client` (the round's own: small updates, see
         `INLINE_BYTES`); it takes a slot as a worker's download does: `release` it once folded."""
         with self._cond:
             self._slots -= 1
-        taken: list[tuple[FileStoreClient, float]] = []
-
-        def client() -> FileStoreClient:
-            wanted = self._read_timeout()
-            taken.append((self._clients.take(wanted), wanted))
-            return taken[0][0]
-
-        try:
-            return self._fetch(node, reply, client)
-        finally:
-            for c, timeout in taken:
-                self._clients.give(c, timeout)
+        return self._fetch(node, reply, lambda: client)
 
     # ------------------------------------------------------------------ worker threads
     def _read_timeout(self) -> float:

@@ -235,7 +235,7 @@ class TrainingRound:
         self._fetching.add(node)
         assert self._fetcher is not None  # set by _collect, the only caller
         if sum(ref.size for ref in msg.blobs.values()) <= INLINE_BYTES:
-            self._on_fetched(self._fetcher.fetch_here(node, msg))
+            self._on_fetched(self._fetcher.fetch_here(node, msg, self.ctx.files))
         else:
             self._fetcher.submit(node, msg)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedsilo.common.config import Timeouts
 from fedsilo.common.errors import RemoteError
 from fedsilo.common.hashing import sha256_bytes
 from fedsilo.common.serialization import params_from_bytes, params_to_bytes
@@ -69,8 +70,10 @@ Behaviour = Callable[[TrainRequest, "queue.Queue[Message]"], None]
 
 class FakeRequests:
     party = "researcher"
+    timeouts = Timeouts()
 
     def __init__(self, behaviours: dict[str, Behaviour], online: dict[str, bool] | None = None) -> None:
+        self.credentials = creds()  # the download threads' clients are made from them (none here: small updates)
         self.behaviours = behaviours
         self.online = online or {n: True for n in behaviours}
         self.current: Waiter | None = None

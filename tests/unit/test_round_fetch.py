@@ -163,16 +163,19 @@ def test_clients_are_kept_for_the_next_round_except_those_made_near_a_deadline()
     assert all(client.closed for client in kept) and pool._idle == []
 
 
-def test_a_small_update_is_loaded_on_the_calling_thread_with_a_pooled_client() -> None:
+def test_a_small_update_is_loaded_on_the_calling_thread_with_its_client() -> None:
+    """The round's own client on the round's thread (the experiment's, as before the download threads): no
+    thread, no client made."""
     loads, out = Loads(), queue.Queue[Fetched]()
     loads.go.set()
     pool = ClientPool(loads.client, 60.0)
+    own = loads.client(60.0)
     with _fetcher(loads, out, workers=1, pool=pool) as fetcher:
-        first = fetcher.fetch_here("a", reply("a"))
+        first = fetcher.fetch_here("a", reply("a"), own)
         fetcher.release()
-        second = fetcher.fetch_here("bad-b", reply("bad-b"))
+        second = fetcher.fetch_here("bad-b", reply("bad-b"), own)
         fetcher.release()
         assert fetcher.threads() == [] and out.empty()  # no thread, nothing through `deliver`
     assert first.error is None and isinstance(second.error, ValueError)
     assert loads.threads == {threading.current_thread().name}
-    assert loads.timeouts == [60.0] and len(pool._idle) == 1  # one client, taken twice, back in the pool
+    assert loads.timeouts == [60.0] and pool._idle == []  # the one client made here; the pool made none
