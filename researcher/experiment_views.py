@@ -140,8 +140,10 @@ class ExperimentViews:
 
     def round_stats(self) -> dict[int, dict[str, float]]:
         """Round -> researcher-side seconds: `wall_s` (the whole round), `prepare_s` (parameters serialised
-        and uploaded, requests built), `wait_s` (waiting for node messages), `handle_s` (replies downloaded,
-        checked and added to the aggregator), `aggregate_s` (the aggregator's result)."""
+        and uploaded, requests built), `wait_s` (waiting for node messages and finished downloads), `handle_s` (the
+        round's thread on replies and folds: small updates are downloaded there), `fetch_s` (the download threads'
+        summed time: large updates are downloaded, parsed and checked while the round goes on), `aggregate_s`
+        (the aggregator's result)."""
         return {r: dict(v) for r, v in self._history.stats.items()}  # type: ignore[attr-defined]
 
     def requests(self) -> Requests:
