@@ -25,7 +25,7 @@ import torch
 
 from fedsilo.common.errors import FedsiloError, SerializationError
 from fedsilo.common.hashing import sha256_bytes
-from fedsilo.common.serialization import params_from_bytes, params_to_bytes
+from fedsilo.common.serialization import params_from_bytes, params_to_buffers
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +210,14 @@ def release_free_heap() -> None:
 
 
 def _write(folder: Path, round_index: int, params: Params) -> str:
-    """Write one round atomically (temporary file renamed into place); returns its sha256."""
-    blob = params_to_bytes(params)
+    """Write one round atomically (temporary file renamed into place) from the tensors' memory; returns its
+    sha256. Measured (40 MB, idle 2-core machine, 2026-11-30): 0.22-0.30 s through one joined copy, 0.18-0.19 s
+    written from the tensors (the thread runs while the next round does)."""
+    payload = params_to_buffers(params)
     folder.mkdir(parents=True, exist_ok=True)
     final = round_file(folder, round_index)
     tmp = final.with_name(f".{final.name}.tmp")
-    tmp.write_bytes(blob)
+    with open(tmp, "wb") as f:
+        f.writelines(payload.buffers)
     os.replace(tmp, final)
-    return sha256_bytes(blob)
+    return payload.sha256()
