@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import time
 import uuid
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PrivateAttr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 
 from fedsilo.common import PROTOCOL_VERSION
 
@@ -18,12 +33,120 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+INLINE_BLOB_BYTES = 512 * 1024
+"""The largest blob a message carries inline (`BlobRef.data`, raw bytes); a larger one goes through the file
+store. The message limit (`messages.MAX_MESSAGE_BYTES`) is derived from it: base64 of this plus room for the rest.
+512 KiB holds the benchmark's small model (50,552 float32 parameters, 202,400 bytes of safetensors) and its
+int64 masked update under secure aggregation (404,592 bytes) with room to spare. Measured (2026-11-30, bench/
+round_profile.py, 2-core VM; see docs/internals.md "Messages"): the numbers are in `bench/round_profile.py`'s
+comment on inline blobs."""
+
+
+def b64_length(size: int) -> int:
+    """Characters of the base64 of `size` bytes (padded, no newlines)."""
+    return 4 * ((size + 2) // 3)
+
+
+_B64_LAST = {1: "AQgw", 2: "AEIMQUYcgkosw048"}  # the last digit before 2 or 1 "=": its unused bits must be 0
+
+
+def _from_base64(value: Any) -> Any:
+    """Standard base64 (RFC 4648 section 4: A-Z a-z 0-9 + /, padded, no newline, no space, canonical) -> bytes;
+    anything else is refused (`base64.b64decode` alone ignores stray characters and accepts non-zero padding
+    bits). A str longer than the base64 of `INLINE_BLOB_BYTES` is refused before it is decoded. Bytes given in
+    Python (not JSON) are the data itself."""
+    if not isinstance(value, str):
+        return value
+    if len(value) > b64_length(INLINE_BLOB_BYTES):
+        raise ValueError(f"inline data over {INLINE_BLOB_BYTES} bytes (INLINE_BLOB_BYTES): send it through the "
+                         "file store")  # fmt: skip
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"inline data is not standard base64 ({exc})") from None
+    pad = len(value) - len(value.rstrip("="))
+    if pad and value[-pad - 1] not in _B64_LAST[pad]:
+        raise ValueError("inline data is not canonical base64 (padding bits set)")
+    return data
+
+
+def _to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+InlineData = Annotated[
+    bytes, BeforeValidator(_from_base64), PlainSerializer(_to_base64, return_type=str, when_used="json")
+]
+"""Bytes in Python, standard base64 in JSON (`_from_base64`)."""
+
+
 class BlobRef(BaseModel):
-    """A file-store object: content-addressed, so its id is its sha256."""
+    """A blob by its sha256 and size: in the file store (content-addressed, so its id is its sha256), or carried
+    inline in the message (`data`, at most `INLINE_BLOB_BYTES`): small models and updates then move with the
+    message, without a file-store round trip. `data` is checked once, when the ref is parsed or built: its
+    length must be `size` and its sha256 `sha256`, else the message is invalid (field `...data`).
+
+        ref = BlobRef.inline(blob_bytes)          # hashed once here
+        ref.data is not None                      # True: the receiver needs no download
+        ref.lean()                                # the same ref without its data, to keep or record
+        ref.model_dump_json()                     # {"sha256": ..., "size": ..., "data": "<base64>"}
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     sha256: _SHA
     size: int = Field(ge=0)
+    data: InlineData | None = Field(None, repr=False)  # never in a repr: logs must not print a model
+    """The blob itself, when it travels inline; None: fetch it from the file store."""
+
+    @field_validator("data")
+    @classmethod
+    def _matches(cls, data: bytes | None, info: ValidationInfo) -> bytes | None:
+        if data is None:
+            return None
+        if len(data) > INLINE_BLOB_BYTES:
+            raise ValueError(f"inline data of {len(data)} bytes is over {INLINE_BLOB_BYTES} (INLINE_BLOB_BYTES): "
+                             "send it through the file store")  # fmt: skip
+        size, sha = info.data.get("size"), info.data.get("sha256")
+        if size is None or sha is None:  # already refused: the error names that field
+            return data
+        if len(data) != size:
+            raise ValueError(f"inline data has {len(data)} bytes, the ref says size {size}")
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise ValueError(f"inline data does not hash to the ref's sha256 {sha}")
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        """A ref without data dumps as before inline blobs existed; `context={"inline": False}` leaves the data
+        out (what a node or researcher keeps or records: `Message.to_json(inline=False)`)."""
+        if self.data is not None and (info.context or {}).get("inline", True):
+            return handler(self)
+        return {"sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def inline(cls, data: bytes | bytearray | memoryview) -> BlobRef:
+        """A ref carrying `data`, hashed once here (nothing to check: the ref is made from the data)."""
+        raw = bytes(data)
+        if len(raw) > INLINE_BLOB_BYTES:
+            raise ValueError(f"{len(raw)} bytes is over INLINE_BLOB_BYTES ({INLINE_BLOB_BYTES})")
+        return cls.model_construct(sha256=hashlib.sha256(raw).hexdigest(), size=len(raw), data=raw)
+
+    def lean(self) -> BlobRef:
+        """This ref without its data (itself when it has none)."""
+        return self if self.data is None else self.model_construct(sha256=self.sha256, size=self.size, data=None)
+
+
+def inline_bytes(obj: Any) -> int:
+    """The bytes carried inline by the blob refs in `obj` (a message, a ref, or dicts and lists of them)."""
+    if isinstance(obj, BlobRef):
+        return len(obj.data) if obj.data is not None else 0
+    if isinstance(obj, BaseModel):
+        obj = obj.__dict__
+    if isinstance(obj, dict):
+        return sum(inline_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(inline_bytes(v) for v in obj)
+    return 0
 
 
 class Message(BaseModel):
@@ -37,8 +160,10 @@ class Message(BaseModel):
     _signature: tuple[str, str] | None = PrivateAttr(None)
     """(signer, base64 signature) once `Messaging` verified the bytes this was parsed from; never sent."""
 
-    def to_json(self) -> bytes:
-        return self.model_dump_json().encode("utf-8")
+    def to_json(self, inline: bool = True) -> bytes:
+        """The wire form; `inline=False` leaves out the data of inline blobs (`BlobRef.data`): the form to
+        keep, record or hand on once the data was used."""
+        return self.model_dump_json(context=None if inline else {"inline": False}).encode("utf-8")
 
     @property
     def signer(self) -> str:

@@ -13,7 +13,7 @@ from fedsilo.common.errors import ErrorCode
 from fedsilo.common.safejson import JSONLimitError, check_json
 from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
 
-from .message_base import _ID, _SHA, BlobRef, Message, Reply
+from .message_base import _ID, _SHA, INLINE_BLOB_BYTES, BlobRef, Message, Reply, b64_length
 from .message_base import new_id as new_id
 from .secagg_messages import (
     SecaggKeysReply,
@@ -25,8 +25,10 @@ from .secagg_messages import (
     SecaggUnmaskRequest,
 )
 
-MAX_MESSAGE_BYTES = 256 * 1024
-"""Messages carry references, never payloads; anything larger is refused before parsing."""
+MAX_MESSAGE_BYTES = b64_length(INLINE_BLOB_BYTES) + 256 * 1024
+"""One inline blob's base64 (`INLINE_BLOB_BYTES`: a small model or update) plus the 256 KiB every message had
+before inline blobs; anything larger is refused before parsing. Senders inline at most `INLINE_BLOB_BYTES` in
+total per message, the rest goes through the file store."""
 MAX_MESSAGE_DEPTH = 16
 """fedsilo's messages nest at most 5 levels; deeper JSON is refused before any parser recurses into it."""
 

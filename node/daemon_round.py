@@ -35,7 +35,7 @@ from .loading_plans import attach as attach_loading_plan
 from .plans import PlanStore
 from .secagg import mask_update, open_shares
 from .stages import stage
-from .transfer import fetch_blobs, fetch_plan_source, upload_blobs
+from .transfer import fetch_blobs, fetch_plan_source, lean_request, upload_blobs
 
 PLAN_CACHE_SIZE = 16
 """Plans kept as source text by sha256 (at most 4 MiB each, a few KiB in practice)."""
@@ -180,6 +180,7 @@ def load_params(r: DaemonRound) -> None:
     t0 = time.perf_counter()
     r.blobs = fetch_blobs(r.node.files, r.request.blobs)
     r.download_s += time.perf_counter() - t0
+    r.request = lean_request(r.request)  # inline data used: the worker's header and the round keep refs only
     parsed = {name: params_from_bytes(data, copy=False) for name, data in r.blobs.items()}  # views: buffers it owns
     r.received = parsed["params"]
 

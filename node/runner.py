@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from fedsilo.common.errors import ErrorCode, WorkerProtocolError
+from fedsilo.network.message_base import inline_bytes
 from fedsilo.network.messages import (
     ErrorReply,
     EvaluateReply,
@@ -125,8 +126,8 @@ class TaskRunner:
         log.info("[%s] round finished: job %s round %d: %s in %.2fs", rid, request.job_id, request.round,
                  _outcome(reply), time.monotonic() - started)  # fmt: skip
         raw = reply.to_json()
-        if self.publish_reliably(topic, raw):
-            d.queue.done(item, raw)
+        if self.publish_reliably(topic, raw):  # kept for re-sent copies; without inline data once older
+            d.queue.done(item, raw, reply.to_json(inline=False) if inline_bytes(reply) else None)
         else:
             log.error("[%s] reply not acknowledged by the broker; the task stays queued", rid)
         d._write_status()

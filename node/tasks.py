@@ -19,6 +19,10 @@ from persistqueue import SQLiteAckQueue
 from persistqueue.exceptions import Empty
 
 SEEN_RETENTION_S = 14 * 24 * 3600
+FULL_REPLIES_KEPT = 32
+"""Replies kept with their inline blobs (for re-sent copies of the latest tasks): at most 32 x 700 KB."""
+ACKED_KEPT = 16
+"""Answered items kept in the queue (each holds its request, with inline blobs: at most 16 x 700 KB)."""
 
 
 class _AckQueue(SQLiteAckQueue):
@@ -52,6 +56,8 @@ class TaskQueue:
         columns = {row[1] for row in self._seen.execute("PRAGMA table_info(seen)")}
         if "reply" not in columns:  # queues made before replies were kept
             self._seen.execute("ALTER TABLE seen ADD COLUMN reply BLOB")
+        if "full_reply" not in columns:  # queues made before inline blobs
+            self._seen.execute("ALTER TABLE seen ADD COLUMN full_reply BLOB")
         self._seen.execute("DELETE FROM seen WHERE at < ?", (time.time() - SEEN_RETENTION_S,))
         if self._q.size:
             self._wake.set()
@@ -65,7 +71,9 @@ class TaskQueue:
     def reply(self, request_id: str) -> bytes | None:
         """The reply published for a finished request, if kept."""
         with self._lock:
-            row = self._seen.execute("SELECT reply FROM seen WHERE request_id = ?", (request_id,)).fetchone()
+            row = self._seen.execute(
+                "SELECT coalesce(full_reply, reply) FROM seen WHERE request_id = ?", (request_id,)
+            ).fetchone()
         return bytes(row[0]) if row and row[0] is not None else None
 
     def put(self, request_id: str, item: dict[str, Any]) -> bool:
@@ -95,20 +103,33 @@ class TaskQueue:
         """Unblock `get` (used when stopping)."""
         self._wake.set()
 
-    def done(self, item: dict[str, Any], reply: bytes | None = None) -> None:
-        """Mark a task answered (keeping `reply` for re-sent copies) and remove it from the queue."""
+    def done(self, item: dict[str, Any], reply: bytes | None = None, lean: bytes | None = None) -> None:
+        """Mark a task answered (keeping `reply` for re-sent copies) and remove it from the queue.
+
+        `lean`: the reply without its inline blobs (`Message.to_json(inline=False)`), for a reply that carries
+        some: the full one is kept for the `FULL_REPLIES_KEPT` latest tasks only (a researcher re-sends while its
+        round waits), then the lean one (the data would grow the table by the update's size every round). The
+        queue's acked items (the requests, with their inline blobs) are cleared down to `ACKED_KEPT` here."""
         with self._lock:
             self._seen.execute(
-                "INSERT OR REPLACE INTO seen (request_id, at, state, reply) VALUES (?, ?, 'done', ?)",
-                (item["data"]["request_id"], time.time(), reply),
-            )
+                "INSERT OR REPLACE INTO seen (request_id, at, state, reply, full_reply) VALUES (?, ?, 'done', ?, ?)",
+                (item["data"]["request_id"], time.time(), lean if lean is not None else reply,
+                 reply if lean is not None else None),
+            )  # fmt: skip
+            if lean is not None:
+                self._seen.execute(
+                    "UPDATE seen SET full_reply = NULL WHERE full_reply IS NOT NULL AND request_id NOT IN "
+                    "(SELECT request_id FROM seen WHERE full_reply IS NOT NULL ORDER BY at DESC LIMIT ?)",
+                    (FULL_REPLIES_KEPT,),
+                )
         self._q.ack(id=item["pqid"])
+        self._q.clear_acked_data(keep_latest=ACKED_KEPT)
 
     @property
     def size(self) -> int:
         return self._q.size
 
     def close(self) -> None:
-        self._q.clear_acked_data(keep_latest=100)
+        self._q.clear_acked_data(keep_latest=ACKED_KEPT)
         with self._lock:
             self._seen.close()

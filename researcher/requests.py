@@ -16,6 +16,7 @@ from fedsilo.common.config import Timeouts
 from fedsilo.common.errors import RemoteError
 from fedsilo.network import topics
 from fedsilo.network.credentials import Credentials
+from fedsilo.network.message_base import inline_bytes
 from fedsilo.network.messages import (
     ApprovalReply,
     ApprovalRequest,
@@ -136,6 +137,8 @@ class Requests:
 
     def send(self, w: Waiter, node: str | None, message: Message) -> None:
         """Publish a request to `node` (None: every node) and re-send it from `w.get` until answered."""
+        if node is None and inline_bytes(message):  # every node reads the broadcast topic
+            raise ValueError(f"a {message.kind} with inline blobs goes to one node's topic, never to all")
         topic = topics.node(node, self.party) if node is not None else topics.broadcast(self.party)
         w.track(topic, message, node)
         self._c.publish(topic, message)

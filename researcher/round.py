@@ -28,6 +28,7 @@ from fedsilo.common.secagg import SecaggError
 from fedsilo.common.serialization import params_to_buffers
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.network.filestore_client import FileStoreClient
+from fedsilo.network.message_base import INLINE_BLOB_BYTES
 from fedsilo.network.messages import (
     BlobRef,
     DatasetInfo,
@@ -305,17 +306,24 @@ class TrainingRound:
 def task_requests(
     ctx: RoundContext, tasks: Mapping[str, NodeTask], round_index: int, kind: type[TaskRequest]
 ) -> tuple[dict[str, TaskRequest], list[BlobRef]]:
-    """One request of `kind` per node, and the blobs uploaded for them: each distinct blob is serialised and
-    uploaded once (nodes usually share the global model: one upload, not K)."""
+    """One request of `kind` per node, and the blobs sent with them: each distinct blob is serialised once
+    (nodes usually share the global model: one upload, not K). A blob of at most `INLINE_BLOB_BYTES` goes inline
+    in the requests (each on the topic of its one node: the broker's ACL lets no other node read it), while a
+    request's inline blobs total at most that; any other is uploaded once, readable by the experiment's nodes."""
     uploaded: dict[int, BlobRef] = {}
     outgoing: dict[str, TaskRequest] = {}
     for node, task in tasks.items():
-        refs = {}
+        refs, room = {}, INLINE_BLOB_BYTES
         for name, params in task.blobs.items():
             if id(params) not in uploaded:
                 blob = params_to_buffers(params)  # sent from the tensors' memory, hashed once (issue 11)
-                uploaded[id(params)] = ctx.files.upload_bytes(blob, readers=ctx.readers)
-            refs[name] = uploaded[id(params)]
+                uploaded[id(params)] = BlobRef.inline(blob.tobytes()) if blob.size <= INLINE_BLOB_BYTES \
+                    else ctx.files.upload_bytes(blob, readers=ctx.readers)  # fmt: skip
+            ref = uploaded[id(params)]
+            if ref.data is not None and ref.size > room:  # this request's inline room is spent: stored instead
+                ref = uploaded[id(params)] = ctx.files.upload_bytes(ref.data, readers=ctx.readers)
+            room -= ref.size if ref.data is not None else 0
+            refs[name] = ref
         extra = {"algorithm": AlgorithmSpec.of(task.config), "compression": ctx.compression} \
             if kind is TrainRequest else {}  # fmt: skip
         outgoing[node] = kind(
