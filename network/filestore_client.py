@@ -159,7 +159,8 @@ class FileStoreClient:
         return ref
 
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
-        """Fetch a blob into memory, refusing it beyond `max_bytes` and checking its size and sha256."""
+        """Fetch a blob into memory, refusing it beyond `max_bytes` and checking its size and sha256; a ref that
+        carries its data inline (`BlobRef.data`) is answered from it, without a request."""
         return bytes(self.download_buffer(ref, max_bytes))
 
     def download_buffer(self, ref: BlobRef, max_bytes: int | None = None) -> bytearray:
@@ -171,6 +172,8 @@ class FileStoreClient:
         """
         if max_bytes is not None and ref.size > max_bytes:
             raise BlobTransferError(f"blob {ref.sha256[:12]} is {ref.size} bytes, over the allowed {max_bytes}")
+        if ref.data is not None:  # inline in its message, checked against sha256 and size at parse: no request
+            return bytearray(ref.data)
         made: list[bytearray] = []
 
         def allocate() -> memoryview:  # once the store has confirmed the size: ref.size is only a claim

@@ -37,14 +37,12 @@ def fetch_plan_source(files: FileStoreClient, ref: BlobRef) -> str:
 
 
 def fetch_blobs(files: FileStoreClient, refs: dict[str, BlobRef]) -> dict[str, bytearray]:
-    """Every blob of a request, by name: an inline one copied out of its ref (verified when the message was
-    parsed), any other downloaded; `download_buffer` verifies each one's sha256 and size.
+    """Every blob of a request, by name; `download_buffer` verifies each one's sha256 and size, and copies an
+    inline one out of its ref without a request (checked when the message was parsed).
 
-    Buffers the daemon owns (writable, as the parse in place and the worker's frame want them), filled from the
-    socket: `download_bytes` would copy each once more (40 MB: 0.14 s measured at load 10) only for the worker's
-    frame to copy it again."""
-    return {name: bytearray(ref.data) if ref.data is not None else files.download_buffer(ref)
-            for name, ref in refs.items()}  # fmt: skip
+    Buffers the daemon owns, filled from the socket: `download_bytes` would copy each once more (40 MB: 0.14 s
+    measured at load 10) only for the worker's frame to copy it again."""
+    return {name: files.download_buffer(ref) for name, ref in refs.items()}
 
 
 def upload_blobs(files: FileStoreClient, blobs: dict[str, Any], reader: str) -> dict[str, BlobRef]:

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedsilo.common.errors import TransferError
 from fedsilo.common.serialization import check_compatible, params_from_bytes
 from fedsilo.network.filestore_client import FileStoreClient
 from fedsilo.network.messages import BlobRef, TrainReply
@@ -99,7 +98,8 @@ class UpdateLoader:
 
     def _checked(self, files: FileStoreClient, name: str, ref: BlobRef) -> Params:
         if name == "params" and self.compression is not None:  # a codec blob: decoded before `add`
-            params = decode_params(self._buffer(files, ref), self.global_params, self.compression)
+            data = files.download_buffer(ref, max_bytes=self.max_bytes)  # parsed in place, as _parse
+            params = decode_params(data, self.global_params, self.compression)
         else:
             params = self._parse(files, ref)
         if name == "params":
@@ -111,17 +111,9 @@ class UpdateLoader:
         return params
 
     def _parse(self, files: FileStoreClient, ref: BlobRef) -> Params:
-        # parsed in place: the tensors are views into the buffer just filled, which nothing else holds
-        return params_from_bytes(self._buffer(files, ref), copy=False)
-
-    def _buffer(self, files: FileStoreClient, ref: BlobRef) -> bytearray:
-        """The blob's bytes in a buffer of its own: copied out of an inline ref (checked against its sha256 and
-        size when the reply was parsed; no request to the store), else downloaded (`download_buffer` checks)."""
-        if ref.data is None:
-            return files.download_buffer(ref, max_bytes=self.max_bytes)
-        if ref.size > self.max_bytes:  # the bound a download has
-            raise TransferError(f"blob {ref.sha256[:12]} is {ref.size} bytes, over the {self.max_bytes} expected")
-        return bytearray(ref.data)
+        # parsed in place: the tensors are views into the buffer just filled (downloaded, or copied out of an
+        # inline ref without a request: `download_buffer`), which nothing else holds
+        return params_from_bytes(files.download_buffer(ref, max_bytes=self.max_bytes), copy=False)
 
 
 class ClientPool:

@@ -59,10 +59,10 @@ class FakeStore:
         return ref
 
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
-        return self.blobs[ref.sha256]
+        return ref.data if ref.data is not None else self.blobs[ref.sha256]  # as FileStoreClient: inline first
 
     def download_buffer(self, ref: BlobRef, max_bytes: int | None = None) -> bytearray:
-        return bytearray(self.blobs[ref.sha256])
+        return bytearray(self.download_bytes(ref))
 
 
 Behaviour = Callable[[TrainRequest, "queue.Queue[Message]"], None]
@@ -209,7 +209,7 @@ def test_round_aggregates_weighted_and_records_replies(tmp_path: Path) -> None:
     assert "round" in table_text.splitlines()[0] and table_text.count(" ok ") == 2
     uploads = store.uploads
     exp.run_once()
-    assert store.uploads == uploads + 3  # new global params + two node updates; the plan is not re-sent
+    assert store.uploads == uploads + 2  # two node updates: the global params go inline, the plan is not re-sent
     assert len({m.plan.sha256 for m in exp._requests.sent}) == 1
 
 
