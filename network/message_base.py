@@ -47,7 +47,7 @@ def b64_length(size: int) -> int:
     return 4 * ((size + 2) // 3)
 
 
-_B64_LAST = {1: "AQgw", 2: "AEIMQUYcgkosw048"}  # the last digit before 2 or 1 "=": its unused bits must be 0
+_B64_LAST = {2: "AQgw", 1: "AEIMQUYcgkosw048"}  # the digit before "==" or "=": its unused bits must be 0
 
 
 def _from_base64(value: Any) -> Any:

@@ -21,8 +21,9 @@ from persistqueue.exceptions import Empty
 SEEN_RETENTION_S = 14 * 24 * 3600
 FULL_REPLIES_KEPT = 32
 """Replies kept with their inline blobs (for re-sent copies of the latest tasks): at most 32 x 700 KB."""
-ACKED_KEPT = 16
-"""Answered items kept in the queue (each holds its request, with inline blobs: at most 16 x 700 KB)."""
+ACKED_KEPT = 0
+"""Answered items kept in the queue: none. Each holds its request, with its inline blobs (a 200 KB model: the
+queue grew by 270 KB a round until the daemon stopped); the `seen` table answers re-sent copies."""
 
 
 class _AckQueue(SQLiteAckQueue):
@@ -109,7 +110,7 @@ class TaskQueue:
         `lean`: the reply without its inline blobs (`Message.to_json(inline=False)`), for a reply that carries
         some: the full one is kept for the `FULL_REPLIES_KEPT` latest tasks only (a researcher re-sends while its
         round waits), then the lean one (the data would grow the table by the update's size every round). The
-        queue's acked items (the requests, with their inline blobs) are cleared down to `ACKED_KEPT` here."""
+        queue's answered items (the requests, with their inline blobs) are deleted here (`ACKED_KEPT`)."""
         with self._lock:
             self._seen.execute(
                 "INSERT OR REPLACE INTO seen (request_id, at, state, reply, full_reply) VALUES (?, ?, 'done', ?, ?)",
