@@ -24,6 +24,7 @@ from fedsilo.common.datasets import CsvDataset
 from fedsilo.common.plan_source import plan_source
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
+from fedsilo.network.filestore_client import FileStoreClient
 from fedsilo.node.datasets import DatasetStore
 from fedsilo.node.plans import PlanStore
 from fedsilo.researcher import EvaluationFailed, Experiment
@@ -179,8 +180,11 @@ def test_evaluate_measures_the_current_global_model_and_nothing_leaves_the_nodes
     with _experiment(setup, tmp_path, training_args={**ARGS, "test_on_global_updates": False}) as exp:
         before_training = {node: _node_uploads(setup, node) for node in ROWS}
         assert exp.run() == 1
+        for node in ROWS:  # the probe sees a node's upload (this model's update itself travels inline, issue 11)
+            with FileStoreClient(setup.network.credentials(node).filestore) as files:
+                files.upload_bytes(f"probe {node}".encode())
         trained = {node: _node_uploads(setup, node) for node in ROWS}
-        assert all(trained[n] - before_training[n] for n in ROWS)  # the probe sees a node's upload
+        assert all(trained[n] - before_training[n] for n in ROWS)
         current = {k: v.clone() for k, v in exp.training_plan().get_parameters().items()}
         report = exp.evaluate()
         assert {node: _node_uploads(setup, node) for node in ROWS} == trained  # no blob sent, none re-sent
