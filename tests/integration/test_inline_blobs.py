@@ -185,3 +185,38 @@ def test_a_replayed_inline_request_is_refused_and_no_inline_bytes_are_recorded(o
     b64 = base64.b64encode(blob).decode()
     for text in (_audit(one), one.log()):
         assert b64[:64] not in text and b64[-64:] not in text
+
+
+# ------------------------------------------------------------------ the message's inline room
+def test_a_node_inlines_its_blobs_while_the_reply_has_room_and_uploads_the_rest(one: OneNode) -> None:
+    from fedsilo.node.transfer import upload_blobs
+
+    blobs = {"params": b"p" * 300_000, "control": b"c" * 300_000, "tiny": memoryview(b"t" * 10)}
+    refs = upload_blobs(one.researcher.files, blobs, reader=one.researcher.party)
+    assert refs["params"].data == blobs["params"] and refs["tiny"].data == b"t" * 10  # inline: 300,010 bytes
+    assert refs["control"].data is None and _stored(one).get(refs["control"].sha256) == one.researcher.party
+    assert one.researcher.files.download_bytes(refs["control"]) == blobs["control"]
+
+
+def test_the_researcher_inlines_a_request_s_blobs_within_its_room_and_uploads_the_rest(one: OneNode) -> None:
+    from types import SimpleNamespace
+
+    from fedsilo.common.training_args import TrainingArgs
+    from fedsilo.network.messages import DatasetInfo
+    from fedsilo.researcher.algorithms.base import NodeTask
+    from fedsilo.researcher.round import task_requests
+
+    model = {"w": torch.ones(75_000)}  # 300 KB: the model and SCAFFOLD's control do not both fit in 512 KiB
+    control = {"w": torch.zeros(75_000)}
+    info = DatasetInfo(dataset_id=one.datasets["d1"], name="d1", tags=["demo"], data_type="csv")
+    ctx = SimpleNamespace(files=one.researcher.files, readers=["n1"], requests=SimpleNamespace(party="researcher"),
+                          job_id="j", training_data={"n1": info, "n2": info}, plan=BlobRef(sha256="a" * 64, size=1),
+                          plan_name="P", training_args=TrainingArgs(), model_args={}, compression=None)  # fmt: skip
+    tasks = {n: NodeTask({"params": model, "control": control}) for n in ("n1", "n2")}
+    outgoing, sent = task_requests(ctx, tasks, 0, TrainRequest)  # type: ignore[arg-type]
+    for msg in outgoing.values():
+        assert msg.blobs["params"].data == params_to_bytes(model) and msg.blobs["control"].data is None
+        assert len(msg.to_json()) < MAX_MESSAGE_BYTES
+    stored = _stored(one)
+    assert outgoing["n1"].blobs["control"].sha256 in stored and outgoing["n1"].blobs["params"].sha256 not in stored
+    assert len(sent) == 2  # each distinct blob serialised once for both nodes
