@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
+from .arrays import dtype_name
 from .codecs import CodecError
 from .codecs_quant import Parts, finite
 
@@ -33,31 +33,30 @@ class TopkCodec:
     def __init__(self, fraction: float) -> None:
         self.fraction = fraction
 
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Parts:
+    def encode(self, x: np.ndarray, generator: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         flat = x.reshape(-1)
-        if flat.numel() > MAX_INDEX:
-            raise CodecError(f"a tensor of {flat.numel()} entries is beyond int32 indices")
-        k = kept(self.fraction, flat.numel())
+        if flat.size > MAX_INDEX:
+            raise CodecError(f"a tensor of {flat.size} entries is beyond int32 indices")
+        k = kept(self.fraction, flat.size)
         # numpy's introselect: 0.12 s for 1 % of 5 M entries against torch.topk's 0.39 s (dev machine, 1 thread)
-        magnitude = flat.abs().numpy()
-        index = torch.from_numpy(np.argpartition(magnitude, flat.numel() - k)[flat.numel() - k :]).sort().values
-        return {"i": index.to(torch.int32), "v": flat[index].contiguous()}
+        index = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]) if k else np.zeros(0, np.int64)
+        return {"i": index.astype(np.int32), "v": flat[index]}
 
-    def decode(self, parts: Parts, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    def decode(self, parts: Parts, shape: tuple[int, ...], name: str) -> np.ndarray:
         index, values = parts["i"], parts["v"]
         numel = math.prod(shape)
         k = kept(self.fraction, numel)
-        if index.dtype != torch.int32 or values.dtype != torch.float32 or index.dim() != 1 or values.dim() != 1:
-            got = f"{index.dtype} {tuple(index.shape)} and {values.dtype} {tuple(values.shape)}"
+        if index.dtype != np.int32 or values.dtype != np.float32 or index.ndim != 1 or values.ndim != 1:
+            got = f"{dtype_name(index.dtype)} {index.shape} and {dtype_name(values.dtype)} {values.shape}"
             raise CodecError(f"tensor '{name}': indices must be 1-D int32 and values 1-D float32, got {got}")
-        if index.numel() != values.numel() or index.numel() > k:
-            raise CodecError(f"tensor '{name}': {index.numel()} indices and {values.numel()} values, expected the "
+        if index.size != values.size or index.size > k:
+            raise CodecError(f"tensor '{name}': {index.size} indices and {values.size} values, expected the "
                              f"same count, at most {k} (fraction {self.fraction:g} of {numel})")  # fmt: skip
         finite(values, f"tensor '{name}': the values")
-        out = torch.zeros(numel, dtype=torch.float32)
-        if index.numel():
-            wide = index.long()
-            if int(wide[0]) < 0 or int(wide[-1]) >= numel or (index.numel() > 1 and not bool((wide.diff() > 0).all())):
+        out = np.zeros(numel, dtype=np.float32)
+        if index.size:
+            wide = index.astype(np.int64)
+            if int(wide[0]) < 0 or int(wide[-1]) >= numel or (index.size > 1 and not bool((np.diff(wide) > 0).all())):
                 raise CodecError(f"tensor '{name}': indices must be ascending, distinct and within [0, {numel})")
             out[wide] = values
         return out.reshape(shape)

@@ -24,13 +24,13 @@ from fedsilo.common.errors import ErrorCode, PlanNotApproved, PlanRejected
 from fedsilo.common.training_args import TrainingArgs
 from fedsilo.network.messages import BlobRef, TrainRequest
 
-from .algorithms import job_state_dir
 from .audit import AuditLog
 from .compression import compress
 from .config import NodeConfig
 from .datasets import DatasetStore, check_min_count
 from .dp_policy import effective_dp
 from .dp_round import charge_budget, log_raised, needs_dp, spend_budget
+from .job_state import job_state_dir
 from .loading_plans import attach as attach_loading_plan
 from .plans import PlanStore
 from .secagg import mask_update, open_shares
@@ -174,14 +174,14 @@ def load_dataset(r: DaemonRound) -> None:
 def load_params(r: DaemonRound) -> None:
     """Every blob of the request, downloaded and parsed here (safetensors only, never unpickled): a hostile
     payload is refused before the worker sees it, and the daemon keeps the received global parameters
-    for the update's checks."""
-    from fedsilo.common.serialization import params_from_bytes
+    (numpy arrays: the daemon imports no torch) for the update's checks."""
+    from fedsilo.common.arrays import arrays_from_bytes
 
     t0 = time.perf_counter()
     r.blobs = fetch_blobs(r.node.files, r.request.blobs)
     r.download_s += time.perf_counter() - t0
     r.request = lean_request(r.request)  # inline data used: the worker's header and the round keep refs only
-    parsed = {name: params_from_bytes(data, copy=False) for name, data in r.blobs.items()}  # views: buffers it owns
+    parsed = {name: arrays_from_bytes(data, copy=False) for name, data in r.blobs.items()}  # views: buffers it owns
     r.received = parsed["params"]
 
 

@@ -18,16 +18,17 @@ computed once, so that AUC, F1 and Dice are those of the whole split, not means 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-
-from fedsilo.common.metrics import Metric
 
 from .config import Limits
+
+if TYPE_CHECKING:  # common.metrics computes on tensors: imported where a plan's metrics are (the worker)
+    from fedsilo.common.metrics import Metric
 
 REPLY_OWN_METRICS = 16
 """Room for the trainer's own metrics (loss, last_loss, steps, epochs, samples_seen, skipped_batches, epsilon,
@@ -52,11 +53,12 @@ def as_number(value: Any) -> float | str:
         return "a bool, not a number"
     if isinstance(value, int | float | np.integer | np.floating):
         return float(value)
-    if isinstance(value, torch.Tensor | np.ndarray):
-        size = value.numel() if isinstance(value, torch.Tensor) else value.size
+    torch = sys.modules.get("torch")  # a tensor comes from a process that imported torch; the daemon does not
+    if isinstance(value, np.ndarray) or (torch is not None and isinstance(value, torch.Tensor)):
+        size = value.size if isinstance(value, np.ndarray) else value.numel()
         if size != 1:
             return f"a {type(value).__name__} of {size} elements, not one number"
-        if isinstance(value, torch.Tensor) and (value.is_complex() or value.dtype == torch.bool):
+        if not isinstance(value, np.ndarray) and (value.is_complex() or value.dtype == torch.bool):
             return f"a {value.dtype} tensor, not a real number"
         try:
             return float(value.reshape(-1)[0])
@@ -139,6 +141,8 @@ class MetricsAccumulator:
         if not self._known(name) and len(self._sums) + len(self._stats) + len(self._dropped) >= self.max_metrics:
             self._reasons.add(f"more than [limits] max_metrics = {self.max_metrics} distinct metrics", name)
             return
+        from fedsilo.common.metrics import Metric  # the accumulator runs in the worker; the daemon never gets here
+
         if isinstance(value, Metric):
             self._merge(name, value)
             return

@@ -12,9 +12,12 @@ upload, so they hold whatever the plan did inside the worker (its own loop, a pa
     protected = protect_update(worker_blobs, received, cfg.dp)
     protected.blobs, protected.applied     # bytes to upload; what to report in `applied_caps`
 
-Cost for a 10 M-parameter update on the shared 2-core dev machine at load 9 (2026-12): the checks 0.48 s
+All of it runs on numpy arrays (`common/arrays.py`): the daemon imports no torch. The noise comes from
+numpy's PCG64 seeded with 128 bits from `secrets` (the OS), never from anything the plan could set.
+
+Cost for a 10 M-parameter update on the shared 2-core dev machine at load 9 (2026-12, torch): the checks 0.48 s
 (parse 0.10 s, the finite check 0.18 s), with clipping 2.0 s, with clipping and noise 2.7 s (float64
-arithmetic over every entry; off by default).
+arithmetic over every entry; off by default). MEASURED_NUMPY below: the same stages in numpy.
 
 With clipping or noise on, a reply may carry `params` only: an algorithm's other blobs (SCAFFOLD's
 `control_delta`) are computed from the unclipped update and would let it through.
@@ -27,27 +30,37 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
+from fedsilo.common.arrays import (
+    arrays_from_bytes,
+    arrays_to_bytes,
+    check_compatible,
+    is_float,
+    narrow,
+    non_finite,
+)
 from fedsilo.common.errors import NonFiniteError, SerializationError, UpdateRefused
-from fedsilo.common.serialization import check_compatible, non_finite, params_from_bytes, params_to_bytes
 
 from .config import DPPolicy
 
-Params = dict[str, torch.Tensor]
+Params = dict[str, np.ndarray]
 
 
 @dataclass
 class ProtectedUpdate:
-    """The blobs to upload (safetensors bytes) and what the protections did, for `applied_caps`."""
+    """The blobs to upload (safetensors bytes) and what the protections did, for `applied_caps`.
+
+        ProtectedUpdate({"params": data}, {"update_clip": {...}})
+    """
 
     blobs: dict[str, bytes]
     applied: dict[str, Any] = field(default_factory=dict)
 
 
 def protect_update(blobs: dict[str, Any], received: Params, policy: DPPolicy,
-                   generator: torch.Generator | None = None) -> ProtectedUpdate:  # fmt: skip
-    """Check the worker's blobs against the received global parameters, then clip and noise `params`
+                   generator: np.random.Generator | None = None) -> ProtectedUpdate:  # fmt: skip
+    """Check the worker's blobs against the received global parameters (arrays), then clip and noise `params`
     as `policy` says. `generator` is for tests; by default the noise is seeded from the OS, never from
     anything the plan could set (it seeds torch inside the worker)."""
     parsed = {name: _parse(name, data) for name, data in blobs.items()}
@@ -70,27 +83,34 @@ def protect_update(blobs: dict[str, Any], received: Params, policy: DPPolicy,
                             "derived from the unprotected update: use an algorithm that returns params only")
     params, applied = clip_and_noise(parsed["params"], received, policy.update_clip, policy.update_noise or 0.0,
                                      generator)  # fmt: skip
-    return ProtectedUpdate({"params": params_to_bytes(params)}, applied)
+    return ProtectedUpdate({"params": arrays_to_bytes(params)}, applied)
 
 
 def clip_and_noise(update: Params, received: Params, clip: float, multiplier: float,
-                   generator: torch.Generator | None = None) -> tuple[Params, dict[str, Any]]:  # fmt: skip
+                   generator: np.random.Generator | None = None) -> tuple[Params, dict[str, Any]]:  # fmt: skip
     """`received + min(1, clip / ||update - received||) * (update - received) + N(0, (multiplier * clip)^2)`
-    on every floating-point tensor (integer buffers such as BatchNorm's counter pass unchanged); and what
-    was applied. Computed in float64, returned in each tensor's own dtype."""
-    floats = [name for name, t in update.items() if t.is_floating_point()]
-    deltas = {name: update[name].double() - received[name].double() for name in floats}
-    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
+    on every floating-point array (integer buffers such as BatchNorm's counter pass unchanged); and what
+    was applied. Computed in float64, returned in each array's own dtype (rounded as torch's `.to` rounds)."""
+    floats = [name for name, t in update.items() if is_float(t)]
+    deltas = {}
+    for name in floats:  # in place from the first copy: one float64 array per tensor
+        delta = update[name].astype(np.float64)
+        delta -= received[name].astype(np.float64)
+        deltas[name] = delta
+    with np.errstate(over="ignore"):  # float64 entries past 1e154: an infinite norm, the update clipped to 0
+        norm = math.sqrt(sum(float(np.dot(d.reshape(-1), d.reshape(-1))) for d in deltas.values()))
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     std = multiplier * clip
     if generator is None and std > 0:
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        generator = np.random.default_rng(secrets.randbits(128))
     out = dict(update)
-    for name, delta in deltas.items():
-        new = received[name].double() + delta * scale
+    for name, new in deltas.items():
+        new *= scale
+        new += received[name]  # float64 += any float dtype: numpy widens each entry exactly
         if std > 0:
-            new = new + torch.randn(new.shape, dtype=torch.float64, generator=generator) * std
-        out[name] = new.to(update[name].dtype)
+            assert generator is not None
+            new += generator.standard_normal(new.shape) * std
+        out[name] = narrow(new, update[name].dtype)
     applied: dict[str, Any] = {
         "update_clip": {"requested": None, "applied": clip, "norm": norm, "clipped": scale < 1.0}}  # fmt: skip
     if std > 0:
@@ -100,6 +120,6 @@ def clip_and_noise(update: Params, received: Params, clip: float, multiplier: fl
 
 def _parse(name: str, data: bytes) -> Params:
     try:
-        return params_from_bytes(data, copy=False)  # views into the worker's frame, which the daemon owns
+        return arrays_from_bytes(data, copy=False)  # views into the worker's frame, which the daemon owns
     except SerializationError as exc:
         raise UpdateRefused(f"the update's blob '{name}' is not safetensors: {exc}") from None

@@ -223,17 +223,17 @@ def mask_update(r: DaemonRound) -> None:
     req = r.request
     if not isinstance(req, TrainRequest) or req.secagg is None:
         return
+    from fedsilo.common.arrays import arrays_from_bytes, arrays_to_bytes
     from fedsilo.common.secagg.layout import flat_delta, to_blob
-    from fedsilo.common.serialization import params_from_bytes, params_to_bytes
 
     if set(r.worker_blobs) != {"params"}:
         raise SecaggError(f"only 'params' can be aggregated securely; the round returned {sorted(r.worker_blobs)}")
     sessions: SecaggSessions = r.node.secagg
     t0 = time.perf_counter()
-    delta = flat_delta(params_from_bytes(r.worker_blobs["params"]), r.received)
+    delta = flat_delta(arrays_from_bytes(r.worker_blobs["params"], copy=False), r.received)  # numpy: no torch here
     with sessions.session_for(req) as session:
         encoded, clipped = session.config.fixed_point().encode(delta, r.sample_size)
         masked = session.mask(encoded)
-    r.worker_blobs = {"params": params_to_bytes(to_blob(masked, r.received))}
+    r.worker_blobs = {"params": arrays_to_bytes(to_blob(masked, r.received))}
     r.applied["secure_aggregation"] = {"requested": None, "applied": True, "weight": r.sample_size,
                                        "clipped_values": clipped, "mask_s": round(time.perf_counter() - t0, 4)}

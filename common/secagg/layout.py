@@ -5,25 +5,46 @@ model), so nothing about the layout travels. The masked vector travels as a safe
 names and shapes in int64 (the uint64 words reinterpreted): the researcher checks it against the model like
 any update, and nothing new is parsed.
 
+The node's daemon works on numpy arrays (it imports no torch); the researcher's torch tensors are read
+through `np.asarray` (no copy on the CPU), and `unflatten` hands it tensors back.
+
     delta = flat_delta(local, global_params)            # float64, sorted names
-    blob = to_blob(masked_words, global_params)          # {name: int64 tensor}
+    blob = to_blob(masked_words, global_params)          # {name: int64 array}
     assert (from_blob(blob, global_params) == masked_words).all()
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .errors import SecaggError
 
-Params = Mapping[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+Params = Mapping[str, Any]
+"""Named arrays (the node) or CPU tensors (the researcher): anything with a shape that numpy can read."""
 
 
 def _names(reference: Params) -> list[str]:
     return sorted(reference)
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _wide(t: Any) -> np.ndarray:
+    """`t` as float64 values (bfloat16 and float8 too: ml_dtypes arrays widen like any float)."""
+    if not isinstance(t, np.ndarray):
+        from fedsilo.common.serialization import to_numpy  # a torch tensor: torch is imported already
+
+        t = to_numpy(t)
+    return t.astype(np.float64)
 
 
 def flat_delta(update: Params, reference: Params) -> np.ndarray:
@@ -33,32 +54,41 @@ def flat_delta(update: Params, reference: Params) -> np.ndarray:
     parts = []
     for name in _names(reference):
         a, b = update[name], reference[name]
-        if a.shape != b.shape:
-            raise SecaggError(f"tensor '{name}' has shape {tuple(a.shape)}, the model {tuple(b.shape)}")
-        parts.append((a.detach().cpu().double() - b.detach().cpu().double()).reshape(-1).numpy())
+        if _shape(a) != _shape(b):
+            raise SecaggError(f"tensor '{name}' has shape {_shape(a)}, the model {_shape(b)}")
+        delta = _wide(a)
+        delta -= _wide(b)
+        parts.append(delta.reshape(-1))
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def unflatten(vector: np.ndarray, reference: Params) -> dict[str, torch.Tensor]:
-    """A flat float64 vector back into float64 tensors with the reference's names and shapes."""
+def split(vector: np.ndarray, reference: Params) -> dict[str, np.ndarray]:
+    """A flat vector back into arrays with the reference's names and shapes (copies, in `vector`'s dtype)."""
     out, offset = {}, 0
     for name in _names(reference):
-        n = reference[name].numel()
-        out[name] = torch.from_numpy(np.array(vector[offset : offset + n])).reshape(reference[name].shape)
+        shape = _shape(reference[name])
+        n = math.prod(shape)
+        out[name] = np.array(vector[offset : offset + n]).reshape(shape)
         offset += n
     if offset != len(vector):
         raise SecaggError(f"{len(vector)} values for a model of {offset}")
     return out
 
 
+def unflatten(vector: np.ndarray, reference: Params) -> dict[str, torch.Tensor]:
+    """A flat float64 vector back into float64 tensors with the reference's names and shapes (the researcher)."""
+    import torch
+
+    return {name: torch.from_numpy(a) for name, a in split(np.asarray(vector, dtype=np.float64), reference).items()}
+
+
 def size(reference: Params) -> int:
-    return sum(t.numel() for t in reference.values())
+    return sum(math.prod(_shape(t)) for t in reference.values())
 
 
-def to_blob(words: np.ndarray, reference: Params) -> dict[str, torch.Tensor]:
-    """The masked uint64 words as int64 tensors in the model's layout (what the node uploads)."""
-    signed = np.asarray(words, dtype=np.uint64).view(np.int64)
-    return {k: v.to(torch.int64) for k, v in unflatten(signed, reference).items()}
+def to_blob(words: np.ndarray, reference: Params) -> dict[str, np.ndarray]:
+    """The masked uint64 words as int64 arrays in the model's layout (what the node uploads)."""
+    return split(np.asarray(words, dtype=np.uint64).view(np.int64), reference)
 
 
 def from_blob(blob: Params, reference: Params) -> np.ndarray:
@@ -68,8 +98,9 @@ def from_blob(blob: Params, reference: Params) -> np.ndarray:
     parts = []
     for name in _names(reference):
         t = blob[name]
-        if t.dtype != torch.int64 or t.shape != reference[name].shape:
-            raise SecaggError(f"masked tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected int64 "
-                              f"{tuple(reference[name].shape)}")  # fmt: skip
-        parts.append(t.reshape(-1).numpy())
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype != "int64" or _shape(t) != _shape(reference[name]):
+            raise SecaggError(f"masked tensor '{name}' is {dtype} {_shape(t)}, expected int64 "
+                              f"{_shape(reference[name])}")  # fmt: skip
+        parts.append(np.asarray(t).reshape(-1))
     return (np.concatenate(parts) if parts else np.zeros(0, np.int64)).view(np.uint64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,15 +63,15 @@ def test_int8_with_error_feedback_reaches_plain_fedavg_accuracy(fed: Federation,
 
 # ------------------------------------------------------------------ a hostile node with valid credentials
 def _codec_blob(spec: str = "int8", change: dict | None = None) -> bytes:
-    ref = {"weight": torch.zeros(2, FEATURES), "bias": torch.zeros(2)}
-    enc = encode_update({k: v + 0.1 for k, v in ref.items()}, ref, Compression.of(spec))
+    ref = {"weight": np.zeros((2, FEATURES), np.float32), "bias": np.zeros(2, np.float32)}  # as a node's daemon
+    enc = encode_update({k: v + np.float32(0.1) for k, v in ref.items()}, ref, Compression.of(spec))
     enc.tensors.update(change or {})
     return enc.to_bytes()
 
 
 CODEC_ATTACKS = {  # name -> (the params blob it sends, what the researcher's reason must say; None: accepted)
-    "nan_scale": (_codec_blob(change={"s/weight": torch.tensor(float("nan"))}), "the scale holds NaN"),
-    "wrong_shape": (_codec_blob(change={"q/weight": torch.zeros(FEATURES, 2, dtype=torch.int8)}), "part 'q'"),
+    "nan_scale": (_codec_blob(change={"s/weight": np.array(np.nan, np.float32)}), "the scale holds NaN"),
+    "wrong_shape": (_codec_blob(change={"q/weight": np.zeros((FEATURES, 2), np.int8)}), "part 'q'"),
     "another_codec": (_codec_blob("float16"), "expected a int8 codec blob"),
     "plain_blob": (params_to_bytes({"weight": torch.full((2, FEATURES), 9.0), "bias": torch.zeros(2)}),
                    "expected a int8 codec blob"),

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fedsilo.common.codecs import Compression
+from fedsilo.common.codecs_update import decode_update
 from fedsilo.common.serialization import params_from_bytes
 from fedsilo.network.messages import ListRequest, PingRequest, PlanStatusRequest, SearchRequest, TrainRequest
 from fedsilo.node.datasets import DatasetStore
@@ -104,3 +107,37 @@ def test_plan_approval_flow_and_training(setup):
     store.revoke(req.plan.sha256, by="test", note="withdrawn")
     err = researcher.ask("n1", _train_request(researcher, PLAN_SRC, ds["dataset_id"]), ("error",))
     assert err.code == "FS301"
+
+
+def test_the_daemon_runs_a_compressed_round_without_torch(setup):
+    """The daemon parses, checks and int8-encodes the update in numpy: after a real round its process has
+    mapped no libtorch (the warm worker and the round's fork have; 147 MiB of private memory per process)."""
+    researcher, node, ds = setup
+    store = PlanStore(node.nodedir)
+    req = _train_request(researcher, PLAN_SRC, ds["dataset_id"], job_id="job-no-torch")
+    store.approve(req.plan.sha256, by="test")
+    req = req.model_copy(update={"compression": Compression.of("int8")})
+    reply = researcher.ask("n1", req, ("train_reply", "error"))
+    assert reply.kind == "train_reply", reply
+    assert reply.applied_caps["compression"]["applied"] == "int8"  # the node's compress stage ran
+    update = decode_update(researcher.files.download_bytes(reply.params), {"weight": torch.zeros(2, 4),
+                           "bias": torch.zeros(2)}, Compression.of("int8"))  # fmt: skip
+    assert not torch.equal(update["weight"], torch.zeros(2, 4))
+    assert node.proc is not None
+    maps = Path(f"/proc/{node.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "/torch/" not in maps
+    worker_maps = [Path(f"/proc/{p}/maps").read_text() for p in _children(node.proc.pid)]
+    assert any("libtorch" in m for m in worker_maps), "the check must see torch where it is: in the worker"
+    store.revoke(req.plan.sha256, by="test", note="done")
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid` (bwrap, the warm worker)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            kids = [int(k) for k in (task / "children").read_text().split()]
+            found += kids
+            todo += kids
+    return found

@@ -8,13 +8,15 @@ import json
 import queue
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_experiment_offline import FakeStore, make  # the offline round's fakes of broker and file store
 
+from fedsilo.common.arrays import arrays_from_bytes, arrays_to_bytes
 from fedsilo.common.codecs import Compression
 from fedsilo.common.codecs_update import decode_update, encode_update
-from fedsilo.common.serialization import params_from_bytes, params_to_bytes
+from fedsilo.common.serialization import params_from_bytes, params_to_bytes, to_numpy
 from fedsilo.network.messages import BlobRef, MessageError, SecaggTask, TaskAck, TrainReply, TrainRequest, parse_message
 from fedsilo.node.algorithms import job_state_dir
 from fedsilo.node.compression import RESIDUAL_FILE, compress
@@ -69,13 +71,18 @@ def test_the_researcher_refuses_compression_with_secure_aggregation_or_a_bad_cod
 MODEL = {"w": torch.randn(30, 10, generator=torch.Generator().manual_seed(0)), "n": torch.tensor(2)}
 
 
+def _np(params: dict) -> dict:
+    """The daemon holds numpy arrays (it imports no torch)."""
+    return {k: to_numpy(v) for k, v in params.items()}
+
+
 def _node_round(tmp_path: Path, request: TrainRequest, update: dict) -> DaemonRound:
     cfg = NodeConfig(node=NodeSection(name="n1", node_id="n1"))
     cfg._dir = tmp_path / "node"
     node = NodeResources(config=cfg, datasets=None, plans=None, audit=None, files=None)  # type: ignore[arg-type]
     scratch = tmp_path / f"scratch-{len(list(tmp_path.glob('scratch-*')))}"
     r = DaemonRound(request=request, node=node, scratch=scratch)
-    r.received = MODEL
+    r.received = _np(MODEL)
     r.worker_blobs = {"params": params_to_bytes(update)}
     r.state_dir.mkdir(parents=True)
     return r
@@ -104,7 +111,7 @@ def test_the_node_encodes_after_protection_and_keeps_the_residual_only_once_deli
     r2 = _node_round(tmp_path, request, _update(2))
     (r2.state_dir / RESIDUAL_FILE).write_bytes(params_to_bytes({"w": torch.full((30, 10), 1e6)}))
     compress.fn(r2)
-    expected = encode_update(_update(2), MODEL, spec, residual).to_bytes()
+    expected = encode_update(_np(_update(2)), _np(MODEL), spec, _np(residual)).to_bytes()
     assert r2.worker_blobs["params"] == expected
 
 
@@ -125,7 +132,7 @@ def test_a_corrupt_residual_on_disk_restarts_from_zeros(tmp_path: Path) -> None:
     (job / RESIDUAL_FILE).write_bytes(b"\x80\x04not safetensors")
     r = _node_round(tmp_path, _request(compression=spec), _update(4))
     compress.fn(r)
-    assert r.worker_blobs["params"] == encode_update(_update(4), MODEL, spec).to_bytes()
+    assert r.worker_blobs["params"] == encode_update(_np(_update(4)), _np(MODEL), spec).to_bytes()
 
 
 def test_the_stage_refuses_a_masked_round_even_if_receipt_was_bypassed(tmp_path: Path) -> None:
@@ -138,10 +145,10 @@ def test_the_stage_refuses_a_masked_round_even_if_receipt_was_bypassed(tmp_path:
 
 # ------------------------------------------------------------------ the researcher decodes, or drops
 def _codec_node(store: FakeStore, node: str, blob) -> object:
-    """A node that answers with `blob(global params) -> bytes` as its params blob."""
+    """A node that answers with `blob(global params) -> bytes` as its params blob (numpy arrays, as a daemon)."""
 
     def behave(req: TrainRequest, q: queue.Queue) -> None:
-        data = blob(params_from_bytes(store.download_bytes(req.params)), req)
+        data = blob(arrays_from_bytes(store.download_bytes(req.params)), req)
         ref = store.upload_bytes(data)
         common = {"sender": node, "node_id": node, "in_reply_to": req.request_id}
         q.put(TaskAck(**common, job_id=req.job_id, round=req.round))
@@ -158,19 +165,19 @@ def _honest(params: dict, req: TrainRequest) -> bytes:
 
 def _nan_scale(params: dict, req: TrainRequest) -> bytes:
     enc = encode_update({k: v + 1.0 for k, v in params.items()}, params, req.compression)
-    enc.tensors[next(k for k in enc.tensors if k.startswith("s/"))] = torch.tensor(float("nan"))
+    enc.tensors[next(k for k in enc.tensors if k.startswith("s/"))] = np.array(np.nan, np.float32)
     return enc.to_bytes()
 
 
 def _wrong_shape(params: dict, req: TrainRequest) -> bytes:
     enc = encode_update(params, params, req.compression)
     name = next(k for k in enc.tensors if k.startswith("q/"))
-    enc.tensors[name] = torch.zeros(enc.tensors[name].numel() + 1, dtype=torch.int8)
+    enc.tensors[name] = np.zeros(enc.tensors[name].size + 1, dtype=np.int8)
     return enc.to_bytes()
 
 
 def _plain(params: dict, req: TrainRequest) -> bytes:
-    return params_to_bytes({k: v + 100.0 for k, v in params.items()})  # ignores the codec it was asked for
+    return arrays_to_bytes({k: v + 100.0 for k, v in params.items()})  # ignores the codec it was asked for
 
 
 def test_the_researcher_decodes_codec_blobs_and_drops_hostile_ones(tmp_path: Path) -> None:
@@ -202,12 +209,14 @@ def test_the_node_compresses_after_protection_and_before_masking_and_upload() ->
 
 
 def test_stochastic_rounding_on_the_node_is_not_reproducible(tmp_path: Path) -> None:
-    """The same update under the same torch seed draws different roundings: the generator is seeded by the OS."""
+    """The same update under the same torch and numpy seeds draws different roundings: the generator is seeded
+    by the OS."""
     spec = Compression(codec="int8", rounding="stochastic", error_feedback=False)
     blobs = []
     for i in range(2):
         r = _node_round(tmp_path / str(i), _request(compression=spec), _update(6))
-        torch.manual_seed(0)  # whatever seeded torch's global generator (in the daemon: nothing should)
+        torch.manual_seed(0)  # whatever seeded torch's or numpy's global generator (in the daemon: nothing should)
+        np.random.seed(0)
         compress.fn(r)
         blobs.append(r.worker_blobs["params"])
     assert blobs[0] != blobs[1]

@@ -286,4 +286,5 @@ def test_prg_and_layout() -> None:
     words = np.array([0, 2**64 - 1, 5, 7, 9, 11, 13, 15, 17], dtype=np.uint64)
     assert (from_blob(to_blob(words, ref), ref) == words).all()
     with pytest.raises(SecaggError, match="expected int64"):
-        from_blob({k: v.float() for k, v in to_blob(words, ref).items()}, ref)
+        from_blob({k: torch.from_numpy(v).float() for k, v in to_blob(words, ref).items()}, ref)
+    assert (from_blob({k: torch.from_numpy(v) for k, v in to_blob(words, ref).items()}, ref) == words).all()
