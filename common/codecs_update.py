@@ -80,8 +80,11 @@ def encode_update(update: Arrays, reference: Arrays, spec: Compression, residual
             tensors[f"{RAW}/{name}"] = value
             continue
         # in place from here: on a 10 M-parameter model each pass allocates 40 MB (the residual is `delta` itself)
-        delta = value.astype(np.float32)  # a copy, also of a float32 update
-        delta -= ref if ref.dtype == np.float32 else ref.astype(np.float32)
+        if value.dtype == ref.dtype == np.float32:  # one pass into a new array (the copy, then -=, took two)
+            delta = np.asarray(np.subtract(value, ref))
+        else:
+            delta = value.astype(np.float32)
+            delta -= ref.astype(np.float32)
         if name in carry:
             delta += carry[name]
         parts = codec.encode(delta, generator)
