@@ -69,6 +69,12 @@ class NodeSection(BaseModel):
     """How plan code is confined (`node/sandbox.py`): "bwrap" = bubblewrap, no network, a read-only view of
     Python and the round's dataset, `[limits] sandbox_*` per round; a round is refused (FS505) when this
     machine cannot enforce it. "off" = the worker runs with the daemon's user, files and network."""
+    round_process: Literal["job", "round"] = "job"
+    """How plan code's processes are shared (each is forked from the warm worker and confined before plan code
+    runs): "job" = a job's rounds run one after another in one process while the researcher, job, plan, dataset
+    and config stay the same (as NVIDIA FLARE's process per job); any other round gets a fresh one, so nothing a
+    plan leaves in memory reaches another job. "round" = a fresh process every round (about 40 ms of CPU more
+    a round: `worker_process._job_rounds`)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads torch uses in a round; unset = torch's default (every core). Nodes sharing a machine
     should split the cores: oversubscribed OpenMP threads make a round many times slower."""

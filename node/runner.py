@@ -180,7 +180,8 @@ class TaskRunner:
         assert r.args is not None
         header = {"request": r.request.model_dump_json(), "source": r.source, "args": r.args.model_dump(mode="json"),
                   "record": r.record, "config": self.node.config.model_dump(mode="json"),
-                  "state_dir": str(r.state_dir), "sent_at": time.perf_counter()}  # fmt: skip
+                  "state_dir": str(r.state_dir), "sent_at": time.perf_counter(),
+                  "job": f"{r.request.sender}/{r.request.job_id}"}  # fmt: skip
         room = 4 * sum(len(b) for b in r.blobs.values()) + REPLY_HEADER_BYTES
         result, blobs = self.d.worker.run(rid, header, r.blobs, lambda ev: self._event(r.request, topic, ev), room)
         r.blobs = {}  # handed over; the daemon keeps the parsed global parameters only

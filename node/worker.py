@@ -16,6 +16,8 @@ and back (`_StateFolder`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -48,6 +50,12 @@ ENV_PREFIXES = ("LC_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "NVIDIA_", 
 
 LINE_BYTES = 64 * 1024
 """A line of the worker's output copied to node.log; a longer one is cut (plan code prints what it likes)."""
+
+
+REUSE_CPU_SHARE = 0.25
+"""A job's round process takes the job's next round only while the CPU time it has used stays under this share
+of `[limits] sandbox_cpu_s`: RLIMIT_CPU counts a process's whole life, so a round in a reused process still has
+at least three quarters of its limit; the next round past it gets a fresh process."""
 
 
 class WorkerCrashed(FedsiloError):
@@ -95,6 +103,8 @@ class Worker:
         """What the last start (or the daemon's own start) found; status.json and the GUI show it."""
         self._rounds = 0
         self._started_once = False
+        self._job: str | None = None
+        """`reuse_key` of the last round, while its process may take the next round of the same job."""
 
     @property
     def pid(self) -> int | None:
@@ -206,7 +216,12 @@ class Worker:
                   max_reply_bytes: int) -> tuple[dict[str, Any], dict[str, memoryview]]:  # fmt: skip
         assert self._proc is not None and self._conn is not None
         conn, proc = self._conn, self._proc
+        key = reuse_key(header)
         try:
+            self._drain(max_reply_bytes)
+            if self._job is not None and self._job != key:  # another job's round: a fresh process takes it
+                send_frame(conn.fileno(), {"op": "retire"})
+            self._job = None
             send_frame(conn.fileno(), {**header, "op": "task", "task_id": task_id}, blobs)
         except (BrokenPipeError, OSError) as exc:
             raise WorkerCrashed(f"cannot reach the worker: {exc}") from exc
@@ -218,14 +233,30 @@ class Worker:
                     reply, reply_blobs = recv_frame(conn.fileno(), max_reply_bytes)
                 except (EOFError, ConnectionError) as exc:
                     raise WorkerCrashed(f"worker exited (code {proc.poll()})") from exc
+                if reply.get("op") == "died":  # the round's process ended without answering the task in flight
+                    return {**_died(reply), "task_id": task_id}, {}
                 if reply.get("task_id") != task_id:
                     continue
                 if reply.get("op") == "result":
+                    self._job = key if _reusable(reply, header) else None
                     return reply, reply_blobs
                 on_event(reply)
                 continue
             if proc.poll() is not None:
                 raise WorkerCrashed(f"worker exited with code {proc.returncode}")
+
+    def _drain(self, max_bytes: int) -> None:
+        """Frames that arrived between tasks: a late event, or the worker's word that the last round's process
+        died after answering (then the next task goes to a fresh one, no `retire` needed)."""
+        assert self._conn is not None
+        while self._conn.poll():
+            try:
+                head, _ = recv_frame(self._conn.fileno(), max_bytes)
+            except (EOFError, ConnectionError) as exc:
+                raise WorkerCrashed(f"worker exited (code {self._proc.poll() if self._proc else None})") from exc
+            if head.get("op") == "died":
+                log.warning("the last round's process ended after answering: %s", str(head.get("message"))[:500])
+                self._job = None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to finish, then terminate it if it does not."""
@@ -265,7 +296,33 @@ class Worker:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
         self._proc, self._conn, self._pidfd, self._home, self._state = None, None, None, None, None
-        self._inner_pid = None
+        self._inner_pid, self._job = None, None
+
+
+def reuse_key(header: dict[str, Any]) -> str | None:
+    """What a round must share with the last one to run in its process: the researcher and job (`job`), the plan's
+    source, the dataset's record and the node's config; None when it must have a fresh process (`[node]
+    round_process = "round"`, or a header without `job`)."""
+    config = header.get("config") or {}
+    if not header.get("job") or (config.get("node") or {}).get("round_process", "job") != "job":
+        return None
+    text = json.dumps([header["job"], header.get("source"), header.get("record"), config], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _reusable(result: dict[str, Any], header: dict[str, Any]) -> bool:
+    """A round that succeeded in a process that has CPU time to spare (`REUSE_CPU_SHARE`): its process may take
+    the job's next round. The CPU figure is the process's own word: a false one only shortens its own rounds."""
+    limit = ((header.get("config") or {}).get("limits") or {}).get("sandbox_cpu_s", 3600)
+    used = result.get("process_cpu_s")
+    return result.get("ok") is True and isinstance(used, int | float) and 0 <= used < REUSE_CPU_SHARE * limit
+
+
+def _died(notice: dict[str, Any]) -> dict[str, Any]:
+    """The worker's `died` notice as the task's failed result (`worker_process._next_round`)."""
+    return {"op": "result", "ok": False, "code": str(notice.get("code", "FS501")),
+            "message": str(notice.get("message", "the round's process died"))[:2000],
+            "stage": str(notice.get("stage", "training"))}  # fmt: skip
 
 
 class _StateFolder:

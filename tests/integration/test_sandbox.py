@@ -49,7 +49,17 @@ FORK = attack("""            import os
                 os.wait()
 """)
 ALLOCATE = attack(f"            blob = bytearray({MEMORY_MB + 256} * 2**20)\n            del blob\n")
-PLANS = [LOGREG_PLAN, READ, CONNECT, FORK, ALLOCATE]
+# Leaves a mark in its process's memory and checks the marks it finds: a job's rounds share a process
+# (`[node] round_process = "job"`, the default), another job's round must find none; `die` ends the process.
+MARK = attack("""            import builtins, os, signal
+            seen = getattr(builtins, "fedsilo_test_jobs", [])
+            builtins.fedsilo_test_jobs = seen + [self.model_args["job"]]
+            if seen != self.model_args["seen"]:
+                raise AssertionError(f"this process ran rounds of {seen} before")
+            if self.model_args.get("die"):
+                os.kill(os.getpid(), signal.SIGKILL)
+""")
+PLANS = [LOGREG_PLAN, READ, CONNECT, FORK, ALLOCATE, MARK]
 
 
 @pytest.fixture(scope="module", params=BOTH)
@@ -126,6 +136,20 @@ def test_what_a_round_writes_is_gone_at_the_next(node: OneNode) -> None:
     approve(node.nodedir, [write, read])
     assert node.round(write).kind == "train_reply"
     assert node.round(read).kind == "train_reply"  # it found nothing (FileExistsError otherwise)
+
+
+def test_a_jobs_rounds_share_a_process_that_no_other_job_sees(node: OneNode) -> None:
+    def mark(job: str, seen: list[str], **extra: object) -> object:
+        return node.round(MARK, job_id=job, model_args={"job": job, "seen": seen, **extra})
+
+    assert mark("job-a", []).kind == "train_reply"
+    assert mark("job-a", ["job-a"]).kind == "train_reply"  # the job's process, with what its last round left
+    reply = mark("job-b", [])
+    assert reply.kind == "train_reply", reply  # another job: a fresh process, no mark in it
+    died = mark("job-b", ["job-b"], die=True)  # killed in its second round: answered for, not waited on forever
+    assert (died.kind, died.code, died.stage) == ("error", "FS504", "training"), died
+    assert "SIGKILL" in died.message
+    assert mark("job-b", []).kind == "train_reply"  # the next round of the job: a fresh process
 
 
 # --------------------------------------------------------------------- confinement of one process

@@ -7,9 +7,17 @@ that fails to parse, so no plan runs) and reports the modules it had to import.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, Pipe
+
+from fedsilo.node.workerwire import decode, encode
 
 CHILD = r"""
 import json, os, sys
@@ -76,39 +84,78 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_the_next_rounds_process_is_forked_before_its_task_arrives() -> None:
-    """Fork (6-7 ms) and the child's first touches of torch happen between rounds: a round's process waits for
-    its task, reads it itself, answers, and the worker forks the next one; `stop` ends both."""
-    import time
-    from multiprocessing.connection import Pipe
-
-    from fedsilo.node.workerwire import decode, encode
-
+@contextlib.contextmanager
+def _worker() -> Iterator[tuple[subprocess.Popen[bytes], Connection]]:
+    """A real worker process on one end of a pipe, ready; killed after."""
     ours, theirs = Pipe()
     proc = subprocess.Popen([sys.executable, "-m", "fedsilo.node.worker_process", str(theirs.fileno()), "--parent",
                              "0"], pass_fds=(theirs.fileno(),))  # fmt: skip
     theirs.close()
     try:
         assert ours.poll(120) and decode(ours.recv_bytes())[0] == {"op": "ready"}
-        deadline = time.monotonic() + 30
-        while not _children(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        first = _children(proc.pid)
-        assert len(first) == 1  # forked with no task in sight
-        ours.send_bytes(encode({"op": "task", "task_id": "t1", "request": "{}"}))  # unparsable: answered FS-error
-        assert ours.poll(60)
-        answer, _ = decode(ours.recv_bytes())
-        assert answer["task_id"] == "t1" and answer["ok"] is False
-        while (_children(proc.pid) in ([], first)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        second = _children(proc.pid)
-        assert len(second) == 1 and second != first  # the next round's process, again ahead of its task
-        ours.send_bytes(encode({"op": "stop"}))
-        assert proc.wait(30) == 0
+        yield proc, ours
     finally:
         if proc.poll() is None:
             proc.kill()
         ours.close()
+
+
+def _child_other_than(pid: int, old: list[int]) -> list[int]:
+    """The worker's round process once it is not `old` (forked ahead of its task), within 30 s."""
+    deadline = time.monotonic() + 30
+    while _children(pid) in ([], old) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _children(pid)
+
+
+def _ask(conn: Connection, task_id: str) -> dict:
+    conn.send_bytes(encode({"op": "task", "task_id": task_id, "request": "{}"}))  # unparsable: answered FS-error
+    assert conn.poll(60)
+    answer, _ = decode(conn.recv_bytes())
+    assert answer["task_id"] == task_id and answer["ok"] is False, answer
+    return answer
+
+
+def test_the_next_rounds_process_is_forked_before_its_task_arrives() -> None:
+    """Fork (6-7 ms) and the child's first touches of torch happen between jobs: a round's process waits for
+    its task, reads it itself, answers, and once the daemon retires it the worker forks the next one."""
+    with _worker() as (proc, conn):
+        first = _child_other_than(proc.pid, [])
+        assert len(first) == 1  # forked with no task in sight
+        _ask(conn, "t1")
+        conn.send_bytes(encode({"op": "retire"}))  # the daemon's next task is another job's
+        second = _child_other_than(proc.pid, first)
+        assert len(second) == 1 and second != first  # the next job's process, again ahead of its task
+        conn.send_bytes(encode({"op": "stop"}))
+        assert proc.wait(30) == 0
+
+
+def test_a_jobs_next_round_runs_in_the_same_process_and_stop_ends_the_worker() -> None:
+    """Without `retire` the round's process takes the next task itself (no fork: 57 -> ... ms of CPU a round), and
+    `stop` read by it (not by a fresh child) still ends the worker at once."""
+    with _worker() as (proc, conn):
+        first = _child_other_than(proc.pid, [])
+        _ask(conn, "t1")
+        _ask(conn, "t2")
+        assert _children(proc.pid) == first  # the same process answered both
+        conn.send_bytes(encode({"op": "stop"}))
+        assert proc.wait(30) == 0
+
+
+def test_a_round_process_that_dies_is_answered_for() -> None:
+    """A job's process killed (here between two of its rounds, as the kernel's OOM killer might): the worker says
+    `died` with the reason, which the daemon takes as the in-flight task's answer, and forks a fresh process."""
+    with _worker() as (proc, conn):
+        first = _child_other_than(proc.pid, [])
+        _ask(conn, "t1")
+        os.kill(first[0], signal.SIGKILL)
+        assert conn.poll(60)
+        notice, _ = decode(conn.recv_bytes())
+        assert notice["op"] == "died" and notice["code"] == "FS504" and "SIGKILL" in notice["message"], notice
+        assert len(_child_other_than(proc.pid, first)) == 1
+        _ask(conn, "t2")  # the fresh process takes the next task
+        conn.send_bytes(encode({"op": "stop"}))
+        assert proc.wait(30) == 0
 
 
 def test_the_source_lines_torch_seeding_reads_are_preloaded() -> None:
