@@ -9,6 +9,7 @@ import csv
 import hashlib
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -64,18 +65,41 @@ def cached_parse(path: str | Path, kind: str, parse: Callable[[Path], T]) -> T:
     return result
 
 
+_digests: dict[tuple[int, ...], str] = {}
+"""A file's stat signature -> the sha256 of its content, for signatures old enough to be trusted (`RACY_S`)."""
+RACY_S = 2.0
+"""A file modified less than this before it was hashed may be written again within the same timestamp tick
+without its signature changing (git's "racy" index entries): its digest is not remembered."""
+
+
 def _content_sha256(p: Path) -> str | None:
-    """sha256 of a file small enough to cache; None when it is larger or cannot be read."""
+    """sha256 of a file small enough to cache; None when it is larger or cannot be read.
+
+    A file whose size, inode, modification and change times (nanoseconds) are those it had when it was last
+    hashed, and which had not been modified for `RACY_S` then, is not read again: any write changes its ctime,
+    which no program can set back. Measured (2026-11-30, peerbench shard of 2,000 x 33, 1.3 MB): 2.2 ms of
+    every round of a job's process went to hashing the file it had parsed the round before."""
     try:
-        if p.stat().st_size > CSV_CACHE_MAX_FILE:
+        st = p.stat()
+        if st.st_size > CSV_CACHE_MAX_FILE:
             return None
+        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = _digests.get(signature)
+        if known is not None:
+            return known
         h = hashlib.sha256()
         with p.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     except OSError:
         return None
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_S * 1e9:
+        with _csv_cache_lock:
+            if len(_digests) >= 4 * CSV_CACHE_ENTRIES:
+                _digests.clear()
+            _digests[signature] = digest
+    return digest
 
 
 def _parse_csv(p: Path, delimiter: str = ",") -> tuple[list[str], np.ndarray]:

@@ -29,7 +29,9 @@ def test_same_content_is_parsed_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(calls) <= 1  # 0 when another test already read the same bytes
 
 
-def test_a_changed_file_is_read_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("racy_s", [datasets.RACY_S, -1.0])  # -1: every signature trusted at once
+def test_a_changed_file_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, racy_s: float) -> None:
+    monkeypatch.setattr(datasets, "RACY_S", racy_s)
     path = _write(tmp_path / "a.csv", [(0.5, 1), (1.5, 0)])
     stat = path.stat()
     assert CsvDataset(path).x.tolist() == [[0.5], [1.5]]
@@ -60,3 +62,31 @@ def test_large_files_are_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     before = len(datasets._csv_cache)
     read_csv(path)
     assert len(datasets._csv_cache) == before
+
+
+def _hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the files `csvfiles` hashes from here on."""
+    calls: list[int] = []
+    real = datasets.hashlib.sha256
+    monkeypatch.setattr(datasets.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_an_unchanged_file_is_not_hashed_every_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's process reads its dataset every round: a file whose stat signature (size, inode, mtime and ctime in
+    ns) is the one it had when hashed, long enough after its last change, is not read again."""
+    monkeypatch.setattr(datasets, "RACY_S", -1.0)  # as if hashed more than RACY_S after the file was written
+    path = _write(tmp_path / "old.csv", [(0.5, 1), (1.5, 0)])
+    hashes = _hashes(monkeypatch)
+    for _ in range(3):
+        assert CsvDataset(path).x.tolist() == [[0.5], [1.5]]
+    assert len(hashes) == 1
+
+
+def test_a_file_just_written_is_hashed_each_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within RACY_S of its last change a file could change again inside one timestamp tick: hashed each read."""
+    path = _write(tmp_path / "new.csv", [(0.5, 1), (1.5, 0)])
+    CsvDataset(path)
+    hashes = _hashes(monkeypatch)
+    CsvDataset(path)
+    assert len(hashes) == 1  # the cache hit, checked against the content again
