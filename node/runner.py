@@ -178,7 +178,9 @@ class TaskRunner:
 
     def _in_worker(self, rid: str, r: DaemonRound, topic: str) -> _Outcome:
         assert r.args is not None
-        header = {"request": r.request.model_dump_json(), "source": r.source, "args": r.args.model_dump(mode="json"),
+        # Without inline data: the worker gets the blobs as frames (`r.blobs`), not again as base64 in its task.
+        header = {"request": r.request.to_json(inline=False).decode("utf-8"), "source": r.source,
+                  "args": r.args.model_dump(mode="json"),
                   "record": r.record, "config": self.node.config.model_dump(mode="json"),
                   "state_dir": str(r.state_dir), "sent_at": time.perf_counter(),
                   "job": f"{r.request.sender}/{r.request.job_id}"}  # fmt: skip
