@@ -43,6 +43,11 @@ def finite(t: np.ndarray, what: str) -> np.ndarray:
 class Float16Codec:
     """The delta in float16, saturated at +-65504 (an overflow would become infinity and be refused).
 
+    numpy's float32 -> float16 cast is slower than torch's (10 M entries, 2026-11-30, load 2): 27 ms for |x| ~ 1,
+    60 ms for |x| ~ 1e-3 and 690 ms when most entries are below float16's normal range (2^-14), where torch
+    takes 3-5 ms; a cast written with integer operations measured 73-133 ms. Kept: the codec is optional and
+    the daemon has no torch to lend it.
+
         Float16Codec().decode(Float16Codec().encode(x), x.shape, "w")   # x to float16's precision
     """
 

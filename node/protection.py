@@ -15,9 +15,10 @@ upload, so they hold whatever the plan did inside the worker (its own loop, a pa
 All of it runs on numpy arrays (`common/arrays.py`): the daemon imports no torch. The noise comes from
 numpy's PCG64 seeded with 128 bits from `secrets` (the OS), never from anything the plan could set.
 
-Cost for a 10 M-parameter update on the shared 2-core dev machine at load 9 (2026-12, torch): the checks 0.48 s
-(parse 0.10 s, the finite check 0.18 s), with clipping 2.0 s, with clipping and noise 2.7 s (float64
-arithmetic over every entry; off by default). MEASURED_NUMPY below: the same stages in numpy.
+Measured (bench/daemon_stages.py, 10.1 M float32 parameters, best of 7, shared 2-core machine at load 2.2-3.1,
+2026-11-30), torch (2 threads) before -> numpy: the checks 0.001 -> 0.003 s (views, sums), with clipping
+0.27-0.71 -> 0.12-0.20 s, with clipping and noise 0.54-0.62 -> 0.26-0.32 s (numpy's Gaussian draws beat torch's,
+and the float64 pass is done in place); in a K=3 large round (bench/round_profile.py) `protect` 0.040 -> 0.020 s.
 
 With clipping or noise on, a reply may carry `params` only: an algorithm's other blobs (SCAFFOLD's
 `control_delta`) are computed from the unclipped update and would let it through.
