@@ -40,13 +40,35 @@ def finite(t: np.ndarray, what: str) -> np.ndarray:
     return t
 
 
+SUBNORMAL_SHARE = 0.1
+"""Above this share of float16-subnormal entries, `to_float16` casts them itself."""
+
+
+def to_float16(x: np.ndarray) -> np.ndarray:
+    """`x.astype(np.float16)` (finite float32, within +-65504), the same bits, faster where many entries are
+    float16 subnormals: numpy's cast takes a slow path on each of them, and a subnormal is exactly
+    `rint(|x| * 2^24)` in its 10 low bits (ties to even, as the cast rounds).
+
+    Measured (10 M entries, 2026-11-30, load 3-5): |x| ~ 1: numpy 31 ms; ~1e-3 (5 % subnormal): 65 ms; ~1e-4
+    (half): 820 ms, this 300 ms; ~1e-5: 710 ms, this 136 ms. torch takes 3-5 ms; a cast written wholly with
+    integer operations 73-133 ms.
+    """
+    small = np.abs(x) < np.float32(2.0**-14)
+    if np.count_nonzero(small) <= SUBNORMAL_SHARE * x.size:
+        return x.astype(np.float16)
+    h = np.where(small, np.float32(0), x).astype(np.float16)
+    tiny = x[small]
+    bits = np.rint(np.abs(tiny) * np.float32(2.0**24)).astype(np.uint16)
+    bits |= (tiny.view(np.uint32) >> 16).astype(np.uint16) & np.uint16(0x8000)  # the sign
+    h.view(np.uint16)[small] = bits
+    return h
+
+
 class Float16Codec:
     """The delta in float16, saturated at +-65504 (an overflow would become infinity and be refused).
 
-    numpy's float32 -> float16 cast is slower than torch's (10 M entries, 2026-11-30, load 2): 27 ms for |x| ~ 1,
-    60 ms for |x| ~ 1e-3 and 690 ms when most entries are below float16's normal range (2^-14), where torch
-    takes 3-5 ms; a cast written with integer operations measured 73-133 ms. Kept: the codec is optional and
-    the daemon has no torch to lend it.
+    numpy's float32 -> float16 cast is slower than torch's, and slowest on what becomes a float16 subnormal
+    (|x| < 2^-14): see `to_float16`.
 
         Float16Codec().decode(Float16Codec().encode(x), x.shape, "w")   # x to float16's precision
     """
@@ -57,7 +79,7 @@ class Float16Codec:
         # the clip's copy only where something overflows: 10 M entries in 0.04 s, against 0.06 s clipping always
         if x.size and (float(x.max()) > FLOAT16_MAX or float(x.min()) < -FLOAT16_MAX):
             x = np.asarray(np.clip(x, -FLOAT16_MAX, FLOAT16_MAX))  # np.clip makes a 0-d array a scalar
-        return {"h": x.astype(np.float16)}
+        return {"h": to_float16(x)}
 
     def decode(self, parts: Parts, shape: tuple[int, ...], name: str) -> np.ndarray:
         return finite(expect(parts, "h", np.float16, shape, name), f"tensor '{name}'").astype(np.float32)

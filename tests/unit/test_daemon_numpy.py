@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from fedsilo.common import arrays
 from fedsilo.common.arrays import arrays_from_bytes, arrays_to_bytes, narrow
 from fedsilo.common.codecs import Compression
+from fedsilo.common.codecs_quant import to_float16
 from fedsilo.common.codecs_update import decode_update, encode_update
 from fedsilo.common.errors import SerializationError
 from fedsilo.common.serialization import check_compatible, non_finite, params_from_bytes, params_to_bytes, to_numpy
@@ -201,3 +202,14 @@ def test_a_residual_written_by_the_torch_writer_is_read_by_the_daemon(tmp_path: 
     ref = {"w": np.zeros((4, 3), np.float32)}
     enc = encode_update(ref, ref, Compression(codec="topk", fraction=0.5), loaded)
     assert sorted(np.abs(enc.tensors["v/w"]).tolist()) == [0.25] * 6  # the carried residual was sent
+
+
+@SETTINGS
+@given(st.sampled_from([1.0, 1e-3, 1e-4, 1e-5, 1e-7]), st.integers(0, 2**31), st.integers(0, 2000))
+def test_the_float16_cast_gives_numpys_and_torchs_bits(scale: float, seed: int, size: int) -> None:
+    """The codec's own cast of float16 subnormals (`to_float16`) is bit for bit the ordinary cast."""
+    x = (np.random.default_rng(seed).standard_normal(size) * scale).astype(np.float32)
+    x[: min(size, 3)] = [-0.0, 2.0**-25, -(2.0**-24) * 1.5][: min(size, 3)]  # ties to even, signed zero
+    ours = to_float16(x).view(np.uint16)
+    assert (ours == x.astype(np.float16).view(np.uint16)).all()
+    assert (ours == torch.from_numpy(x).to(torch.float16).view(torch.int16).numpy().view(np.uint16)).all()
