@@ -52,17 +52,17 @@ _B64_LAST = {2: "AQgw", 1: "AEIMQUYcgkosw048"}  # the digit before "==" or "=": 
 
 def _from_base64(value: Any) -> Any:
     """Standard base64 (RFC 4648 section 4: A-Z a-z 0-9 + /, padded, no newline, no space, canonical) -> bytes;
-    anything else is refused (`base64.b64decode` alone ignores stray characters and accepts non-zero padding
-    bits). A str longer than the base64 of `INLINE_BLOB_BYTES` is refused before it is decoded. Bytes given in
+    anything else is refused (`base64.b64decode` alone ignores stray characters, and every decoder accepts non-zero
+    padding bits). A str longer than the base64 of `INLINE_BLOB_BYTES` is refused before it is decoded. Bytes given in
     Python (not JSON) are the data itself."""
     if not isinstance(value, str):
         return value
     if len(value) > b64_length(INLINE_BLOB_BYTES):
         raise ValueError(f"inline data over {INLINE_BLOB_BYTES} bytes (INLINE_BLOB_BYTES): send it through the "
                          "file store")  # fmt: skip
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
+    try:  # strict mode: 4x faster than b64decode(validate=True), whose check is a regular expression (6 -> 1.6 ms
+        data = binascii.a2b_base64(value, strict_mode=True)  # for 512 KiB, measured 2026-11-30, load 4.7)
+    except ValueError as exc:  # binascii.Error, or a str that is not ASCII
         raise ValueError(f"inline data is not standard base64 ({exc})") from None
     pad = len(value) - len(value.rstrip("="))
     if pad and value[-pad - 1] not in _B64_LAST[pad]:

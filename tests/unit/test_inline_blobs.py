@@ -101,6 +101,7 @@ HOSTILE = {  # name -> (the payload, what the reason must say)
     "newline": (_tampered(B64, B64[:76] + "\\n" + B64[76:]), "not standard base64"),
     "url_safe_alphabet": (_tampered(B64, B64.replace("+", "-").replace("/", "_")), "not standard base64"),
     "no_padding": (_tampered(B64, B64.rstrip("=")), "not standard base64"),
+    "not_ascii": (_tampered(B64, "\u00e9" + B64[1:]), "not standard base64"),
     "padding_bits_set": (_tampered(B64, B64[:-3] + "x=="), "not canonical"),  # decodes to the same bytes
     "not_a_string": (_tampered(f'"{B64}"', "12345"), "data"),
 }
