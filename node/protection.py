@@ -98,8 +98,7 @@ def clip_and_noise(update: Params, received: Params, clip: float, multiplier: fl
         delta = update[name].astype(np.float64)
         delta -= received[name].astype(np.float64)
         deltas[name] = delta
-    with np.errstate(over="ignore"):  # float64 entries past 1e154: an infinite norm, the update clipped to 0
-        norm = math.sqrt(sum(float(np.dot(d.reshape(-1), d.reshape(-1))) for d in deltas.values()))
+    norm = l2_norm(list(deltas.values()))
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     std = multiplier * clip
     if generator is None and std > 0:
@@ -117,6 +116,18 @@ def clip_and_noise(update: Params, received: Params, clip: float, multiplier: fl
     if std > 0:
         applied["update_noise"] = {"requested": None, "applied": multiplier, "std": std}
     return out, applied
+
+
+def l2_norm(arrays: list[np.ndarray]) -> float:
+    """The L2 norm of float64 arrays together: one dot product each (BLAS), and where squares pass float64's
+    range (entries beyond 1e154, a float64 model's), the norm of each array scaled by its peak instead."""
+    with np.errstate(over="ignore"):
+        total = sum(float(np.dot(d.reshape(-1), d.reshape(-1))) for d in arrays)
+    if math.isfinite(total):
+        return math.sqrt(total)
+    peaks = [float(np.abs(d).max()) if d.size else 0.0 for d in arrays]
+    return math.hypot(*(p * float(np.linalg.norm((d / p).reshape(-1))) for d, p in zip(arrays, peaks, strict=True)
+                        if p > 0))  # fmt: skip
 
 
 def _parse(name: str, data: bytes) -> Params:

@@ -213,3 +213,11 @@ def test_the_float16_cast_gives_numpys_and_torchs_bits(scale: float, seed: int, 
     ours = to_float16(x).view(np.uint16)
     assert (ours == x.astype(np.float16).view(np.uint16)).all()
     assert (ours == torch.from_numpy(x).to(torch.float16).view(torch.int16).numpy().view(np.uint16)).all()
+
+
+def test_a_float64_update_whose_squares_overflow_is_clipped_with_a_finite_norm() -> None:
+    """A hostile (or wild) float64 update of 1e200s: the squares pass float64's range, the norm must not."""
+    received = {"w": np.zeros(4)}
+    out, applied = clip_and_noise({"w": np.full(4, 1e200)}, received, clip=1.0, multiplier=0.0)
+    assert applied["update_clip"]["norm"] == pytest.approx(2e200) and applied["update_clip"]["clipped"]
+    assert np.allclose(out["w"], 0.5)  # clipped to norm 1, the direction kept
