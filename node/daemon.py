@@ -403,7 +403,8 @@ class NodeDaemon:
 
     # ------------------------------------------------------------------ task runner
     def _run_tasks(self) -> None:
-        """The `fedsilo-tasks` thread (runner.py); torch is imported here, not at the daemon's start-up."""
+        """The `fedsilo-tasks` thread (runner.py). The daemon never imports torch (only its worker does): its round
+        stages work on numpy arrays (tests/unit/test_daemon_numpy.py)."""
         from .runner import TaskRunner
 
         runner = TaskRunner(self)
