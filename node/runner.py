@@ -86,7 +86,7 @@ class TaskRunner:
                 if not d.worker.alive:
                     try:
                         d.worker.start()
-                        d._write_status()
+                        d.status_changed()
                     except WorkerCrashed as exc:
                         log.error("worker start failed: %s; retrying", exc)
                         d.stop_event.wait(5.0)  # back-off only on this failure path
@@ -111,7 +111,7 @@ class TaskRunner:
             return
         d._current = {"request_id": rid, "job_id": request.job_id, "round": request.round,
                       "dataset_id": request.dataset_id, "started_at": time.time()}  # fmt: skip
-        d._write_status()
+        d.status_changed()
         topic = d._topic(reply_to)
         started = time.monotonic()
         log.info("[%s] round started: job %s round %d for %s, dataset %s, plan %s", rid, request.job_id,
@@ -130,7 +130,7 @@ class TaskRunner:
             d.queue.done(item, raw, reply.to_json(inline=False) if inline_bytes(reply) else None)
         else:
             log.error("[%s] reply not acknowledged by the broker; the task stays queued", rid)
-        d._write_status()
+        d.status_changed()
 
     def execute(self, rid: str, request: TrainRequest | EvaluateRequest, topic: str) -> Message | None:
         """The round's reply (TrainReply, EvaluateReply or ErrorReply), audited; None when the daemon stops

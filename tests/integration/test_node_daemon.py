@@ -4,6 +4,8 @@ and crashes, is tested in tests/e2e/test_federation.py."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,3 +143,42 @@ def _children(pid: int) -> list[int]:
             found += kids
             todo += kids
     return found
+
+
+def test_status_json_is_rewritten_at_most_every_status_gap(setup):
+    """A round's start and end and each queued request mark status.json due; the daemon rewrites it at most every
+    `STATUS_GAP_S` (each rewrite replaces the file: a new inode). Before, every round rewrote it three times."""
+    import os
+    import threading
+    import time
+
+    from fedsilo.node.daemon import NodeDaemon
+
+    researcher, node, ds = setup
+    store = PlanStore(node.nodedir)
+    store.approve(store.submit(PLAN_SRC, "HeartPlan", "raw-researcher")["sha256"], by="test")
+    status = node.nodedir / "status.json"
+    seen: set[tuple[int, int]] = set()  # (inode, mtime): a freed inode number is soon handed out again
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(status)
+                seen.add((st.st_ino, st.st_mtime_ns))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    rounds = 8
+    for _ in range(rounds):
+        reply = researcher.ask("n1", _train_request(researcher, PLAN_SRC, ds["dataset_id"], job_id="job-status"),
+                               ("train_reply", "error"))  # fmt: skip
+        assert reply.kind == "train_reply", reply
+    time.sleep(3 * NodeDaemon.STATUS_GAP_S)  # the last round's end is written too
+    done.set()
+    watcher.join()
+    elapsed = time.monotonic() - started
+    assert json.loads(status.read_text())["current_task"] is None
+    assert 2 <= len(seen) <= elapsed / NodeDaemon.STATUS_GAP_S + 2, (len(seen), elapsed)
