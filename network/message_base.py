@@ -36,10 +36,21 @@ def new_id() -> str:
 INLINE_BLOB_BYTES = 512 * 1024
 """The largest blob a message carries inline (`BlobRef.data`, raw bytes); a larger one goes through the file
 store. The message limit (`messages.MAX_MESSAGE_BYTES`) is derived from it: base64 of this plus room for the rest.
-512 KiB holds the benchmark's small model (50,552 float32 parameters, 202,400 bytes of safetensors) and its
-int64 masked update under secure aggregation (404,592 bytes) with room to spare. Measured (2026-11-30, bench/
-round_profile.py, 2-core VM; see docs/internals.md "Messages"): the numbers are in `bench/round_profile.py`'s
-comment on inline blobs."""
+512 KiB holds the benchmark's small model (50,552 float32 parameters, 202,400 bytes of safetensors) and its int64
+masked update under secure aggregation (404,592 bytes). Not larger: inline bytes ride in every copy of a message
+(each re-send, a persistent session's queue in the broker's memory) as 4/3 of their size and are parsed as one
+JSON string, where a large blob is better streamed to the store once; a message stays under 1 MB. Inline costs
+build + encode 0.5 / 1.3 ms and parse + check 1.0 / 2.5 ms for 200 KB / 512 KiB (2026-11-30, load 3), against
+5-11 ms for a download and 11-25 ms for an upload of 200 KB.
+Measured (2026-11-30 22:17-22:22, bench/inline_blobs.py, peerbench-v1 small, K node daemons as processes, A/B
+alternating, two sittings each, load 1.9-4.0 with 0-5 % foreign CPU; medians of 8 rounds; s):
+
+    | K, blobs via | round wall   | researcher prepare / handle | node load_params / upload | store CPU a round |
+    | 3, store     | 0.132, 0.119 | 0.010 / 0.025               | 0.011 / 0.015             | 0.05-0.06, 4 blobs  |
+    | 3, inline    | 0.107, 0.096 | 0.001 / 0.004               | 0.0003 / 0.0003           | 0, none             |
+    | 10, store    | 0.408, 0.369 | 0.010 / 0.106               | 0.038-0.055 / 0.066-0.074 | 0.14-0.16, 11 blobs |
+    | 10, inline   | 0.318, 0.329 | 0.001 / 0.021               | 0.0003 / 0.0002           | 0, none             |
+"""
 
 
 def b64_length(size: int) -> int:
