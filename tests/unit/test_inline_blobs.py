@@ -1,6 +1,6 @@
 """Small blobs inline in the messages (`BlobRef.data`, issue 11): checked once at parse, standard base64 only,
 within `INLINE_BLOB_BYTES`, under a message limit derived from it; used without a file-store request; left out
-of whatever is kept. The round trips with real daemons are in tests/integration/test_inline_blobs.py."""
+of whatever is kept. The round trips with real daemons are in tests/integration/test_inline_rounds.py."""
 
 from __future__ import annotations
 
