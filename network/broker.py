@@ -78,6 +78,14 @@ def broker_accepts(settings: MqttSettings, timeout: float = 2.0) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- mosquitto
+def _max_packet() -> int:
+    """An MQTT packet around the largest payload fedsilo publishes (`messages.MAX_PUBLISH_BYTES`): its topic and
+    headers fit in 4 KiB."""
+    from .messages import MAX_PUBLISH_BYTES
+
+    return MAX_PUBLISH_BYTES + 4096
+
+
 def mosquitto_conf(netdir: str | Path, cfg: NetworkConfig) -> str:
     paths = network_paths(netdir)
     # Started as root, mosquitto switches to the `mosquitto` user, which cannot read a 0700 network
@@ -104,6 +112,7 @@ def mosquitto_conf(netdir: str | Path, cfg: NetworkConfig) -> str:
             "log_type information",
             "connection_messages true",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            f"max_packet_size {_max_packet()}",  # over it, mosquitto closes the publisher's connection
             "max_inflight_messages 100",
             "max_queued_messages 100000",
             "set_tcp_nodelay true",
@@ -248,6 +257,23 @@ def _fedsilo_broker_class() -> type:
             if self.fedsilo_tls is None:
                 raise ValueError("an ssl listener needs the broker's tls_context")
             return self.fedsilo_tls
+
+        async def _handle_message_delivery(self, client_session: Any, handler: Any, wait_deliver: Any) -> bool:
+            """A PUBLISH over `messages.MAX_PUBLISH_BYTES` closes its sender's connection undelivered, as
+            mosquitto's `max_packet_size` does (amqtt has no limit: it has read the payload by then, but it never
+            reaches another party's queue). Closed through its transport, so that amqtt's own disconnect path runs
+            (the will, the session's state): returning False would only stop reading the connection."""
+            from .messages import MAX_PUBLISH_BYTES
+
+            message = wait_deliver.result()
+            size = len(message.data or b"") if message is not None else 0
+            if size > MAX_PUBLISH_BYTES:
+                self.logger.warning(f"{client_session.client_id} published {size} bytes on {message.topic}, over "
+                                    f"{MAX_PUBLISH_BYTES}: connection closed, nothing delivered")  # fmt: skip
+                with contextlib.suppress(Exception):
+                    await handler.writer.close()
+                return True
+            return await super()._handle_message_delivery(client_session, handler, wait_deliver)
 
         async def _initialize_client_session(self, reader: Any, writer: Any, address: str, port: int) -> Any:
             """amqtt looks the session up by the client id the CONNECT names, and deletes it (clean

@@ -11,6 +11,7 @@ from fedsilo.common.algorithms import AlgorithmError, AlgorithmSpec
 from fedsilo.common.codecs import Compression, plain_for_masks
 from fedsilo.common.errors import ErrorCode
 from fedsilo.common.safejson import JSONLimitError, check_json
+from fedsilo.common.signing import MAX_ROSTER_BYTES
 from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
 
 from .message_base import _ID, _SHA, INLINE_BLOB_BYTES, BlobRef, Message, Reply, b64_length
@@ -29,6 +30,10 @@ MAX_MESSAGE_BYTES = b64_length(INLINE_BLOB_BYTES) + 256 * 1024
 """One inline blob's base64 (`INLINE_BLOB_BYTES`: a small model or update) plus the 256 KiB every message had
 before inline blobs; anything larger is refused before parsing. Senders inline at most `INLINE_BLOB_BYTES` in
 total per message, the rest goes through the file store."""
+MAX_PUBLISH_BYTES = max(MAX_MESSAGE_BYTES, MAX_ROSTER_BYTES) + 16 * 1024
+"""What a broker takes in one PUBLISH payload (a message or the roster, plus its signature): both brokers close the
+connection of a party that sends more (`network/broker.py`), so a party with valid credentials cannot push large
+payloads through the broker into other parties' queues; receivers refuse anything over MAX_MESSAGE_BYTES anyway."""
 MAX_MESSAGE_DEPTH = 16
 """fedsilo's messages nest at most 5 levels; deeper JSON is refused before any parser recurses into it."""
 

@@ -357,3 +357,49 @@ def test_a_message_that_always_kills_the_thread_is_given_up_on(net: NetworkHandl
     finally:
         researcher.stop()
         node.stop()
+
+
+# ---------------------------------------------------------------------------------------- payload size
+def _bare(settings: MqttSettings, received: list[bytes] | None = None, subscribe: str = "") -> mqtt.Client:
+    """A connected paho client (no fedsilo framing): what a hostile party with valid credentials speaks."""
+    ready = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bare-{settings.username}",
+                         protocol=mqtt.MQTTv311)  # fmt: skip
+    client.username_pw_set(settings.username, settings.password)
+    paho_tls(client, settings)
+    client.on_connect = lambda c, *_: c.subscribe(subscribe, qos=1) if subscribe else ready.set()
+    client.on_subscribe = lambda *_: ready.set()
+    if received is not None:
+        client.on_message = lambda _c, _u, msg: received.append(msg.payload)
+    client.connect(settings.host, settings.port)
+    client.loop_start()
+    assert ready.wait(WAIT)
+    return client
+
+
+def test_a_payload_over_the_publish_limit_is_not_delivered_and_closes_its_connection(net: NetworkHandle) -> None:
+    """A node with valid credentials publishes 4 MB on its own reply topic: the broker closes its connection and
+    the researcher receives nothing of it; a payload at the limit still crosses."""
+    from fedsilo.network.messages import MAX_PUBLISH_BYTES
+
+    received: list[bytes] = []
+    researcher = _bare(net.credentials("researcher").mqtt, received, topics.researcher_inbox("researcher"))
+    closed = threading.Event()
+    node = _bare(net.credentials("n1").mqtt)
+    node.on_disconnect = lambda *_: closed.set()
+    try:
+        node.publish(topics.researcher("researcher", "n1"), b"x" * (4 << 20), qos=1)
+        assert closed.wait(WAIT)  # the broker hung up on it
+        node.loop_stop()
+        node.disconnect()
+        node = _bare(net.credentials("n1").mqtt)
+        node.publish(topics.researcher("researcher", "n1"), b"y" * MAX_PUBLISH_BYTES, qos=1).wait_for_publish(WAIT)
+        deadline = time.monotonic() + WAIT
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # anything the broker would still deliver of the first payload arrives meanwhile
+        assert [len(p) for p in received] == [MAX_PUBLISH_BYTES]
+    finally:
+        for client in (node, researcher):
+            client.loop_stop()
+            client.disconnect()
