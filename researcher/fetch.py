@@ -51,7 +51,7 @@ bench/researcher_fetch.py (no nodes, 0 % foreign): 10 x 40 MB replies at once, l
 reply serial, 1.21 s on 2 threads, 1.19 s on 4; 150 ms apart, 0.145 / 0.149 / 0.183 s (serial keeps up)."""
 MIN_READ_S = 1.0
 """The shortest read timeout a worker's client gets near the deadline (a download started at the deadline)."""
-INLINE_BYTES = 1 << 20
+LOAD_HERE_BYTES = 1 << 20
 """A reply whose blobs total at most this is loaded on the round's thread (`Fetcher.fetch_here`): such a download
 takes about 3 ms here, and handing it to a thread cost more than it saved. Measured (2026-11-30, bench/run.py K=10
 small, 200 KB updates, load 2-3, 1 % foreign CPU): researcher CPU 68 ms a round serial, 84 ms with every update
@@ -217,7 +217,7 @@ class Fetcher:
 
     def fetch_here(self, node: str, reply: TrainReply, client: FileStoreClient) -> Fetched:
         """`reply`'s blobs loaded on the calling thread with `client` (the round's own: small updates, see
-        `INLINE_BYTES`); it takes a slot as a worker's download does: `release` it once folded."""
+        `LOAD_HERE_BYTES`); it takes a slot as a worker's download does: `release` it once folded."""
         with self._cond:
             self._slots -= 1
         return self._fetch(node, reply, lambda: client)

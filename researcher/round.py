@@ -45,7 +45,7 @@ from fedsilo.network.messages import (
 from .algorithms.base import AggregationError, FedAlgorithm, NodeTask, NodeUpdate, Params
 from .compression import Compression
 from .connection import Waiter
-from .fetch import FETCH_THREADS, INLINE_BYTES, ClientFactory, ClientPool, Fetched, Fetcher, UpdateLoader
+from .fetch import FETCH_THREADS, LOAD_HERE_BYTES, ClientFactory, ClientPool, Fetched, Fetcher, UpdateLoader
 from .history import NodeResult, RoundRecord
 from .monitor import Monitor
 from .requests import Requests, remote_error
@@ -235,7 +235,7 @@ class TrainingRound:
         self._pending.discard(node)  # from here on another reply of this node is a duplicate, ignored
         self._fetching.add(node)
         assert self._fetcher is not None  # set by _collect, the only caller
-        if sum(ref.size for ref in msg.blobs.values()) <= INLINE_BYTES:
+        if sum(ref.size for ref in msg.blobs.values()) <= LOAD_HERE_BYTES:
             self._on_fetched(self._fetcher.fetch_here(node, msg, self.ctx.files))
         else:
             self._fetcher.submit(node, msg)
