@@ -16,6 +16,7 @@ deadline drops its node as a timeout.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -55,6 +56,10 @@ from .update_checks import InvalidUpdate, check_reply
 
 log = logging.getLogger(__name__)
 
+OFFLINE_GRACE_S = 10.0
+"""A sampled node whose last presence said offline when the round's request went out is dropped once it has
+stayed offline this long, not at `round_timeout`. The grace lets a node whose presence flaps (a restarted
+daemon, a broker restored with an older retained presence) come back and answer its re-sent request."""
 BLOB_SLACK = 1 << 16
 """A node's blob may exceed the global model's size by this much (safetensors header, metadata)."""
 _POOLS: dict[tuple[str, str, float], ClientPool] = {}
@@ -103,6 +108,7 @@ class TrainingRound:
         self._node_of: dict[str, str] = {}
         self._pending: set[str] = set()  # sent a request, no usable reply yet
         self._fetching: set[str] = set()  # replied; its blobs are being downloaded (researcher/fetch.py)
+        self._offline_at_send: dict[str, float] = {}  # node -> when its request went out while it was offline
         self._fetcher: Fetcher | None = None
         self._fetch_s = 0.0
         self._sent_at = 0.0
@@ -131,6 +137,8 @@ class TrainingRound:
             for node, msg in outgoing.items():
                 req.send(waiter, node, msg)  # re-sent until the node answers
             self._pending = set(outgoing)
+            states, now = req.nodes(), time.monotonic()
+            self._offline_at_send = {n: now for n in self._pending if n in states and not states[n].online}
             self._collect(waiter, time.monotonic() + ctx.timeout, stats)
         for node in sorted(self._pending):
             self.outcome.dropped[node] = Drop(node, "timeout", f"no reply within {ctx.timeout:g}s (round_timeout)")
@@ -180,11 +188,15 @@ class TrainingRound:
             self._fetcher = fetcher
             while self._pending or self._fetching:
                 t_wait = time.perf_counter()
-                msg = waiter.get(deadline)
+                grace_end = min(self._offline_at_send.values(), default=math.inf) + OFFLINE_GRACE_S
+                msg = waiter.get(min(deadline, grace_end))
                 t_got = time.perf_counter()
                 stats["wait_s"] += t_got - t_wait
                 if msg is None:
-                    return
+                    if time.monotonic() >= deadline:
+                        return
+                    self._drop_still_offline(ctx.requests.nodes())
+                    continue
                 self._on_message(msg)
                 stats["handle_s"] += time.perf_counter() - t_got
 
@@ -196,7 +208,9 @@ class TrainingRound:
             self._on_scalar(msg)
             return
         if isinstance(msg, Presence):
-            if msg.node_id in self._pending and not msg.online:
+            if msg.online:
+                self._offline_at_send.pop(msg.node_id, None)  # back: the connection re-sends its request
+            elif msg.node_id in self._pending:
                 self._drop(msg.node_id, "offline", "went offline during the round")
             return
         node = self._node_of.get(getattr(msg, "in_reply_to", ""))
@@ -294,6 +308,19 @@ class TrainingRound:
             return fn()
         except SecaggError as exc:
             raise RoundFailed(f"round {self.index}: secure aggregation: {exc}") from None
+
+    def _drop_still_offline(self, states: Mapping[str, Any]) -> None:
+        """Nodes offline when the round's request went out and still offline `OFFLINE_GRACE_S` later: dropped (a node
+        that died between rounds, or in secure aggregation's key-sharing stage, was waited for until round_timeout:
+        60 s in `tests/e2e/test_secure_aggregation.py`)."""
+        now = time.monotonic()
+        for node, since in sorted(self._offline_at_send.items()):
+            if now < since + OFFLINE_GRACE_S:
+                continue
+            del self._offline_at_send[node]
+            state = states.get(node)
+            if node in self._pending and state is not None and not state.online:
+                self._drop(node, "offline", f"offline when the round's request went out and {OFFLINE_GRACE_S:g}s after")
 
     def _drop(self, node: str, kind: Any, reason: str, err: Any = None) -> None:
         self._pending.discard(node)
