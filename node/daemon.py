@@ -79,6 +79,7 @@ class NodeDaemon:
         self._filestore: Any = None
         self._status_lock = threading.Lock()
         self._status_due = False
+        self._status_worker_pid: int | None = None
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._current: dict[str, Any] | None = None
         self._audit: Any = None
@@ -137,8 +138,13 @@ class NodeDaemon:
     rewrites a round were 12 % of the daemon's busy time (JSON, a queue count, a file replaced)."""
 
     def status_changed(self) -> None:
-        """What status.json shows changed: the watch loop writes it within `STATUS_GAP_S`."""
-        self._status_due = True
+        """What status.json shows changed: the watch loop writes it within `STATUS_GAP_S`; at once when the worker
+        was (re)started since the last write (rare), so that its pid is current for whoever reads it next (an admin
+        inspecting the sandboxed process, `tests/integration/test_worker_secrets.py`)."""
+        if self.worker.pid != self._status_worker_pid:
+            self._write_status()
+        else:
+            self._status_due = True
 
     def _watch(self) -> None:
         """Until stopped: keep status.json true (what changed within STATUS_GAP_S, connection state as it
@@ -199,6 +205,7 @@ class NodeDaemon:
             tmp = self.paths.status.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
             os.replace(tmp, self.paths.status)
+            self._status_worker_pid = data["worker_pid"]
 
     def _presence(self, online: bool) -> Presence:
         return Presence(
