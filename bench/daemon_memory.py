@@ -15,32 +15,20 @@ import sys
 from pathlib import Path
 from statistics import median
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from federation import federation, load_workload, timed_round
+from scaling import daemon_process, memory_mib
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def daemon_memory(nodedir: Path) -> dict[str, float]:
     """MiB: the daemon's PSS and USS, its children's together, and 1.0 when libtorch is mapped in the daemon."""
-    import json
-
-    status = json.loads((nodedir / "status.json").read_text(encoding="utf-8"))
-    daemon = psutil.Process(int(status["pid"]))
-    own = daemon.memory_full_info()
-    kids_pss = kids_uss = 0.0
-    for proc in daemon.children(recursive=True):
-        try:
-            info = proc.memory_full_info()
-        except psutil.Error:
-            continue
-        kids_pss += info.pss / 2**20
-        kids_uss += info.uss / 2**20
+    daemon = daemon_process(nodedir)
+    own, kids = memory_mib([daemon]), memory_mib(daemon.children(recursive=True))
     maps = Path(f"/proc/{daemon.pid}/maps").read_text()
-    return {"daemon_pss": own.pss / 2**20, "daemon_uss": own.uss / 2**20, "children_pss": kids_pss,
-            "children_uss": kids_uss, "torch_mapped": float("libtorch" in maps)}  # fmt: skip
+    return {"daemon_pss": own["pss"], "daemon_uss": own["uss"], "children_pss": kids["pss"],
+            "children_uss": kids["uss"], "torch_mapped": float("libtorch" in maps)}  # fmt: skip
 
 
 def main() -> None:

@@ -47,21 +47,31 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def daemon_process(nodedir: Path) -> psutil.Process:
+    """The node daemon running on `nodedir` (its status.json names it)."""
+    return psutil.Process(int(json.loads((nodedir / "status.json").read_text(encoding="utf-8"))["pid"]))
+
+
+def memory_mib(procs: list[psutil.Process]) -> dict[str, float]:
+    """MiB summed over `procs` (one that ended meanwhile left out): RSS, PSS and USS."""
+    total = {"rss": 0.0, "pss": 0.0, "uss": 0.0}
+    for proc in procs:
+        try:
+            info = proc.memory_full_info()
+        except psutil.Error:
+            continue
+        for key in total:
+            total[key] += getattr(info, key) / 2**20
+    return total
+
+
 def node_memory(nodedirs: list[Path]) -> list[dict[str, float]]:
     """Per node, MiB: RSS and PSS of the daemon and every process under it (bwrap, the worker)."""
     out = []
     for nodedir in nodedirs:
-        status = json.loads((nodedir / "status.json").read_text(encoding="utf-8"))
-        daemon = psutil.Process(int(status["pid"]))
-        rss = pss = 0.0
-        for proc in [daemon, *daemon.children(recursive=True)]:
-            try:
-                info = proc.memory_full_info()
-            except psutil.Error:
-                continue
-            rss += info.rss / 2**20
-            pss += info.pss / 2**20
-        out.append({"rss_mib": rss, "pss_mib": pss})
+        daemon = daemon_process(nodedir)
+        mib = memory_mib([daemon, *daemon.children(recursive=True)])
+        out.append({"rss_mib": mib["rss"], "pss_mib": mib["pss"]})
     return out
 
 

@@ -278,19 +278,29 @@ def dtype_name(dtype: np.dtype) -> str:
     return {"F8_E4M3": "float8_e4m3fn"}.get(CODES.get(dtype, ""), str(dtype))
 
 
-def check_compatible(received: Arrays, reference: Arrays) -> None:
-    """Raise if received arrays do not match the model's names, shapes and dtypes."""
+Layout = dict[str, tuple[tuple[int, ...], str]]
+"""Parameter name -> (shape, dtype as a message names it): what `check_layout` compares."""
+
+
+def check_layout(received: Layout, reference: Layout) -> None:
+    """Raise if received parameters do not match the model's names, shapes and dtypes (the one check behind the
+    numpy `check_compatible` here and the torch one in `serialization.py`)."""
     missing = reference.keys() - received.keys()
     extra = received.keys() - reference.keys()
     if missing or extra:
         raise SerializationError(
             f"parameter names differ from the model: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
         )
-    for k, ref in reference.items():
-        got = received[k]
-        if got.shape != ref.shape or got.dtype != ref.dtype:
-            raise SerializationError(f"parameter '{k}': got {got.shape} {dtype_name(got.dtype)}, model has "
-                                     f"{ref.shape} {dtype_name(ref.dtype)}")  # fmt: skip
+    for k, (ref_shape, ref_dtype) in reference.items():
+        shape, dtype = received[k]
+        if shape != ref_shape or dtype != ref_dtype:
+            raise SerializationError(f"parameter '{k}': got {shape} {dtype}, model has {ref_shape} {ref_dtype}")
+
+
+def check_compatible(received: Arrays, reference: Arrays) -> None:
+    """Raise if received arrays do not match the model's names, shapes and dtypes."""
+    check_layout({k: (a.shape, dtype_name(a.dtype)) for k, a in received.items()},
+                 {k: (a.shape, dtype_name(a.dtype)) for k, a in reference.items()})  # fmt: skip
 
 
 def non_finite(arrays: Arrays) -> list[str]:

@@ -19,6 +19,7 @@ from .arrays import (  # noqa: F401  (re-exported: the names the worker, the res
     SerializedParams,
     arrays_from_bytes,
     arrays_to_buffers,
+    check_layout,
     parse_header,
 )
 from .errors import SerializationError
@@ -82,19 +83,10 @@ def params_from_bytes(data: bytes | bytearray | memoryview, copy: bool = True) -
 
 
 def check_compatible(received: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
-    """Raise if received parameters do not match the model's names, shapes and dtypes."""
-    missing = reference.keys() - received.keys()
-    extra = received.keys() - reference.keys()
-    if missing or extra:
-        raise SerializationError(
-            f"parameter names differ from the model: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
-        )
-    for k, ref in reference.items():
-        got = received[k]
-        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
-            raise SerializationError(
-                f"parameter '{k}': got {tuple(got.shape)} {got.dtype}, model has {tuple(ref.shape)} {ref.dtype}"
-            )
+    """Raise if received parameters do not match the model's names, shapes and dtypes (tensors anywhere, a GPU's
+    too: only their shapes and dtypes are read)."""
+    check_layout({k: (tuple(t.shape), str(t.dtype)) for k, t in received.items()},
+                 {k: (tuple(t.shape), str(t.dtype)) for k, t in reference.items()})  # fmt: skip
 
 
 def non_finite(params: dict[str, torch.Tensor]) -> list[str]:
