@@ -22,6 +22,7 @@ from filelock import FileLock, Timeout
 
 from fedsilo.common import PROTOCOL_VERSION, __version__
 from fedsilo.common.errors import ConfigError, ErrorCode, FedsiloError
+from fedsilo.common.malloc import keep_freed_memory
 from fedsilo.network import topics
 from fedsilo.network.credentials import Credentials
 from fedsilo.network.messages import (
@@ -434,6 +435,7 @@ class NodeDaemon:
 
 def run(config: NodeConfig) -> None:
     """`fedsilo node start`: run the daemon in the foreground; exits non-zero if it could not go on."""
+    keep_freed_memory()  # each round's blobs (a 40 MB model in, an update out) reuse the last round's pages
     daemon = NodeDaemon(config)
     daemon.run()
     if daemon.exit_code:

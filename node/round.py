@@ -275,12 +275,15 @@ def _warn(text: str, request: TrainRequest | EvaluateRequest, ctx: RoundContext,
 
 
 def _scalars(r: _Round) -> Callable[[str, float, int, int, int, int], None]:
-    req = r.task.request
+    # what it needs, not `r`: a closure over the round's state made a cycle (state -> trainer -> this -> state)
+    # that kept each round's model, gradients and blobs (150 MB a round, peerbench large) in a job's process
+    # until the cyclic collector ran
+    req, emit, node_id = r.task.request, r.emit, r.ctx.node_id
 
     def on_scalar(key: str, value: float, step: int, epoch: int, num_samples: int, total_samples: int) -> None:
-        r.emit(ScalarMessage(sender=r.ctx.node_id, node_id=r.ctx.node_id, job_id=req.job_id, round=req.round,
-                             dataset_id=req.dataset_id, key=key, value=value, step=step, epoch=epoch,
-                             num_samples=num_samples, total_samples=total_samples))  # fmt: skip
+        emit(ScalarMessage(sender=node_id, node_id=node_id, job_id=req.job_id, round=req.round,
+                           dataset_id=req.dataset_id, key=key, value=value, step=step, epoch=epoch,
+                           num_samples=num_samples, total_samples=total_samples))  # fmt: skip
 
     return on_scalar
 

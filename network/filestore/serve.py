@@ -23,6 +23,8 @@ import sys
 import threading
 from typing import Any
 
+from fedsilo.common.malloc import set_malloc
+
 from ..pki import ensure_server
 from ..provision import NetworkConfig, load_config, network_paths
 
@@ -50,14 +52,7 @@ log = logging.getLogger("fedsilo.network.filestore")
 
 def tune_malloc() -> bool:
     """Apply `MMAP_THRESHOLD` and `TRIM_THRESHOLD` (glibc only; elsewhere nothing happens: False)."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+    return set_malloc(mmap_threshold=MMAP_THRESHOLD, trim_threshold=TRIM_THRESHOLD)
 
 
 def uvicorn_options(cfg: NetworkConfig, netdir: Any) -> dict[str, Any]:
