@@ -82,7 +82,7 @@ def available_mib() -> float:
 def run_k(W: Any, k: int, args: argparse.Namespace) -> dict[str, Any]:
     """One federation of k nodes: memory, R timed rounds, then a fresh Experiment to its first result."""
     base = Path(args.dir) / f"k{k}"
-    with federation(W, k, "small", base, broker=args.broker, threads=1, rounds=args.rounds + 1) as fed:
+    with federation(W, k, args.model, base, broker=args.broker, threads=1, rounds=args.rounds + 1) as fed:
         memory = node_memory(fed.nodedirs)
         exp = fed.exp
         exp.run_once()  # warm-up: the nodes cache the plan, the researcher's connections are up
@@ -111,7 +111,7 @@ def run_k(W: Any, k: int, args: argparse.Namespace) -> dict[str, Any]:
         exp.close()
 
         t0 = time.perf_counter()
-        second = make_experiment(W, fed.plan, k, "small", fed.netdir, base / "experiments-2", 1)
+        second = make_experiment(W, fed.plan, k, args.model, fed.netdir, base / "experiments-2", 1)
         experiment_s = time.perf_counter() - t0
         second.run_once()
         first_result_s = time.perf_counter() - t0
@@ -194,6 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", default="3,10,25,50")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model", default="small", choices=["small", "large"])
     parser.add_argument("--broker", default="auto", choices=["auto", "mosquitto", "embedded"])
     parser.add_argument("--workload", default=str(REPO / ".." / "shared" / "bench"))
     parser.add_argument("--dir", default=str(REPO / "run" / "bench-scaling"))
