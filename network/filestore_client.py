@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import ssl
 import tempfile
@@ -21,6 +22,8 @@ from fedsilo.common.hashing import sha256_bytes, sha256_file
 from .credentials import FileStoreSettings
 from .messages import BlobRef
 from .pki import client_context
+
+log = logging.getLogger("fedsilo.network.filestore_client")
 
 CHUNK = 1 << 20
 """Bytes read from the socket (straight into the blob's buffer) and hashed at a time."""
@@ -157,6 +160,30 @@ class FileStoreClient:
         if missing:
             self.grant(ref, missing)
         return ref
+
+    def release(self, ref: BlobRef) -> bool:
+        """Tell the store this party no longer needs `ref` (`DELETE`): the blob goes once no party holds it (an
+        uploader that released it, a reader that did). True when the store removed it now; False when others still
+        hold it, when it was gone already or not this party's to read (404: expired, released before), and for a
+        ref carried inline (never stored)."""
+        if ref.data is not None:
+            return False
+        self._granted.pop(ref.sha256, None)  # uploaded again later, it is granted again
+        response = self._call("DELETE", self._blob_url(ref.sha256), what=f"release of blob {ref.sha256[:12]}",
+                              ok=(200, 404))  # fmt: skip
+        try:
+            return response.status_code == 200 and response.json().get("removed") is True
+        except (ValueError, AttributeError):
+            return False
+
+    def release_all(self, refs: Iterable[BlobRef]) -> None:
+        """`release` each stored ref of `refs` once a round is done with them; a failure is logged, never raised
+        (the round's outcome does not depend on it, and retention removes what a release missed)."""
+        for ref in {r.sha256: r for r in refs if r.data is None}.values():
+            try:
+                self.release(ref)
+            except BlobTransferError as exc:
+                log.info("blob %s not released (retention will remove it): %s", ref.sha256[:12], exc)
 
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
         """Fetch a blob into memory, refusing it beyond `max_bytes` and checking its size and sha256; a ref that

@@ -71,7 +71,8 @@ class HealthView(APIView):
 
 
 class BlobView(APIView):
-    """`PUT|GET|HEAD /api/v1/blobs/<sha256>`; reads only by the uploaders and the readers granted."""
+    """`PUT|GET|HEAD|DELETE /api/v1/blobs/<sha256>`; reads only by the uploaders and the readers granted; DELETE
+    releases the caller's hold on the blob, which goes once nobody holds it."""
 
     def head(self, request: Any, sha256: str) -> HttpResponse:
         _check_sha(sha256)
@@ -100,6 +101,11 @@ class BlobView(APIView):
     def put(self, request: Any, sha256: str) -> Response:
         _check_sha(sha256)
         return _store_upload(request, sha256)
+
+    def delete(self, request: Any, sha256: str) -> Response:
+        """Release: this party no longer needs the blob (`access.release`); `removed` when no one holds it now."""
+        _check_sha(sha256)
+        return Response({"sha256": sha256, "removed": access.release(sha256, request.user.name)})
 
 
 class UploadView(APIView):

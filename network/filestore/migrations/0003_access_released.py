@@ -1,0 +1,14 @@
+"""Blobs released by the parties that hold them (issue 11): an uploader's release is recorded on its row."""
+
+from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ("filestore", "0002_access_retention"),
+    ]
+
+    operations = [
+        migrations.AddField(model_name="access", name="released", field=models.BooleanField(default=False)),
+    ]
