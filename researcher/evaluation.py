@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedsilo.common.errors import ConfigError, FedsiloError
-from fedsilo.network.messages import ErrorReply, EvaluateReply, EvaluateRequest, Message, Presence
+from fedsilo.network.messages import BlobRef, ErrorReply, EvaluateReply, EvaluateRequest, Message, Presence
 
 from .algorithms.base import FedAlgorithm, NodeEvaluation, NodeTask
 from .history import EVALUATION_PREFIXES, RoundRecord, validation_of
@@ -99,6 +99,7 @@ class EvaluationJob:
         self.dropped: dict[str, Drop] = {}
         self._node_of: dict[str, str] = {}
         self._pending: set[str] = set()
+        self._uploaded: list[BlobRef] = []  # the model this researcher stored for it (released once it ends)
 
     def run(self) -> EvaluationReport:
         ctx = self.ctx
@@ -121,6 +122,7 @@ class EvaluationJob:
                 if msg is None:
                     break
                 self._on_message(msg)
+        ctx.files.release_all(self._uploaded)
         for node in sorted(self._pending):
             self.dropped[node] = Drop(node, "timeout", f"no reply within {ctx.timeout:g}s (round_timeout)")
         for node, drop in sorted(self.dropped.items()):
@@ -139,7 +141,7 @@ class EvaluationJob:
             if set(task.blobs) != {"params"}:
                 raise ConfigError(f"{self.ctx.algorithm!r}.configure_evaluate gave node {node} blobs "
                                   f"{sorted(task.blobs)}; an evaluation sends one, 'params'")  # fmt: skip
-        outgoing, _ = task_requests(self.ctx, tasks, self.rounds_done, EvaluateRequest)
+        outgoing, self._uploaded = task_requests(self.ctx, tasks, self.rounds_done, EvaluateRequest)
         self._node_of = {msg.request_id: node for node, msg in outgoing.items()}
         return outgoing  # type: ignore[return-value]
 

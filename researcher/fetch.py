@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fedsilo.common.errors import TransferError
 from fedsilo.common.serialization import check_compatible, params_from_bytes
 from fedsilo.network.filestore_client import FileStoreClient
 from fedsilo.network.messages import BlobRef, TrainReply
@@ -92,9 +93,18 @@ class UpdateLoader:
         self.compression, self.masked = compression, masked
 
     def __call__(self, files: FileStoreClient, reply: TrainReply) -> dict[str, Params]:
-        if self.masked:
-            return {"params": self._parse(files, reply.params)}
-        return {name: self._checked(files, name, ref) for name, ref in reply.blobs.items()}
+        try:
+            if self.masked:
+                loaded = {"params": self._parse(files, reply.params)}
+            else:
+                loaded = {name: self._checked(files, name, ref) for name, ref in reply.blobs.items()}
+        except TransferError:
+            raise  # not downloaded (the store unreachable, say): left to retention
+        except Exception:
+            files.release_all(reply.blobs.values())  # downloaded but unusable: the node is dropped all the same
+            raise
+        files.release_all(reply.blobs.values())  # in memory now: the store's copy is no one's any more
+        return loaded
 
     def _checked(self, files: FileStoreClient, name: str, ref: BlobRef) -> Params:
         if name == "params" and self.compression is not None:  # a codec blob: decoded before `add`

@@ -115,6 +115,7 @@ class TrainingRound:
         self._max_bytes = 0
         self._secagg: SecaggRound | None = None
         self._bytes_down = self._bytes_up = 0
+        self._uploaded: list[BlobRef] = []  # the round's blobs this researcher stored (released once it ends)
 
     # ------------------------------------------------------------------ the template
     def run(self) -> tuple[RoundRecord, Params]:
@@ -140,6 +141,7 @@ class TrainingRound:
             states, now = req.nodes(), time.monotonic()
             self._offline_at_send = {n: now for n in self._pending if n in states and not states[n].online}
             self._collect(waiter, time.monotonic() + ctx.timeout, stats)
+        ctx.files.release_all(self._uploaded)  # nodes still downloading it hold it until their round ends
         for node in sorted(self._pending):
             self.outcome.dropped[node] = Drop(node, "timeout", f"no reply within {ctx.timeout:g}s (round_timeout)")
         for node in sorted(self._fetching):
@@ -164,6 +166,7 @@ class TrainingRound:
     def _requests(self, tasks: Mapping[str, NodeTask]) -> dict[str, TrainRequest]:
         """One TrainRequest per node, with the algorithm's typed config."""
         outgoing, uploaded = task_requests(self.ctx, tasks, self.index, TrainRequest)
+        self._uploaded = uploaded
         self._node_of = {msg.request_id: node for node, msg in outgoing.items()}
         self._bytes_down = sum(ref.size for msg in outgoing.values() for ref in msg.blobs.values())
         self._max_bytes = max((r.size for r in uploaded), default=0) * 2 + BLOB_SLACK

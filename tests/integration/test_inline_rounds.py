@@ -93,13 +93,33 @@ def test_a_small_model_round_stores_nothing_and_the_researcher_keeps_no_inline_b
         exp.close()
 
 
-def test_a_model_over_the_inline_limit_still_goes_through_the_store(one: OneNode, tmp_path: Path) -> None:
+def test_a_model_over_the_inline_limit_goes_through_the_store_and_leaves_it_with_the_round(
+        one: OneNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The model and the update are stored (the researcher releases both: it uploaded one, downloaded the other),
+    and once the node has released its holds too (after its reply) the store keeps neither."""
+    from fedsilo.network.filestore_client import FileStoreClient
+
+    released: list[BlobRef] = []
+    real = FileStoreClient.release_all
+
+    def spy(self: FileStoreClient, refs) -> None:
+        refs = list(refs)
+        released.extend(r for r in refs if r.data is None)
+        real(self, refs)
+
+    monkeypatch.setattr(FileStoreClient, "release_all", spy)
     before = _stored(one)
     exp, model_sha, size = _round(one, tmp_path, hidden=20_000)
     exp.close()
     assert size > INLINE_BLOB_BYTES
+    shas = {r.sha256 for r in released}
+    assert model_sha in shas and len(shas) == 2  # the global model and the node's update went through the store
+    deadline = time.monotonic() + 30  # the node releases its holds just after its reply: wait for that
+    while shas & set(_stored(one)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not shas & set(_stored(one))
     new = {sha: by for sha, by in _stored(one).items() if sha not in before}
-    assert new.get(model_sha) == "researcher" and list(new.values()).count("n1") == 1  # the model, the update
+    assert len(new) <= 1 and set(new.values()) <= {"researcher"}  # at most the plan, kept for the next rounds
 
 
 # ------------------------------------------------------------------ a raw researcher's requests
