@@ -42,6 +42,7 @@ class Payload(Protocol):
 
 
 READERS_HEADER = "X-Fedsilo-Readers"
+HOLD_HEADER = "X-Fedsilo-Readers-Hold"
 """On a PUT: the parties, besides the uploader, that may read the blob (comma-separated names)."""
 
 
@@ -117,8 +118,9 @@ class FileStoreClient:
         response = self._call("HEAD", self._blob_url(sha256), what=f"blob {sha256[:12]}", ok=(200, 404))
         return response.status_code == 200
 
-    def upload_bytes(self, data: bytes | Payload, readers: Iterable[str] = ()) -> BlobRef:
-        """Store `data` readable by this party and `readers` (party names); return its reference.
+    def upload_bytes(self, data: bytes | Payload, readers: Iterable[str] = (), hold: bool = False) -> BlobRef:
+        """Store `data` readable by this party and `readers` (party names); return its reference. `hold`: the
+        blob is handed over, each reader holds it until it releases it (else only this party's hold keeps it).
 
         A blob over `SMALL_BLOB` is hashed while it is sent (`POST /api/v1/blobs`, the store answers its sha256,
         checked against this client's), not hashed first and then sent: the store receives while the client
@@ -127,9 +129,9 @@ class FileStoreClient:
         readers = list(readers)
         try:
             if len(data) > SMALL_BLOB:
-                return self._post(data, readers)
+                return self._post(data, readers, hold)
             ref = _ref(data)
-            self._put(ref, data, readers)
+            self._put(ref, data, readers, hold)
             return ref
         except BlobTransferError as exc:
             # Over a limit lowered since the blob was stored: it is there all the same.
@@ -243,7 +245,7 @@ class FileStoreClient:
         else:
             self._put(ref, body, readers)
 
-    def _post(self, data: bytes | Payload, readers: list[str]) -> BlobRef:
+    def _post(self, data: bytes | Payload, readers: list[str], hold: bool = False) -> BlobRef:
         """Send `data` hashing each block on its way out; the store names the blob by what it received.
 
         Measured (bench/blobs.py, parameters over HTTPS, both ways in turn within each repeat, median of 5;
@@ -255,9 +257,8 @@ class FileStoreClient:
         each update and each global model is new.
         """
         body = _HashingBody(data)
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
-        if readers:
-            headers[READERS_HEADER] = ",".join(sorted(set(readers)))
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)),
+                   **_readers(readers, hold)}  # fmt: skip
         what = f"upload of a blob of {len(body)} bytes"
         response = self._call("POST", f"{self._api}/blobs", what=what, ok=(200, 201), data=body, headers=headers)
         ref = BlobRef(sha256=body.sha256(), size=len(body))
@@ -271,10 +272,10 @@ class FileStoreClient:
         self._granted.setdefault(ref.sha256, set()).update(readers)
         return ref
 
-    def _put(self, ref: BlobRef, body: bytes | Payload | BinaryIO, readers: Iterable[str] = ()) -> None:
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(ref.size)}
-        if readers:
-            headers[READERS_HEADER] = ",".join(sorted(set(readers)))
+    def _put(self, ref: BlobRef, body: bytes | Payload | BinaryIO, readers: Iterable[str] = (), hold: bool = False
+             ) -> None:  # fmt: skip
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(ref.size),
+                   **_readers(readers, hold)}  # fmt: skip
         self._call(
             "PUT",
             self._blob_url(ref.sha256),
@@ -364,6 +365,12 @@ class FileStoreClient:
                 server_message=message,
             )
         return response
+
+
+def _readers(readers: Iterable[str], hold: bool) -> dict[str, str]:
+    """The upload's headers naming its readers, and whether they hold it (`upload_bytes`' `hold`)."""
+    names = sorted(set(readers))
+    return {READERS_HEADER: ",".join(names), **({HOLD_HEADER: "1"} if hold else {})} if names else {}
 
 
 def _ref(data: bytes | Payload) -> BlobRef:

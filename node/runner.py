@@ -128,9 +128,9 @@ class TaskRunner:
         raw = reply.to_json()
         if self.publish_reliably(topic, raw):  # kept for re-sent copies; without inline data once older
             d.queue.done(item, raw, reply.to_json(inline=False) if inline_bytes(reply) else None)
-            # Done with the round's blobs: the model it downloaded, the update it uploaded (held for the researcher
-            # by its own hold until it has read it). A copy of this request sent again is answered from the queue.
-            self.node.files.release_all([*request.blobs.values(), *getattr(reply, "blobs", {}).values()])
+            # Done with the update it uploaded: the researcher it was handed to holds it until it has read it (a
+            # copy of this request sent again is answered from the queue). What it read is the uploader's to release.
+            self.node.files.release_all(getattr(reply, "blobs", {}).values())
         else:
             log.error("[%s] reply not acknowledged by the broker; the task stays queued", rid)
         d.status_changed()

@@ -57,7 +57,7 @@ def upload_blobs(files: FileStoreClient, blobs: dict[str, Any], reader: str) -> 
             refs[name] = BlobRef.inline(data.tobytes() if hasattr(data, "tobytes") else data)
             room -= size
         else:
-            refs[name] = files.upload_bytes(data, readers=[reader])
+            refs[name] = files.upload_bytes(data, readers=[reader], hold=True)  # the researcher's until it has read it
     return refs
 
 

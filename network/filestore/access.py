@@ -25,6 +25,9 @@ from .errors import ApiError
 from .models import Access, Blob
 
 READERS_HEADER = "HTTP_X_FEDSILO_READERS"
+HOLD_HEADER = "HTTP_X_FEDSILO_READERS_HOLD"
+"""`X-Fedsilo-Readers-Hold: 1` on an upload: the readers named hold the blob until they release it (a node's
+update, handed over to the researcher); without it a reader may read the blob while its uploaders keep it."""
 MAX_READERS = 1000
 """More readers than any consortium has nodes; bounds the rows one request can add."""
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")  # provision.NAME_PATTERN: party names as registered
@@ -102,7 +105,7 @@ def _check_quota(party: str, size: int) -> None:
         )
 
 
-def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[str]) -> bool:
+def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[str], hold: bool = False) -> bool:
     """Record an upload whose verified bytes are in `tmp_name`; True when the blob is new.
 
     One IMMEDIATE transaction (settings.py) checks the quota, moves the file and writes the rows, so
@@ -130,7 +133,7 @@ def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[s
             Blob.objects.filter(sha256=sha256).update(last_used_at=now)
         # an upload holds the blob again, if the party had released it
         Access.objects.update_or_create(blob=blob, party=party, defaults={"uploader": True, "released": False})
-        _add_readers(blob, readers)
+        _add_readers(blob, readers, hold)
     return created
 
 
@@ -149,12 +152,14 @@ def release(sha256: str, party: str) -> bool:
     party may not read it (released before as a reader, or never granted: the same answer as a missing blob).
 
     A reader's row goes; an uploader's row stays, `released`, and the blob keeps counting in its quota until the
-    blob goes, so that uploading, granting to a friend and releasing cannot store past a quota. The blob goes once
-    no reader holds it and every uploader released it: a round's update once the node (its uploader) and the
-    researcher (its reader) are done with it, without waiting `retention_days`. Measured (peerbench large, K=10,
-    2026-12-01): the store kept 440 MB a round, and on this VM every page the page cache grew into cost the store
-    about 2.7 ms/MB to write (a fresh page the host backs on first touch): 3.0 s of the store's CPU a round
-    against 2.1 s with the blobs of past rounds removed. Same transaction discipline as `store` and retention."""
+    blob goes, so that uploading, handing over to a friend and releasing cannot store past a quota. The blob goes
+    once every uploader released it and no reader it was handed over to (`holds`) still holds it: a round's update
+    once the node (its uploader) and the researcher (the reader it was handed to) are done with it, the round's
+    global model once the researcher is (the nodes only read it), without waiting `retention_days`. Measured
+    (peerbench large, K=10, 2026-12-01): the store kept 440 MB a round, and on this VM every page the page cache
+    grew into cost the store about 2.7 ms/MB to write (a fresh page the host backs on first touch): 3.0 s of the
+    store's CPU a round against 2.1 s with the blobs of past rounds removed. Same transaction discipline as
+    `store` and retention."""
     with transaction.atomic():
         row = Access.objects.filter(blob_id=sha256, party=party).first()
         if row is None:
@@ -165,12 +170,16 @@ def release(sha256: str, party: str) -> bool:
                 row.save(update_fields=["released"])
         else:
             row.delete()
-        if Access.objects.filter(blob_id=sha256).exclude(uploader=True, released=True).exists():
+        rows = Access.objects.filter(blob_id=sha256)
+        if rows.filter(uploader=True, released=False).exists() or rows.filter(uploader=False, holds=True).exists():
             return False
         blob_path(sha256).unlink(missing_ok=True)
-        Blob.objects.filter(sha256=sha256).delete()  # and the released uploaders' rows
+        Blob.objects.filter(sha256=sha256).delete()  # and every row left
         return True
 
 
-def _add_readers(blob: Blob, readers: Iterable[str]) -> None:
-    Access.objects.bulk_create([Access(blob=blob, party=r) for r in readers], ignore_conflicts=True)
+def _add_readers(blob: Blob, readers: Iterable[str], hold: bool = False) -> None:
+    readers = list(readers)
+    Access.objects.bulk_create([Access(blob=blob, party=r, holds=hold) for r in readers], ignore_conflicts=True)
+    if hold:  # readers granted before now hold it too (an uploader is never a reader row)
+        Access.objects.filter(blob=blob, party__in=readers, uploader=False).update(holds=True)

@@ -118,6 +118,7 @@ class UploadView(APIView):
 def _store_upload(request: Any, sha256: str | None) -> Response:
     """The body of a PUT (named `sha256`: it must hash to it) or of a POST (stored under what it hashes to)."""
     readers = access.parse_readers(request.META.get(access.READERS_HEADER, ""))
+    hold = request.META.get(access.HOLD_HEADER, "") == "1"
     limit: int = _conf()["max_upload_bytes"]
     raw = request._request  # the Django request: its body has not been touched by DRF parsers
     meta = raw.META
@@ -143,7 +144,7 @@ def _store_upload(request: Any, sha256: str | None) -> Response:
             raise ApiError(400, f"body ended after {size} of {length} bytes")
         if sha256 is not None and actual != sha256:
             raise ApiError(400, f"sha256 mismatch: the body hashes to {actual}, the URL names {sha256}")
-        created = access.store(actual, size, tmp_name, request.user.name, readers)
+        created = access.store(actual, size, tmp_name, request.user.name, readers, hold)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)  # moved into blobs/ when stored
