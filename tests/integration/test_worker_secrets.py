@@ -116,7 +116,7 @@ class HeartPlan''').replace('CSV."""', 'CSV."""\n    POISON = True')
 
 STEP = "    def training_step(self, data, target):"
 PICKLE_PLAN = LOGREG_PLAN.replace(STEP, STEP + '''
-        import gc, pathlib
+        import gc, pathlib, sys
         from multiprocessing.connection import Connection
 
         class Touch:
@@ -125,9 +125,14 @@ PICKLE_PLAN = LOGREG_PLAN.replace(STEP, STEP + '''
 
         touch = Touch()
         touch.marker = self.model_args["marker"]
-        for obj in gc.get_objects():
-            if isinstance(obj, Connection) and not obj.closed:
-                obj.send(touch)  # multiprocessing's own send: a pickle''')
+        # the worker's socket, wherever plan code can reach it: the collector's objects (the warm worker's are
+        # frozen out of gc.get_objects since it freezes them before forking) and the frames that called this step
+        frame, found = sys._getframe(), list(gc.get_objects())
+        while frame is not None:
+            found += list(frame.f_locals.values())
+            frame = frame.f_back
+        for obj in {id(o): o for o in found if isinstance(o, Connection) and not o.closed}.values():
+            obj.send(touch)  # multiprocessing's own send: a pickle''')
 
 PLANS = {"spy": SPY_PLAN, "nan": NAN_PLAN, "pickle": PICKLE_PLAN, "plain": LOGREG_PLAN}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,6 +47,7 @@ class FakeStore:
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
         self.uploads = 0
+        self.released: list[BlobRef] = []
 
     def upload_bytes(self, data: bytes, readers: object = ()) -> BlobRef:
         self.uploads += 1
@@ -63,6 +64,9 @@ class FakeStore:
 
     def download_buffer(self, ref: BlobRef, max_bytes: int | None = None) -> bytearray:
         return bytearray(self.download_bytes(ref))
+
+    def release_all(self, refs: Iterable[BlobRef]) -> None:
+        self.released.extend(r for r in refs if r.data is None)  # as FileStoreClient: inline refs never stored
 
 
 Behaviour = Callable[[TrainRequest, "queue.Queue[Message]"], None]

@@ -25,13 +25,13 @@ class Recorder(FileStoreClient):
         self.calls.append("HEAD")
         return self.stored
 
-    def _post(self, data, readers) -> BlobRef:
+    def _post(self, data, readers, hold=False) -> BlobRef:
         self.calls.append(f"POST {','.join(readers)}".strip())
         if self.put_error is not None:
             raise BlobTransferError("refused", status=self.put_error)
         return BlobRef(sha256=hashlib.sha256(bytes(data)).hexdigest(), size=len(data))
 
-    def _put(self, ref, body, readers=()) -> None:
+    def _put(self, ref, body, readers=(), hold=False) -> None:
         self.calls.append(f"PUT {','.join(readers)}".strip())
         if self.put_error is not None:
             raise BlobTransferError("refused", status=self.put_error)
