@@ -17,7 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Sum
+from django.db.models import Count, F, Sum
 from django.utils import timezone
 
 from .auth import party_names
@@ -131,8 +131,15 @@ def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[s
             blob = Blob.objects.create(sha256=sha256, size=size, uploaded_by=party, last_used_at=now)
         else:
             Blob.objects.filter(sha256=sha256).update(last_used_at=now)
-        # an upload holds the blob again, if the party had released it
-        Access.objects.update_or_create(blob=blob, party=party, defaults={"uploader": True, "released": False})
+        # each upload holds the blob once more: two experiments of one researcher may upload the same initial
+        # model, and the first to end its round must not remove the other's
+        row = Access.objects.filter(blob=blob, party=party).first()
+        if row is None:
+            Access.objects.create(blob=blob, party=party, uploader=True, uploads=1)
+        elif row.uploader:
+            Access.objects.filter(pk=row.pk).update(uploads=F("uploads") + 1)
+        else:  # a reader that now uploads the same bytes
+            Access.objects.filter(pk=row.pk).update(uploader=True, uploads=1, holds=False)
         _add_readers(blob, readers, hold)
     return created
 
@@ -151,9 +158,10 @@ def release(sha256: str, party: str) -> bool:
     """`party` no longer needs the blob; True when that removed it (no row holds it any more). 404 when the
     party may not read it (released before as a reader, or never granted: the same answer as a missing blob).
 
-    A reader's row goes; an uploader's row stays, `released`, and the blob keeps counting in its quota until the
-    blob goes, so that uploading, handing over to a friend and releasing cannot store past a quota. The blob goes
-    once every uploader released it and no reader it was handed over to (`holds`) still holds it: a round's update
+    A reader's row goes; an uploader's row lets one of its uploads go (`uploads`) and stays, and the blob keeps
+    counting in its quota until the blob goes, so that uploading, handing over to a friend and releasing cannot
+    store past a quota. The blob goes once every uploader released each of its uploads and no reader it was handed
+    over to (`holds`) still holds it: a round's update
     once the node (its uploader) and the researcher (the reader it was handed to) are done with it, the round's
     global model once the researcher is (the nodes only read it), without waiting `retention_days`. Measured
     (peerbench large, K=10, 2026-12-01): the store kept 440 MB a round, and on this VM every page the page cache
@@ -165,13 +173,12 @@ def release(sha256: str, party: str) -> bool:
         if row is None:
             raise not_found(sha256)
         if row.uploader:
-            if not row.released:
-                row.released = True
-                row.save(update_fields=["released"])
+            if row.uploads > 0:
+                Access.objects.filter(pk=row.pk).update(uploads=F("uploads") - 1)
         else:
             row.delete()
         rows = Access.objects.filter(blob_id=sha256)
-        if rows.filter(uploader=True, released=False).exists() or rows.filter(uploader=False, holds=True).exists():
+        if rows.filter(uploader=True, uploads__gt=0).exists() or rows.filter(uploader=False, holds=True).exists():
             return False
         blob_path(sha256).unlink(missing_ok=True)
         Blob.objects.filter(sha256=sha256).delete()  # and every row left

@@ -19,14 +19,15 @@ class Blob(models.Model):
 
 class Access(models.Model):
     """A party that may read a blob: one that uploaded it (`uploader`: counted in its quota, may grant
-    it to others) or one it was granted to. A blob is kept while a row holds it: an uploader's until it releases
-    it (`released`: the row stays, still counted in its quota, until the blob goes), a reader's only when the
-    uploader handed the blob over to its readers (`holds`, until the reader releases it)."""
+    it to others) or one it was granted to. A blob is kept while a row holds it: an uploader's while it has
+    uploads not released (`uploads`: each upload holds it once, each release lets one go; at 0 the row stays,
+    still counted in its quota, until the blob goes), a reader's only when the uploader handed the blob over to
+    its readers (`holds`, until the reader releases it)."""
 
     blob = models.ForeignKey(Blob, on_delete=models.CASCADE, related_name="access")
     party = models.CharField(max_length=64)
     uploader = models.BooleanField(default=False)
-    released = models.BooleanField(default=False)
+    uploads = models.PositiveIntegerField(default=1)
     holds = models.BooleanField(default=False)
 
     class Meta:

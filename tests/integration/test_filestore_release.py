@@ -85,7 +85,7 @@ def test_readers_it_was_handed_to_hold_it_and_a_later_hand_over_makes_readers_ho
     uploader, a, b = clients["researcher"], clients["node-a"], clients["node-b"]
     ref = uploader.upload_bytes(b"handed to two", readers=["node-a"])
     assert uploader.upload_bytes(b"handed to two", readers=["node-a", "node-b"], hold=True) == ref  # handed over
-    assert uploader.release(ref) is False
+    assert uploader.release(ref) is False and uploader.release(ref) is False  # both its uploads let go
     assert a.release(ref) is False and _readable(b, ref)
     assert b.release(ref) is True
 
@@ -122,6 +122,18 @@ def test_an_upload_after_a_release_holds_the_blob_again(net, clients) -> None:
     assert researcher.release(ref) is False  # the node holds it again
     assert _readable(node, ref)
     assert node.release(ref) is True
+
+
+def test_each_upload_by_one_party_holds_the_blob_once(net, clients) -> None:
+    """Two experiments of one researcher start from the same initial model: the same bytes, uploaded twice by the
+    same party. The first to end its round releases its upload; the blob stays for the other's nodes."""
+    researcher, node = clients["researcher"], clients["node-a"]
+    first = researcher.upload_bytes(b"the same initial model", readers=["node-a"])
+    assert researcher.upload_bytes(b"the same initial model", readers=["node-a"]) == first
+    assert researcher.release(first) is False  # the other experiment's upload still holds it
+    assert _readable(node, first)
+    assert researcher.release(first) is True
+    assert researcher.release(first) is False  # gone: nothing left to let go
 
 
 def test_released_blobs_others_still_hold_count_in_the_uploaders_quota(net, clients) -> None:

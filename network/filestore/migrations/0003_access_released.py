@@ -1,5 +1,5 @@
-"""Blobs released by the parties that hold them (issue 11): an uploader's release is recorded on its row, and a
-reader's row holds the blob when the uploader handed it over."""
+"""Blobs released by the parties that hold them (issue 11): an uploader's row counts its uploads not released
+(one for a blob stored before), and a reader's row holds the blob when the uploader handed it over."""
 
 from django.db import migrations, models
 
@@ -11,6 +11,6 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
-        migrations.AddField(model_name="access", name="released", field=models.BooleanField(default=False)),
+        migrations.AddField(model_name="access", name="uploads", field=models.PositiveIntegerField(default=1)),
         migrations.AddField(model_name="access", name="holds", field=models.BooleanField(default=False)),
     ]
