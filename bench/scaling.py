@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/scaling.py --ks 3,10,25,50 --rounds 5
     .venv/bin/python bench/scaling.py --ks 25 --rounds 5 --profile 25     # cProfile of the researcher's rounds
+    .venv/bin/python bench/scaling.py --ks 3,10 --model large --rounds 4 --plot /tmp/large.png   # CPU by part
 
 For each K, one federation as `bench/run.py` builds it (`federation.py`: network, K `fedsilo node start`
 daemons as processes with their sandboxed warm workers, the peerbench-v1 plan approved everywhere), then:
