@@ -67,9 +67,9 @@ def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     # Researchers made after the node: it learns their keys from the retained roster, not its credentials.
     client = RawResearcher.for_network(net)
     others = {name: RawResearcher.for_network(net, name) for name in ("outsider", "guest")}
-    node = start_node(nodedir)
-    yield Site(net, node, nodedir, ds["dataset_id"], client, others)
-    node.stop()
+    site = Site(net, start_node(nodedir), nodedir, ds["dataset_id"], client, others)
+    yield site
+    site.node.stop()  # the node now: a test restarts it (a handle kept from before leaked that daemon, every run)
     for c in (client, *others.values()):
         c.close()
     net.stop()
