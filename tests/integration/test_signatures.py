@@ -49,6 +49,17 @@ class Site:
         return [e for e in AuditLog(self.nodedir).list(event="request_refused")
                 if e["details"].get("request_id") == request_id]  # fmt: skip
 
+    def answer(self, request_id: str) -> Message:
+        """The node's answer to `request_id`; when none comes, the failure carries the node's last log lines (one
+        full-suite run of 2026-12-01 saw no answer to a forged request within WAIT, and pytest had removed the
+        log by the time anyone looked)."""
+        try:
+            return self.client.wait(request_id, ("error", "ping_reply"), timeout=WAIT)
+        except TimeoutError as exc:
+            log = self.nodedir / "logs" / "node.log"
+            tail = log.read_text(errors="replace").splitlines()[-40:] if log.exists() else ["(no node.log)"]
+            raise AssertionError(f"{exc}; the node's log ends:\n" + "\n".join(tail)) from None
+
 
 @pytest.fixture(scope="module", params=BOTH)
 def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
@@ -90,7 +101,7 @@ def test_forged_requests_are_refused_answered_and_audited(site: Site) -> None:
     for code, send in cases.items():
         msg = PingRequest(sender=me)
         send(msg)
-        err = site.client.wait(msg.request_id, ("error", "ping_reply"), timeout=WAIT)
+        err = site.answer(msg.request_id)
         assert err.kind == "error" and err.code == code.strip(), (code, err)
         refused = site.refusals(msg.request_id)
         assert refused and refused[0]["actor"] == f"researcher:{me}" and refused[0]["details"]["code"] == code.strip()
