@@ -42,8 +42,9 @@ class Payload(Protocol):
 
 
 READERS_HEADER = "X-Fedsilo-Readers"
-HOLD_HEADER = "X-Fedsilo-Readers-Hold"
 """On a PUT: the parties, besides the uploader, that may read the blob (comma-separated names)."""
+HOLD_HEADER = "X-Fedsilo-Readers-Hold"
+"""With READERS_HEADER, "1": the blob is handed over, each reader holds it until it releases it."""
 
 
 class BlobTransferError(TransferError):
@@ -164,10 +165,10 @@ class FileStoreClient:
         return ref
 
     def release(self, ref: BlobRef) -> bool:
-        """Tell the store this party no longer needs `ref` (`DELETE`): the blob goes once no party holds it (an
-        uploader that released it, a reader that did). True when the store removed it now; False when others still
-        hold it, when it was gone already or not this party's to read (404: expired, released before), and for a
-        ref carried inline (never stored)."""
+        """Tell the store this party no longer needs `ref` (`DELETE`): the blob goes once no party holds it (each
+        upload holds it once, a reader it was handed over to until it releases it). True when the store removed it
+        now; False when others still hold it, when it was gone already or not this party's to read (404: expired,
+        released before), and for a ref carried inline (never stored)."""
         if ref.data is not None:
             return False
         self._granted.pop(ref.sha256, None)  # uploaded again later, it is granted again

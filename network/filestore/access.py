@@ -119,7 +119,8 @@ def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[s
     with transaction.atomic():
         blob = Blob.objects.filter(sha256=sha256).first()
         created = blob is None
-        mine = blob is not None and Access.objects.filter(blob=blob, party=party, uploader=True).exists()
+        row = Access.objects.filter(blob=blob, party=party).first() if blob is not None else None
+        mine = row is not None and row.uploader
         if not mine:
             _check_quota(party, size)
         if blob is None or not final.exists():
@@ -133,7 +134,6 @@ def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[s
             Blob.objects.filter(sha256=sha256).update(last_used_at=now)
         # each upload holds the blob once more: two experiments of one researcher may upload the same initial
         # model, and the first to end its round must not remove the other's
-        row = Access.objects.filter(blob=blob, party=party).first()
         if row is None:
             Access.objects.create(blob=blob, party=party, uploader=True, uploads=1)
         elif row.uploader:
@@ -161,9 +161,9 @@ def release(sha256: str, party: str) -> bool:
     A reader's row goes; an uploader's row lets one of its uploads go (`uploads`) and stays, and the blob keeps
     counting in its quota until the blob goes, so that uploading, handing over to a friend and releasing cannot
     store past a quota. The blob goes once every uploader released each of its uploads and no reader it was handed
-    over to (`holds`) still holds it: a round's update
-    once the node (its uploader) and the researcher (the reader it was handed to) are done with it, the round's
-    global model once the researcher is (the nodes only read it), without waiting `retention_days`. Measured
+    over to (`holds`) still holds it: a round's update once the node (its uploader) and the researcher (the reader
+    it was handed to) are done with it, the round's global model once the researcher is (the nodes only read it),
+    without waiting `retention_days`. Measured
     (peerbench large, K=10, 2026-12-01): the store kept 440 MB a round, and on this VM every page the page cache
     grew into cost the store about 2.7 ms/MB to write (a fresh page the host backs on first touch): 3.0 s of the
     store's CPU a round against 2.1 s with the blobs of past rounds removed. Same transaction discipline as
