@@ -169,3 +169,19 @@ def test_release_of_a_blob_being_downloaded_leaves_that_download_whole(net, clie
         rest = slow.raw.read()
     assert first + rest == data
     assert not _readable(node, ref)
+
+
+def test_a_malformed_release_or_hold_header_is_refused_or_ignored(net, clients) -> None:
+    """A DELETE naming no sha256 is a 400 (before any row is read); a hold header other than "1" hands nothing over."""
+    token = net.credentials("node-a").filestore.token
+    bad = requests.delete(f"{net.filestore_url}/api/v1/blobs/{'x' * 70}", headers={"Authorization": f"Token {token}"},
+                          verify=net.ca_path, timeout=30)  # fmt: skip
+    assert bad.status_code == 400 and "is not a sha256" in bad.json()["error"]
+    body = b"hold header in another spelling"
+    put = requests.put(f"{net.filestore_url}/api/v1/blobs/{BlobRef.inline(body).sha256}", data=body,
+                       headers={"Authorization": f"Token {token}", "X-Fedsilo-Readers": "researcher",
+                                "X-Fedsilo-Readers-Hold": "yes", "Content-Type": "application/octet-stream"},
+                       verify=net.ca_path, timeout=30)  # fmt: skip
+    assert put.status_code == 201, put.text
+    ref = BlobRef(sha256=BlobRef.inline(body).sha256, size=len(body))
+    assert clients["node-a"].release(ref) is True  # the researcher was only granted it: nothing held it back
