@@ -36,7 +36,7 @@ def fetch_plan_source(files: FileStoreClient, ref: BlobRef) -> str:
         raise PlanNotText("plan source is not UTF-8 text") from exc
 
 
-def fetch_blobs(files: FileStoreClient, refs: dict[str, BlobRef]) -> dict[str, bytearray]:
+def fetch_blobs(files: FileStoreClient, refs: dict[str, BlobRef]) -> dict[str, memoryview]:
     """Every blob of a request, by name; `download_buffer` verifies each one's sha256 and size, and copies an
     inline one out of its ref without a request (checked when the message was parsed).
 

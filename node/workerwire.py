@@ -24,6 +24,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+from fedsilo.common.buffers import fresh_buffer
 from fedsilo.common.errors import WorkerProtocolError
 from fedsilo.common.safejson import JSONLimitError, loads_bounded
 
@@ -68,9 +69,9 @@ def recv_frame(fd: int, max_bytes: int) -> tuple[dict[str, Any], dict[str, memor
         (size,) = struct.unpack("!Q", _read_exact(fd, 8))
     if size < 0 or size > max_bytes:
         raise WorkerProtocolError(f"the worker sent a frame of {size} bytes, over the limit of {max_bytes}")
-    frame = bytearray(size)
-    _read_into(fd, memoryview(frame))
-    return decode(memoryview(frame))
+    frame = fresh_buffer(size)  # no zeroing of memory about to be overwritten (40 MB: ~4 ms a frame)
+    _read_into(fd, frame)
+    return decode(frame)
 
 
 def _buffers(data: Any) -> list[memoryview]:
