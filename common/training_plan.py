@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .batched_rows import collate_rows, rows_view
 from .errors import FedsiloError
 from .training_args import DEFAULT_BATCH_SIZE, TrainingArgs, TrainingArgsError
 
@@ -63,8 +64,15 @@ class DataManager:
         return {}
 
     def loader(self, dataset: Dataset | None = None, **overrides: Any) -> DataLoader:
+        """A DataLoader over `dataset` (default: this one's) with the loader arguments and `overrides`. Without a
+        `collate_fn` of the plan's, a dataset of tensor rows is fetched a batch at a time (`batched_rows`): the
+        same batches, without a `__getitem__` per sample."""
         args = {**self.loader_args, **overrides}
-        return DataLoader(dataset if dataset is not None else self.dataset, **args)
+        data = dataset if dataset is not None else self.dataset
+        batching = args.get("batch_size", 1) is not None or args.get("batch_sampler") is not None
+        if batching and args.get("collate_fn") is None:
+            data, args["collate_fn"] = rows_view(data), collate_rows
+        return DataLoader(data, **args)
 
     def split(self, test_ratio: float, seed: int = 0) -> tuple[DataLoader, DataLoader | None]:
         """Train and test loaders; the test subset is fixed for a given seed so rounds stay comparable."""
@@ -90,9 +98,16 @@ def _call_hook(hook: Callable, *args: Any) -> Any:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (every device's where an accelerator is present)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        torch.manual_seed(seed)
+    else:
+        # The CPU generator is all there is to seed. `torch.manual_seed` also queues a seed for CUDA's lazy
+        # initialisation, formatting the caller's stack each time even in a CPU-only build: 0.17 ms at the top
+        # of a stack, 0.43 ms forty frames down (2-core VM, 2026-12-01), in every round of a node.
+        torch.default_generator.manual_seed(seed)
 
 
 class TorchTrainingPlan:

@@ -274,3 +274,21 @@ def test_bad_init_optimizer_is_reported_at_first_use():
         TrainingPlanError, match=re.escape("init_optimizer must return a torch.optim.Optimizer, got str")
     ):
         plan.optimizer()
+
+
+def test_seed_everything_seeds_torch_numpy_and_python_as_their_own_seeding_does() -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    from fedsilo.common.training_plan import seed_everything
+
+    seed_everything(1234)
+    ours = (torch.rand(4), torch.randperm(10), np.random.rand(3), random.random())
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    random.seed(1234)
+    theirs = (torch.rand(4), torch.randperm(10), np.random.rand(3), random.random())
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert np.array_equal(ours[2], theirs[2]) and ours[3] == theirs[3]
