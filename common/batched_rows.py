@@ -24,58 +24,55 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 
-class Rows:
-    """One batch: a tensor per field, each `batch_size` rows long (what `collate_rows` passes on)."""
+class Rows(Sequence):
+    """One batch: a tensor per field, each `len(rows)` long. Also a sequence of its samples (tuples), so that a
+    collate function other than `collate_rows` still gets what torch would have passed it."""
 
-    __slots__ = ("size", "tensors")
+    __slots__ = ("tensors",)
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], size: int) -> None:
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
         self.tensors = tensors
-        self.size = size
 
     def __len__(self) -> int:  # Opacus' empty-batch check asks for it (Poisson sampling can draw none)
-        return self.size
+        return int(self.tensors[0].shape[0])
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return tuple(t[i] for t in self.tensors)
 
 
-class TensorRows(Dataset):
-    """Rows of equal-length tensors, fetched a batch at a time; `index` maps rows to a subset of them.
+class TensorRows(TensorDataset):
+    """A `TensorDataset` whose batches are fetched whole: `__getitems__(indices)` indexes each tensor once.
 
-        rows = TensorRows((x, y)); rows[3] == (x[3], y[3]); rows.__getitems__([3, 5]).tensors == (x[[3, 5]], ...)
+        rows = TensorRows(x, y); rows[3] == (x[3], y[3]); rows.__getitems__([3, 5]).tensors == (x[[3, 5]], y[[3, 5]])
     """
-
-    def __init__(self, tensors: Sequence[torch.Tensor], index: torch.Tensor | None = None) -> None:
-        self.tensors = tuple(tensors)
-        self.index = index
-
-    def __len__(self) -> int:
-        return int(self.index.shape[0]) if self.index is not None else int(self.tensors[0].shape[0])
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        row = self.index[i] if self.index is not None else i
-        return tuple(t[row] for t in self.tensors)
 
     def __getitems__(self, indices: Sequence[int]) -> Rows:
         rows = torch.as_tensor(indices, dtype=torch.int64)
-        if self.index is not None:
-            rows = self.index[rows]
-        return Rows(tuple(t[rows] for t in self.tensors), int(rows.shape[0]))
+        return Rows(tuple(t[rows] for t in self.tensors))
 
 
-def rows_view(dataset: Dataset) -> Dataset:
-    """`dataset` as `TensorRows` where its samples are exactly rows of its tensors, else `dataset` itself.
-
-    Exact types only: a subclass may change `__getitem__` (a transform), and then only it knows a sample."""
+def _rows(dataset: Dataset) -> TensorRows | None:
     from fedsilo.common.datasets import CsvDataset
 
     if type(dataset) is TensorDataset:
-        return TensorRows(dataset.tensors)
-    if type(dataset) is CsvDataset:
-        return TensorRows((dataset.x, dataset.y))
+        return TensorRows(*dataset.tensors)
+    if type(dataset) is CsvDataset:  # its __getitem__ is (x[i], y[i])
+        return TensorRows(dataset.x, dataset.y)
+    return None
+
+
+def rows_view(dataset: Dataset) -> Dataset:
+    """`dataset` as a `TensorRows` where its samples are exactly rows of its tensors (a `Subset` of one: a
+    `Subset` of the `TensorRows`, with the same indices), else `dataset` itself.
+
+    Exact types only: a subclass may change `__getitem__` (a transform), and then only it knows a sample."""
     if type(dataset) is Subset:
-        inner = rows_view(dataset.dataset)
-        if isinstance(inner, TensorRows) and inner.index is None:
-            return TensorRows(inner.tensors, torch.as_tensor(list(dataset.indices), dtype=torch.int64))
-    return dataset
+        inner = _rows(dataset.dataset)
+        return Subset(inner, dataset.indices) if inner is not None else dataset  # Subset forwards __getitems__
+    rows = _rows(dataset)
+    return rows if rows is not None else dataset
 
 
 def collate_rows(batch: Any) -> Any:

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 
 from fedsilo.common.batched_rows import Rows, TensorRows, collate_rows, rows_view
 from fedsilo.common.datasets import CsvDataset
@@ -44,7 +45,9 @@ def test_the_train_and_test_split_of_a_tensor_dataset_are_batched_subsets_with_t
     x, y = torch.randn(50, 4), torch.arange(50)
     dm = DataManager(TensorDataset(x, y), batch_size=8)
     train, test = dm.split(0.2, seed=5)
-    assert isinstance(train.dataset, TensorRows) and isinstance(test.dataset, TensorRows)
+    for part in (train, test):  # still Subsets (their indices), of a TensorRows over the same tensors
+        assert type(part.dataset) is Subset and isinstance(part.dataset.dataset, TensorRows)
+        assert part.dataset.dataset.tensors[0] is x
     perm = torch.randperm(50, generator=torch.Generator().manual_seed(5)).tolist()
     _same(list(train), list(DataLoader(Subset(TensorDataset(x, y), perm[10:]), batch_size=8)))
     _same(list(test), list(DataLoader(Subset(TensorDataset(x, y), perm[:10]), batch_size=8)))
@@ -90,10 +93,17 @@ def test_other_datasets_and_the_plan_s_own_collate_fn_are_left_as_they_are() -> 
 
 
 def test_a_poisson_batch_may_be_empty_and_rows_answer_its_length() -> None:
-    rows = TensorRows((torch.randn(6, 2), torch.arange(6)))
+    rows = TensorRows(torch.randn(6, 2), torch.arange(6))
     empty = rows.__getitems__([])
     assert isinstance(empty, Rows) and len(empty) == 0 and [t.shape[0] for t in collate_rows(empty)] == [0, 0]
     assert len(rows.__getitems__(np.array([5, 0, 5]))) == 3  # with replacement, any index sequence
+
+
+def test_a_batch_handed_to_another_collate_function_is_the_sequence_of_samples_torch_would_pass() -> None:
+    x, y = torch.randn(5, 3), torch.arange(5)
+    batch = TensorRows(x, y).__getitems__([4, 1, 2])
+    assert len(batch) == 3 and torch.equal(batch[1][0], x[1]) and batch[2][1] == 2 and len(batch[:2]) == 2
+    _same([default_collate(batch)], [default_collate([(x[i], y[i]) for i in (4, 1, 2)])])
 
 
 def test_under_opacus_poisson_sampling_the_batched_loader_trains() -> None:

@@ -126,7 +126,7 @@ def test_description_has_types_and_counts_but_no_values(tmp_path: Path, adni: Pa
     assert cols["DX"] == {"type": "categorical", "distinct": 3, "categories": {"CN": 6}, "other": 6, "count": 12}
     assert cols["RID"] == {"type": "numeric", "dtype": "int64", "count": 12}
     assert info.summary["missing"] == {"AGE": "< 5", "EXAMDATE": "< 5", "MMSE": "< 5"}
-    text = info.model_dump_json()
+    text = json.dumps({k: v for k, v in info.model_dump().items() if k != "dataset_id"})  # random hex: "1001" too
     for value in ("1001", "71.2", "80.1", "2010", "MCI", 'AD"', "1.07e6", "1070000"):
         assert value not in text, value
 
@@ -141,7 +141,8 @@ def test_a_three_row_table_with_a_unique_patient_value_describes_nothing_of_it(t
     store.ensure()
     rec = store.add("tiny", ["t"], "csv", path, target="label")
     info = DatasetStore.info(rec, min_count=5)
-    text = json.dumps(info.model_dump())
+    # the dataset's id is random hex, which holds "36" or "52" now and then (it failed a suite run so)
+    text = json.dumps({k: v for k, v in info.model_dump().items() if k != "dataset_id"})
     for value in ("Ada", "Lovelace", "porphyria", "flu", "36", "71", "52"):
         assert value not in text, value
     assert info.shape == [] and info.summary["samples"] == "< 5"

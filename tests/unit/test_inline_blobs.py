@@ -166,7 +166,8 @@ def test_fuzz_an_inline_ref_parses_to_its_own_data_or_is_refused(data: bytes, dr
 def test_the_node_and_the_researcher_take_inline_blobs_without_any_request(dead_store: FileStoreClient) -> None:
     ref = BlobRef.inline(BLOB)
     blobs = fetch_blobs(dead_store, {"params": ref})
-    assert blobs == {"params": bytearray(BLOB)} and isinstance(blobs["params"], bytearray)  # the worker wire's type
+    assert blobs["params"] == BLOB and isinstance(blobs["params"], memoryview)  # a buffer of its own, as downloaded
+    assert not blobs["params"].readonly
     loaded = UpdateLoader(MODEL, max_bytes=2 * len(BLOB))(dead_store, _reply(ref))
     assert all(torch.equal(loaded["params"][k], MODEL[k]) for k in MODEL)
     with pytest.raises(TransferError):  # the same ref without data: a request, which fails here
