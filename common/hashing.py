@@ -48,7 +48,7 @@ class BackgroundSha256:
             digest.update(block)
         digest.hexdigest()   # waits for the blocks still queued
 
-    Measured: see `network/filestore_client.py` (`_receive`) and `network/filestore/spool.py`.
+    Measured: see `network/filestore_client.py` (`download_buffer`); tried for uploads and dropped (README).
     """
 
     def __init__(self, threaded: bool = True) -> None:

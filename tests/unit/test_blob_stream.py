@@ -283,6 +283,37 @@ def test_download_refuses_what_the_reference_does_not_name(hostile: http.server.
             c.download_buffer(_ref(data), max_bytes=1 << 20)
 
 
+def test_a_hostile_body_of_a_blob_hashed_on_a_helper_thread_is_refused_and_leaves_no_thread(
+    hostile: http.server.ThreadingHTTPServer,
+) -> None:
+    """From `BACKGROUND_HASH` on, a download is hashed on a helper thread: a body cut short, other bytes, or a
+    stall are refused all the same, and the thread ends with the download."""
+    from fedsilo.network.filestore_client import BACKGROUND_HASH
+
+    data = os.urandom(BACKGROUND_HASH + (1 << 20))
+
+    def helpers() -> int:
+        return sum(t.name == "sha256" for t in threading.enumerate())
+
+    before = helpers()
+    with _hostile_client(hostile, transfer=1.0) as c:
+        _serve(hostile, data[:-10], length=len(data))
+        with pytest.raises(BlobTransferError, match=f"expected {len(data)}|of {len(data)} bytes"):
+            c.download_buffer(_ref(data))
+        _serve(hostile, os.urandom(len(data)))
+        with pytest.raises(BlobTransferError, match="refusing it"):
+            c.download_buffer(_ref(data))
+        _serve(hostile, data, stall=True)
+        try:
+            with pytest.raises(BlobTransferError, match="failed after"):
+                c.download_buffer(_ref(data))
+        finally:
+            hostile.release.set()
+        _serve(hostile, data)
+        assert c.download_buffer(_ref(data)) == data
+    assert helpers() == before
+
+
 def test_a_size_claimed_in_a_reference_is_not_allocated(hostile: http.server.ThreadingHTTPServer) -> None:
     """A request naming a stored blob with a size of 32 TiB: refused on the store's Content-Length, before
     a buffer of the claimed size is made (a node fetches what a researcher's message names)."""
