@@ -10,12 +10,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from ._db import LOCK_TIMEOUT_S, LockedDB, SchemaMismatch, StoreError, now_iso
+from ._db import LOCK_TIMEOUT_S, LockedDB, SchemaMismatch, StoreError, now_iso, write_lock
 from .config import node_paths
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,10 @@ class AuditLog:
         old = node_paths(nodedir).audit
         self.path = old.with_suffix(".jsonl")
         self._old = old
-        self._lock = FileLock(str(self.path) + ".lock", timeout=LOCK_TIMEOUT_S)
+
+    @cached_property
+    def _lock(self) -> FileLock:
+        return write_lock(self.path)
 
     def ensure(self) -> None:
         """Create the log (or convert a TinyDB one), or check the schema of an existing one."""
