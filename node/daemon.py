@@ -408,7 +408,7 @@ class NodeDaemon:
                         f"on node '{self.cfg.node.name}'{note}", "plan_check", **extra)  # fmt: skip
             return
         item = {"request": msg.model_dump_json(), "reply_to": msg.sender, "signature": msg.signature}
-        if self.queue.put(msg.request_id, item):
+        if self.queue.put(msg.request_id, item, parsed=msg):
             log.info("[%s] queued: job %s round %d from %s, dataset %s, plan %s (%d in queue)", msg.request_id,
                      msg.job_id, msg.round, msg.sender, msg.dataset_id, msg.plan.sha256[:12],
                      self.queue.size)  # fmt: skip

@@ -103,7 +103,7 @@ class TaskRunner:
         assert d.queue is not None
         data = item["data"]
         rid, reply_to = data["request_id"], data["reply_to"]
-        request = parse_task(data["request"])
+        request = d.queue.take_parsed(rid) or parse_task(data["request"])
         if data.get("signature"):  # the daemon queues only what its signer (= reply_to) signed
             request._signature = (reply_to, data["signature"])
         if d.queue.seen(rid) == "done":  # queued twice by a redelivery; answered already

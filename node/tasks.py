@@ -8,6 +8,7 @@ again (a broker restart may have lost the first).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -21,36 +22,82 @@ from persistqueue.exceptions import Empty
 SEEN_RETENTION_S = 14 * 24 * 3600
 FULL_REPLIES_KEPT = 32
 """Replies kept with their inline blobs (for re-sent copies of the latest tasks): at most 32 x 700 KB."""
+PARSED_KEPT = 4
+"""Queued requests kept parsed in memory for the runner (`TaskQueue.take_parsed`): parsing a 270 KB request
+again took 0.9 ms (2026-12-01)."""
 ACKED_KEPT = 0
 """Answered items kept in the queue: none. Each holds its request, with its inline blobs (a 200 KB model: the
 queue grew by 270 KB a round until the daemon stopped); the `seen` table answers re-sent copies."""
 
 
-class _AckQueue(SQLiteAckQueue):
-    """persist-queue's queue, its WAL commits written without waiting for the disk (`synchronous=NORMAL`).
+PAGE_BYTES = 64 << 10
+"""SQLite page size of a new queue's databases (an existing one keeps its own). A queued request carries its
+inline blobs (a 200 KB model is 270 KB of base64), and SQLite writes a row that size as a chain of overflow
+pages, each a WAL frame of two `pwrite` calls: 4 KiB pages made 420 frames a round (a node's daemon, `strace`).
+Measured (2026-12-01, put + get + done of a 270 KB request and its 270 KB reply, 50 in a row): 5.5 ms a round
+with 4 KiB pages, 3.7 ms with 64 KiB."""
+CHECKPOINT_PAGES = 64
+"""WAL pages before SQLite copies them back (its default is 1,000 pages: 64 MiB with these pages)."""
 
-    A commit is then durable against the daemon's own crash or kill (the page cache holds it), which is what the
-    queue is for; after a power cut the last few may be lost, and the researcher re-sends what it has no answer
-    for. Measured (2026-11-30, this VM's disk while other test suites wrote to it): put + get + ack with a seen
-    record 52-63 ms with an fsync per commit (5 a round), 3 ms on an idle disk."""
+
+def _open_sqlite(path: str, **kwargs: Any) -> sqlite3.Connection:
+    """A connection in WAL mode; a new file gets `PAGE_BYTES` pages (the page size must be set before WAL is)."""
+    conn = sqlite3.connect(path, **kwargs)
+    conn.execute(f"PRAGMA page_size={PAGE_BYTES}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
+    # Commits are written without waiting for the disk: durable against the daemon's own crash or kill (the page
+    # cache holds them), which is what the queue is for; after a power cut the last few may be lost, and the
+    # researcher re-sends what it has no answer for. Measured (2026-11-30, this VM's disk while other test suites
+    # wrote to it): put + get + ack with a seen record 52-63 ms with an fsync per commit (5 a round), 3 ms on an
+    # idle disk.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+class _TaskSerializer:
+    """A queued item as bytes: `MAGIC`, its fields other than `request` as one JSON line, then the request's JSON
+    as it is. persist-queue's JSON serializer escaped the request into a JSON string and parsed it back (0.6 ms a
+    270 KB request, 2026-12-01). Items queued by an older fedsilo (plain JSON) are read as they were written."""
+
+    MAGIC = b"fedsilo-task/1\n"
+
+    @classmethod
+    def dumps(cls, item: Any) -> bytes:
+        request = item.get("request") if isinstance(item, dict) else None
+        if not isinstance(request, str):
+            return json_serializer.dumps(item)
+        head = json.dumps({k: v for k, v in item.items() if k != "request"}).encode()  # escapes any newline
+        return cls.MAGIC + head + b"\n" + request.encode("utf-8")
+
+    @classmethod
+    def loads(cls, data: bytes) -> Any:
+        if not data.startswith(cls.MAGIC):
+            return json_serializer.loads(data)
+        head, _, request = data[len(cls.MAGIC) :].partition(b"\n")
+        item = json.loads(head)
+        item["request"] = request.decode("utf-8")
+        return item
+
+
+class _AckQueue(SQLiteAckQueue):
+    """persist-queue's queue on `_open_sqlite`'s connections (persist-queue's own opens them with 4 KiB pages and
+    waits for the disk at each commit)."""
 
     def _new_db_connection(self, path: str, multithreading: bool, timeout: float) -> sqlite3.Connection:
-        conn = super()._new_db_connection(path, multithreading, timeout)
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
+        return _open_sqlite(f"{path}/{self.db_file_name}", timeout=timeout, check_same_thread=not multithreading)
 
 
 class TaskQueue:
     def __init__(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self._q = _AckQueue(
-            str(path), auto_resume=True, multithreading=True, serializer=json_serializer, name="train"
+            str(path), auto_resume=True, multithreading=True, serializer=_TaskSerializer, name="train"
         )
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._seen = sqlite3.connect(str(path / "seen.db"), check_same_thread=False, isolation_level=None)
-        self._seen.execute("PRAGMA journal_mode=WAL")
-        self._seen.execute("PRAGMA synchronous=NORMAL")  # as the queue's (_AckQueue)
+        self._parsed: dict[str, Any] = {}
+        self._seen = _open_sqlite(str(path / "seen.db"), check_same_thread=False, isolation_level=None)
         self._seen.execute(
             "CREATE TABLE IF NOT EXISTS seen (request_id TEXT PRIMARY KEY, at REAL NOT NULL, state TEXT NOT NULL)"
         )
@@ -77,8 +124,10 @@ class TaskQueue:
             ).fetchone()
         return bytes(row[0]) if row and row[0] is not None else None
 
-    def put(self, request_id: str, item: dict[str, Any]) -> bool:
-        """Queue a task; False when this request id was already accepted."""
+    def put(self, request_id: str, item: dict[str, Any], parsed: Any = None) -> bool:
+        """Queue a task; False when this request id was already accepted. `parsed`: the request as the daemon
+        parsed it, which `take_parsed` hands the runner instead of parsing the queued copy again (kept in memory
+        for `PARSED_KEPT` tasks at most: a flood of queued requests is held on disk, not in memory)."""
         if self.seen(request_id) is not None:
             return False
         # Queue first, then remember: a crash in between re-queues on redelivery, it never loses a task.
@@ -87,8 +136,17 @@ class TaskQueue:
             self._seen.execute(
                 "INSERT OR IGNORE INTO seen (request_id, at, state) VALUES (?, ?, 'queued')", (request_id, time.time())
             )
+        if parsed is not None:
+            with self._lock:
+                if len(self._parsed) < PARSED_KEPT:
+                    self._parsed[request_id] = parsed
         self._wake.set()
         return True
+
+    def take_parsed(self, request_id: str) -> Any:
+        """The request `put` was given parsed (then forgotten here), or None: parse the queued copy."""
+        with self._lock:
+            return self._parsed.pop(request_id, None)
 
     def get(self, stop: threading.Event) -> dict[str, Any] | None:
         """Block until a task is ready (or `stop` is set, then None). Returns the raw item with `pqid`."""

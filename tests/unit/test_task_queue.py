@@ -7,6 +7,9 @@ import os
 import signal
 import threading
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fedsilo.node.tasks import TaskQueue
 
 ITEM = {"request": "{}", "reply_to": "researcher", "signature": ""}
@@ -38,5 +41,81 @@ def test_what_a_killed_daemon_queued_and_answered_is_there_after_a_restart(tmp_p
         assert q.seen("b") == "queued" and q.size == 1
         assert q.get(threading.Event())["data"]["request_id"] == "b"
         assert not q.put("a", ITEM) and not q.put("b", ITEM)  # a redelivered copy is not queued again
+    finally:
+        q.close()
+
+
+# ------------------------------------------------------------------ storage of a queued request
+def test_a_new_queue_uses_large_pages_and_an_existing_one_keeps_its_own(tmp_path) -> None:
+    import sqlite3
+
+    from fedsilo.node.tasks import PAGE_BYTES
+
+    q = TaskQueue(tmp_path / "new")
+    try:
+        assert q._q._putter.execute("PRAGMA page_size").fetchone()[0] == PAGE_BYTES
+        assert q._seen.execute("PRAGMA page_size").fetchone()[0] == PAGE_BYTES
+    finally:
+        q.close()
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("data.db", "seen.db"):  # a queue made by an older fedsilo: 4 KiB pages, already in WAL mode
+        conn = sqlite3.connect(old / name)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t (x)")
+        conn.close()
+    q = TaskQueue(old)
+    try:
+        assert q._q._putter.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert q.put("a", ITEM) and q.get(threading.Event())["data"]["request"] == "{}"
+    finally:
+        q.close()
+
+
+def test_items_an_older_fedsilo_queued_as_json_are_read(tmp_path) -> None:
+    import persistqueue.serializers.json as json_serializer
+    from persistqueue import SQLiteAckQueue
+
+    old = SQLiteAckQueue(str(tmp_path / "q"), multithreading=True, serializer=json_serializer, name="train")
+    old.put({"request_id": "a", **ITEM, "request": '{"kind": "train_request"}\n'})
+    old.close()
+    q = TaskQueue(tmp_path / "q")
+    try:
+        item = q.get(threading.Event())
+        assert item["data"] == {"request_id": "a", **ITEM, "request": '{"kind": "train_request"}\n'}
+    finally:
+        q.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    head=st.dictionaries(
+        st.text(max_size=20).filter(lambda k: k != "request"),
+        st.one_of(st.text(), st.integers(), st.none(), st.booleans()),
+        max_size=5,
+    ),
+    request=st.text(),
+)
+def test_the_task_serializer_gives_back_what_it_was_given(head, request) -> None:
+    from fedsilo.node.tasks import _TaskSerializer
+
+    item = {**head, "request": request}  # newlines, NUL, the magic itself, any unicode in either part
+    assert _TaskSerializer.loads(_TaskSerializer.dumps(item)) == item
+    assert _TaskSerializer.loads(_TaskSerializer.dumps(head)) == head  # no request: plain JSON
+
+
+def test_the_runner_gets_the_parsed_request_once_and_a_flood_of_requests_is_not_held_in_memory(tmp_path) -> None:
+    from fedsilo.node.tasks import PARSED_KEPT
+
+    q = TaskQueue(tmp_path / "q")
+    try:
+        parsed = [object() for _ in range(PARSED_KEPT + 3)]
+        for i, p in enumerate(parsed):
+            assert q.put(f"r{i}", ITEM, parsed=p)
+        assert not q.put("r0", ITEM, parsed=object())  # a redelivered copy replaces nothing
+        assert len(q._parsed) == PARSED_KEPT
+        assert q.take_parsed("r0") is parsed[0] and q.take_parsed("r0") is None  # handed over once
+        assert q.take_parsed(f"r{PARSED_KEPT + 1}") is None  # past the bound: the runner parses the queued copy
+        assert q.get(threading.Event())["data"]["request"] == "{}"
     finally:
         q.close()
