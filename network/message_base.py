@@ -21,6 +21,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from fedsilo.common import PROTOCOL_VERSION
@@ -85,6 +86,53 @@ def _to_base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+ATTACHED = b"\0"
+"""In a message's wire form (`Message.to_wire`), what separates its JSON from the bytes of its inline blobs: JSON
+text never holds a raw NUL, so the first one ends the JSON. Each inline ref then says where its bytes lie
+(`{"sha256", "size", "at"}`); the signature covers the JSON, whose sha256 of each blob binds its bytes."""
+
+
+class Attached:
+    """The bytes after a message's JSON while it is parsed (validation context `attached`): each inline ref takes
+    its `size` bytes at `at`, and together they may take no more bytes than there are, so a ref repeated a
+    thousand times cannot make a 500 KB message into 500 MB of copies.
+
+        attached = Attached(memoryview(tail))
+        data = attached.take(0, 1024)           # bytes(tail[0:1024]); ValueError past the end or the total
+        attached.taken == len(tail)             # every byte referenced (parse_message checks it)
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.taken = 0
+
+    def take(self, at: Any, size: Any) -> bytes:
+        for name, value in (("at", at), ("size", size)):
+            if type(value) is not int or value < 0:
+                raise ValueError(f"an attached blob's {name!r} must be a non-negative integer")
+        if size > INLINE_BLOB_BYTES:
+            raise ValueError(f"an attached blob of {size} bytes is over INLINE_BLOB_BYTES ({INLINE_BLOB_BYTES})")
+        if at + size > len(self.view) or self.taken + size > len(self.view):
+            raise ValueError(f"an attached blob at {at} of {size} bytes is past the {len(self.view)} bytes attached "
+                             "(or overlaps another)")  # fmt: skip
+        self.taken += size
+        return bytes(self.view[at : at + size])
+
+
+class _Attacher:
+    """Serialisation context `attach` (`Message.to_wire`): inline data goes after the JSON, its offset in the ref."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> int:
+        at = self.size
+        self.parts.append(data)
+        self.size += len(data)
+        return at
+
+
 InlineData = Annotated[
     bytes, BeforeValidator(_from_base64), PlainSerializer(_to_base64, return_type=str, when_used="json")
 ]
@@ -109,6 +157,19 @@ class BlobRef(BaseModel):
     data: InlineData | None = Field(None, repr=False)  # never in a repr: logs must not print a model
     """The blob itself, when it travels inline; None: fetch it from the file store."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _attached(cls, value: Any, info: ValidationInfo) -> Any:
+        """A ref of a message's wire form (`{"sha256", "size", "at"}`): its data from the bytes after the JSON."""
+        if not isinstance(value, dict) or "at" not in value:
+            return value
+        attached = (info.context or {}).get("attached")
+        if not isinstance(attached, Attached):
+            raise ValueError("'at' names attached bytes, and this message has none")
+        if value.get("data") is not None:
+            raise ValueError("a blob ref carries its data inline or attached, not both")
+        return {k: v for k, v in value.items() if k != "at"} | {"data": attached.take(value["at"], value.get("size"))}
+
     @field_validator("data")
     @classmethod
     def _matches(cls, data: bytes | None, info: ValidationInfo) -> bytes | None:
@@ -130,7 +191,10 @@ class BlobRef(BaseModel):
     def _dump(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
         """A ref without data dumps as before inline blobs existed; `context={"inline": False}` leaves the data
         out (what a node or researcher keeps or records: `Message.to_json(inline=False)`)."""
-        if self.data is not None and (info.context or {}).get("inline", True):
+        context = info.context or {}
+        if self.data is not None and isinstance(context.get("attach"), _Attacher):
+            return {"sha256": self.sha256, "size": self.size, "at": context["attach"].add(self.data)}
+        if self.data is not None and context.get("inline", True):
             return handler(self)
         return {"sha256": self.sha256, "size": self.size}
 
@@ -175,6 +239,15 @@ class Message(BaseModel):
         """The wire form; `inline=False` leaves out the data of inline blobs (`BlobRef.data`): the form to
         keep, record or hand on once the data was used."""
         return self.model_dump_json(context=None if inline else {"inline": False}).encode("utf-8")
+
+    def to_wire(self) -> bytes:
+        """What is published: the JSON, and when inline blobs ride along, `ATTACHED` and their raw bytes (each ref
+        says where its own lie). Measured (2026-12-01, K=10 small, `perf` of the researcher): base64 in and out
+        and the Ed25519 signatures' SHA-512 over the base64 of every request and reply were a third of the
+        researcher's CPU; the JSON alone is now signed, and the blob's sha256 in it binds its bytes."""
+        attach = _Attacher()
+        head = self.model_dump_json(context={"attach": attach}).encode("utf-8")
+        return b"".join([head, ATTACHED, *attach.parts]) if attach.parts else head
 
     @property
     def signer(self) -> str:

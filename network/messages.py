@@ -14,7 +14,7 @@ from fedsilo.common.safejson import JSONLimitError, check_json
 from fedsilo.common.signing import MAX_ROSTER_BYTES
 from fedsilo.common.training_args import TrainingArgs, TrainingArgsError
 
-from .message_base import _ID, _SHA, INLINE_BLOB_BYTES, BlobRef, Message, Reply, b64_length
+from .message_base import _ID, _SHA, ATTACHED, INLINE_BLOB_BYTES, Attached, BlobRef, Message, Reply, b64_length
 from .message_base import new_id as new_id
 from .secagg_messages import (
     SecaggKeysReply,
@@ -350,15 +350,24 @@ class UntrustedMessage(MessageError):
 
 
 def parse_message(payload: bytes | bytearray | str) -> AnyMessage:
-    """Validate raw bytes into a message; raise `MessageError` with a short reason otherwise.
+    """Validate raw bytes into a message; raise `MessageError` with a short reason otherwise. The bytes are a
+    message's JSON, or its wire form with inline blobs attached after it (`Message.to_wire`).
 
     Size and nesting depth are bounded before any parser runs; nothing here raises anything else."""
+    head, attached = payload, None
+    if not isinstance(payload, str) and ATTACHED in payload:
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise MessageError(f"refused: {len(payload)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit",
+                               *_salvage_ids(payload))  # fmt: skip
+        view = memoryview(payload)
+        cut = bytes(payload).index(ATTACHED) if isinstance(payload, bytearray) else payload.index(ATTACHED)
+        head, attached = bytes(view[:cut]), Attached(view[cut + 1 :])
     try:
-        check_json(payload, max_bytes=MAX_MESSAGE_BYTES, max_depth=MAX_MESSAGE_DEPTH)
+        check_json(head, max_bytes=MAX_MESSAGE_BYTES, max_depth=MAX_MESSAGE_DEPTH)
     except JSONLimitError as exc:
         raise MessageError(f"refused: {exc}", *_salvage_ids(payload)) from None
     try:
-        return _ADAPTER.validate_json(payload)
+        message = _ADAPTER.validate_json(head, context=None if attached is None else {"attached": attached})
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = [str(p) for p in first.get("loc", ())]
@@ -366,6 +375,10 @@ def parse_message(payload: bytes | bytearray | str) -> AnyMessage:
         raise MessageError(
             f"invalid message: {where}: {first.get('msg')}", *_salvage_ids(payload), field=".".join(loc[1:])
         ) from None
+    if attached is not None and attached.taken != len(attached.view):
+        raise MessageError(f"invalid message: {len(attached.view) - attached.taken} attached bytes no blob ref "
+                           "names", *_salvage_ids(payload))  # fmt: skip
+    return message
 
 
 _SALVAGE = {k: re.compile(rf'"{k}"\s*:\s*"([A-Za-z0-9_.:\-]{{1,128}})"') for k in ("sender", "request_id")}

@@ -19,6 +19,7 @@ from fedsilo.common.signing import ROLES_HEARD, SignatureError, Trust, private_f
 
 from . import topics
 from .credentials import Credentials, MqttSettings
+from .message_base import ATTACHED
 from .messages import Message, MessageError, UntrustedMessage, parse_message
 from .pki import paho_tls
 
@@ -135,7 +136,11 @@ class Messaging:
         return cls(creds.party, creds.mqtt, on_message, subscriptions, signer=signer, trust=trust, **options)
 
     def _signed(self, payload: bytes) -> bytes:
-        return payload if self._signer is None else sign_json(payload, self._signer[0], self._signer[1])
+        """`payload` (a message's wire form) with its JSON signed; attached blob bytes follow as they were."""
+        if self._signer is None:
+            return payload
+        head, sep, attached = payload.partition(ATTACHED)
+        return sign_json(head, self._signer[0], self._signer[1]) + sep + attached
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float) -> None:
@@ -221,7 +226,7 @@ class Messaging:
 
     def publish(self, topic: str, message: Message, retain: bool = False) -> mqtt.MQTTMessageInfo:
         """Queue a QoS 1 publish, signed; paho re-sends it after a reconnect if it was not acknowledged."""
-        return self._client.publish(topic, self._signed(message.to_json()), qos=1, retain=retain)
+        return self._client.publish(topic, self._signed(message.to_wire()), qos=1, retain=retain)
 
     def publish_raw(
         self, topic: str, payload: bytes, retain: bool = False, sign: bool = True
@@ -308,8 +313,9 @@ class Messaging:
         """Verify, then parse only the signed bytes; None when held until the roster arrives."""
         if self._trust is None:
             return parse_message(payload)
+        head, sep, attached = payload.partition(ATTACHED)  # the signature is on the JSON (`_signed`)
         try:
-            opened = self._trust.open(payload)
+            opened = self._trust.open(head)
             publisher = topics.publisher(topic)
             if opened.signer != publisher:
                 raise SignatureError(ErrorCode.SENDER_MISMATCH, f"signed by {opened.signer!r} but published by "
@@ -318,7 +324,7 @@ class Messaging:
             if exc.code == ErrorCode.UNKNOWN_SIGNER and may_hold and self._hold(payload, topic):
                 return None
             raise UntrustedMessage(exc.reason, exc.code, exc.signer, payload) from None
-        message = parse_message(opened.body)
+        message = parse_message(opened.body + sep + attached if sep else opened.body)
         if message.sender != opened.signer:
             raise UntrustedMessage(f"signed by {opened.signer!r} but says it comes from {message.sender!r}",
                                    ErrorCode.SENDER_MISMATCH, opened.signer, opened.body)  # fmt: skip

@@ -255,7 +255,7 @@ class NodeDaemon:
         return topics.researcher(researcher, self.node_id)
 
     def _reply(self, to: str, message: Message | bytes) -> None:
-        self.messaging.publish_raw(self._topic(to), message if isinstance(message, bytes) else message.to_json())
+        self.messaging.publish_raw(self._topic(to), message if isinstance(message, bytes) else message.to_wire())
 
     def _error(self, to: str, request_id: str, code: ErrorCode, text: str, stage: str, **extra: Any) -> None:
         log.info("[%s] refused request from %s: [%s] %s", request_id, to, code, text)

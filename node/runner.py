@@ -125,7 +125,7 @@ class TaskRunner:
             return
         log.info("[%s] round finished: job %s round %d: %s in %.2fs", rid, request.job_id, request.round,
                  _outcome(reply), time.monotonic() - started)  # fmt: skip
-        raw = reply.to_json()
+        raw = reply.to_wire()
         if self.publish_reliably(topic, raw):  # kept for re-sent copies; without inline data once older
             d.queue.done(item, raw, reply.to_json(inline=False) if inline_bytes(reply) else None)
             # Done with the update it uploaded: the researcher it was handed to holds it until it has read it (a

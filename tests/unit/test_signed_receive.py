@@ -83,3 +83,53 @@ def test_a_forged_roster_on_the_roster_topic_changes_nothing() -> None:
     node.deliver(topics.ROSTER, forged.sign(rogue))
     node.deliver(topics.node("n1", "r2"), request("r2"))
     assert node.got == [] and node.refused[0].code == "FS105"
+
+
+# ------------------------------------------------------------------ a wire form with attached blobs
+def _attached_reply(sender: str = "n1") -> tuple[bytes, bytes]:
+    """A TrainReply with a 200 KB inline blob: the bytes `Messaging` publishes (JSON signed, blob after it)."""
+    import os
+
+    from fedsilo.network.message_base import BlobRef
+    from fedsilo.network.messages import TrainReply
+
+    data = os.urandom(200_000)
+    reply = TrainReply.for_request("req-1", sender, job_id="j", round=0, dataset_id="d", sample_size=4,
+                                   blobs={"params": BlobRef.inline(data)})  # fmt: skip
+    sender_side = Messaging.__new__(Messaging)
+    sender_side._signer = (sender, KEYS[sender])
+    return sender_side._signed(reply.to_wire()), data
+
+
+class Researcher(Node):
+    """r1's connection (never started): it takes what nodes sign."""
+
+    def __init__(self) -> None:
+        creds = Credentials(party="r1", role="researcher", mqtt=MqttSettings(username="r1", password="x"),
+                            filestore=FileStoreSettings(url="http://127.0.0.1:9", token="x"),
+                            signing_key=private_b64(KEYS["r1"]), authority_key=public_b64(AUTHORITY),
+                            roster=roster(1, "n1", "r1").decode())  # fmt: skip
+        self.got, self.refused = [], []
+        self.m = Messaging.of(creds, on_message=lambda msg, t: self.got.append(msg),
+                              on_invalid=lambda exc, t: self.refused.append(exc))  # fmt: skip
+
+
+def test_a_signed_reply_with_an_attached_blob_is_verified_and_carries_the_blob() -> None:
+    wire, data = _attached_reply()
+    assert wire.index(b'"sig":"n1:') < wire.index(b"\0")  # the signature closes the JSON, the blob follows
+    r = Researcher()
+    r.deliver(topics.researcher("r1", "n1"), wire)
+    assert r.refused == [] and r.got[0].blobs["params"].data == data and r.got[0].signer == "n1"
+
+
+def test_a_changed_json_or_a_changed_blob_under_a_valid_signature_is_refused() -> None:
+    wire, _ = _attached_reply()
+    r = Researcher()
+    r.deliver(topics.researcher("r1", "n1"), wire.replace(b'"sample_size":4', b'"sample_size":5', 1))
+    assert r.got == [] and isinstance(r.refused[0], UntrustedMessage)  # the JSON is signed
+    tail = bytearray(wire)
+    tail[-1] ^= 1
+    r.deliver(topics.researcher("r1", "n1"), bytes(tail))
+    assert r.got == [] and "does not hash" in r.refused[1].reason  # the blob is bound by its sha256
+    r.deliver(topics.researcher("r1", "n1"), wire + b"more")
+    assert r.got == [] and "no blob ref names" in r.refused[2].reason
