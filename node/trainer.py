@@ -218,7 +218,11 @@ class Trainer:
                 p.seen_total += n
                 p.last_loss = float(loss)
                 p.loss_sum = p.loss_sum + loss * n
-                if self.on_scalar is not None and (p.step == 1 or p.step % ta.log_interval == 0):
+                # Every `log_interval` steps, as Fed-BioMed logs its batches, and the round's last step (below) when
+                # it is not one of them. A first step logged as well doubled the scalar messages of a short round
+                # (peerbench: 10 steps, log_interval 10), each one worker -> daemon -> broker -> researcher, and
+                # cost 8-10 % of the round at K=10 small (bench/scaling.py A/B with none, 2026-12-01).
+                if self.on_scalar is not None and p.step % ta.log_interval == 0:
                     self.on_scalar("loss", p.last_loss, p.step, p.epoch, seen, total)
                     p.logged_step = p.step
                 if max_steps is not None and p.step >= max_steps:

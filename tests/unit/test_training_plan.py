@@ -73,7 +73,7 @@ def test_num_updates_wins_over_epochs(tmp_path):
     metrics = train_metrics(plan, plan.data_manager().loader(), on_scalar=lambda *a: scalars.append(a))
     assert metrics["steps"] == 9
     assert metrics["epochs"] == 2  # 7 batches per epoch of 50 samples -> stops in the second epoch
-    assert [s[2] for s in scalars] == [1, 3, 6, 9]
+    assert [s[2] for s in scalars] == [3, 6, 9]  # every log_interval steps; the last one is one of them
 
 
 def test_dry_run_single_step(tmp_path):
@@ -292,3 +292,12 @@ def test_seed_everything_seeds_torch_numpy_and_python_as_their_own_seeding_does(
     theirs = (torch.rand(4), torch.randperm(10), np.random.rand(3), random.random())
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
     assert np.array_equal(ours[2], theirs[2]) and ours[3] == theirs[3]
+
+
+def test_a_round_streams_every_log_interval_steps_and_its_last_step(tmp_path):
+    csv = write_csv(tmp_path / "d.csv", n=50)
+    for updates, interval, expected in [(10, 10, [10]), (9, 4, [4, 8, 9]), (3, 10, [3]), (1, 1, [1])]:
+        plan = make_plan(csv, epochs=100, num_updates=updates, batch_size=8, log_interval=interval)
+        scalars = []
+        train_metrics(plan, plan.data_manager().loader(), on_scalar=lambda *a, out=scalars: out.append(a))
+        assert [s[2] for s in scalars] == expected, (updates, interval)
