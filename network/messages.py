@@ -326,8 +326,18 @@ _TASK_ADAPTER: TypeAdapter[TrainRequest | EvaluateRequest] = TypeAdapter(
 
 
 def parse_task(payload: bytes | str) -> TrainRequest | EvaluateRequest:
-    """A queued task back from its JSON (written by the daemon after `parse_message` accepted it)."""
-    return _TASK_ADAPTER.validate_json(payload)
+    """A queued task back from its JSON or wire form (written by the daemon after `parse_message` accepted it)."""
+    head, attached = split_attached(payload)
+    return _TASK_ADAPTER.validate_json(head, context=None if attached is None else {"attached": attached})
+
+
+def split_attached(payload: bytes | bytearray | str) -> tuple[bytes | bytearray | str, Attached | None]:
+    """A wire form's JSON and its attached bytes (`Message.to_wire`); a payload without them as it is, and None."""
+    if isinstance(payload, str) or ATTACHED not in payload:
+        return payload, None
+    view = memoryview(payload)
+    cut = payload.index(ATTACHED)
+    return bytes(view[:cut]), Attached(view[cut + 1 :])
 
 
 class MessageError(ValueError):
@@ -354,14 +364,10 @@ def parse_message(payload: bytes | bytearray | str) -> AnyMessage:
     message's JSON, or its wire form with inline blobs attached after it (`Message.to_wire`).
 
     Size and nesting depth are bounded before any parser runs; nothing here raises anything else."""
-    head, attached = payload, None
-    if not isinstance(payload, str) and ATTACHED in payload:
-        if len(payload) > MAX_MESSAGE_BYTES:
-            raise MessageError(f"refused: {len(payload)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit",
-                               *_salvage_ids(payload))  # fmt: skip
-        view = memoryview(payload)
-        cut = bytes(payload).index(ATTACHED) if isinstance(payload, bytearray) else payload.index(ATTACHED)
-        head, attached = bytes(view[:cut]), Attached(view[cut + 1 :])
+    if len(payload) > MAX_MESSAGE_BYTES:  # the whole payload, its attached bytes too (check_json sees the JSON)
+        raise MessageError(f"refused: {len(payload)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit",
+                           *_salvage_ids(payload))  # fmt: skip
+    head, attached = split_attached(payload)
     try:
         check_json(head, max_bytes=MAX_MESSAGE_BYTES, max_depth=MAX_MESSAGE_DEPTH)
     except JSONLimitError as exc:

@@ -407,7 +407,7 @@ class NodeDaemon:
             self._error(msg.sender, msg.request_id, code, f"plan {msg.plan.sha256} ('{msg.plan_name}') is {status} "
                         f"on node '{self.cfg.node.name}'{note}", "plan_check", **extra)  # fmt: skip
             return
-        item = {"request": msg.model_dump_json(), "reply_to": msg.sender, "signature": msg.signature}
+        item = {"request": msg.to_wire(), "reply_to": msg.sender, "signature": msg.signature}
         if self.queue.put(msg.request_id, item, parsed=msg):
             log.info("[%s] queued: job %s round %d from %s, dataset %s, plan %s (%d in queue)", msg.request_id,
                      msg.job_id, msg.round, msg.sender, msg.dataset_id, msg.plan.sha256[:12],

@@ -56,19 +56,22 @@ def _open_sqlite(path: str, **kwargs: Any) -> sqlite3.Connection:
 
 
 class _TaskSerializer:
-    """A queued item as bytes: `MAGIC`, its fields other than `request` as one JSON line, then the request's JSON
-    as it is. persist-queue's JSON serializer escaped the request into a JSON string and parsed it back (0.6 ms a
-    270 KB request, 2026-12-01). Items queued by an older fedsilo (plain JSON) are read as they were written."""
+    """A queued item as bytes: `MAGIC`, its fields other than `request` as one JSON line, then the request as it
+    is: the message's wire form (`Message.to_wire`: its JSON, then its inline blobs' raw bytes) or, from an
+    older daemon, its JSON. persist-queue's JSON serializer escaped the request into a JSON string and parsed it
+    back (0.6 ms a 270 KB request, 2026-12-01), with the blobs in base64 (a third more bytes to write). Items an
+    older fedsilo queued as plain JSON are read as they were written."""
 
     MAGIC = b"fedsilo-task/1\n"
 
     @classmethod
     def dumps(cls, item: Any) -> bytes:
         request = item.get("request") if isinstance(item, dict) else None
-        if not isinstance(request, str):
+        if not isinstance(request, str | bytes):
             return json_serializer.dumps(item)
-        head = json.dumps({k: v for k, v in item.items() if k != "request"}).encode()  # escapes any newline
-        return cls.MAGIC + head + b"\n" + request.encode("utf-8")
+        head = {k: v for k, v in item.items() if k != "request"} | {"request_is_bytes": isinstance(request, bytes)}
+        body = request if isinstance(request, bytes) else request.encode("utf-8")
+        return cls.MAGIC + json.dumps(head).encode() + b"\n" + body  # json.dumps escapes any newline in the head
 
     @classmethod
     def loads(cls, data: bytes) -> Any:
@@ -76,7 +79,7 @@ class _TaskSerializer:
             return json_serializer.loads(data)
         head, _, request = data[len(cls.MAGIC) :].partition(b"\n")
         item = json.loads(head)
-        item["request"] = request.decode("utf-8")
+        item["request"] = request if item.pop("request_is_bytes", False) else request.decode("utf-8")
         return item
 
 

@@ -94,12 +94,12 @@ def test_items_an_older_fedsilo_queued_as_json_are_read(tmp_path) -> None:
         st.one_of(st.text(), st.integers(), st.none(), st.booleans()),
         max_size=5,
     ),
-    request=st.text(),
+    request=st.one_of(st.text(), st.binary()),
 )
 def test_the_task_serializer_gives_back_what_it_was_given(head, request) -> None:
     from fedsilo.node.tasks import _TaskSerializer
 
-    item = {**head, "request": request}  # newlines, NUL, the magic itself, any unicode in either part
+    item = {**head, "request": request}  # newlines, NUL, the magic itself, any unicode or bytes in either part
     assert _TaskSerializer.loads(_TaskSerializer.dumps(item)) == item
     assert _TaskSerializer.loads(_TaskSerializer.dumps(head)) == head  # no request: plain JSON
 
@@ -117,5 +117,25 @@ def test_the_runner_gets_the_parsed_request_once_and_a_flood_of_requests_is_not_
         assert q.take_parsed("r0") is parsed[0] and q.take_parsed("r0") is None  # handed over once
         assert q.take_parsed(f"r{PARSED_KEPT + 1}") is None  # past the bound: the runner parses the queued copy
         assert q.get(threading.Event())["data"]["request"] == "{}"
+    finally:
+        q.close()
+
+
+def test_a_request_queued_in_its_wire_form_comes_back_with_its_blob(tmp_path) -> None:
+    """The daemon queues what it received (`Message.to_wire`: JSON, NUL, the inline blob's raw bytes)."""
+    from fedsilo.network.message_base import BlobRef
+    from fedsilo.network.messages import TrainRequest, parse_task
+
+    data = os.urandom(300_000) + b"\n\0"  # the separators the serializer and the wire form use, in the blob too
+    request = TrainRequest(sender="r", job_id="j", round=0, dataset_id="d", plan=BlobRef(sha256="a" * 64, size=10),
+                           plan_name="P", blobs={"params": BlobRef.inline(data)})  # fmt: skip
+    q = TaskQueue(tmp_path / "q")
+    try:
+        assert q.put("a", {**ITEM, "request": request.to_wire()})
+        got = q.get(threading.Event())["data"]["request"]
+        assert got == request.to_wire() and parse_task(got).blobs["params"].data == data
+        assert parse_task(request.model_dump_json()) == parse_task(got)  # a JSON one, queued before, reads the same
+        stored = q._q._getter.execute(f"SELECT length(data) FROM {q._q._table_name}").fetchone()[0]
+        assert stored < len(request.model_dump_json())  # raw bytes: not the base64 a JSON string held
     finally:
         q.close()
