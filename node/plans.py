@@ -128,14 +128,13 @@ class PlanStore:
         return self._decide(sha, "rejected", ("approved",), "plan_revoked", "revoke", by, note)
 
     def previous_version(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        """The latest other plan with the same name seen before this one (for a diff)."""
-        others = [
-            r
-            for r in self.list()
-            if r["name"] == record["name"]
-            and r["sha256"] != record["sha256"]
-            and r["first_seen"] <= record["first_seen"]
-        ]
+        """The latest other plan with the same name seen before this one (for a diff). Versions first seen in the
+        same millisecond are ordered as they were stored (`list` keeps that order among equal times): comparing
+        the times alone made each the other's previous version."""
+        rows = self.list()
+        at = next((i for i, r in enumerate(rows) if r["sha256"] == record["sha256"]), None)
+        before = rows[:at] if at is not None else [r for r in rows if r["first_seen"] <= record["first_seen"]]
+        others = [r for r in before if r["name"] == record["name"] and r["sha256"] != record["sha256"]]
         return others[-1] if others else None
 
     def last_approved_version(self, record: dict[str, Any]) -> dict[str, Any] | None:

@@ -42,3 +42,16 @@ def test_the_latest_approval_wins_and_a_revoked_one_does_not_count(tmp_path: Pat
     assert store.last_approved_version(v3)["sha256"] == v1["sha256"]
     store.revoke(v1["sha256"], by="cli:carol", note="leaks")
     assert store.last_approved_version(v3)["sha256"] == v2["sha256"]
+
+
+def test_versions_first_seen_in_the_same_millisecond_keep_the_order_they_were_stored_in(tmp_path, monkeypatch) -> None:
+    """A researcher's client may send two versions within a millisecond: each was the other's previous version."""
+    import fedsilo.node.plans as plans
+
+    store = _store(tmp_path)
+    monkeypatch.setattr(plans, "now_iso", lambda: "2026-12-01T07:40:00.000+00:00")
+    v1, v2, v3 = (store.submit(src, "P", "researcher") for src in (V1, V2, V3))
+    assert v1["first_seen"] == v2["first_seen"] == v3["first_seen"]
+    assert store.previous_version(v1) is None
+    assert store.previous_version(v2)["sha256"] == v1["sha256"]
+    assert store.previous_version(v3)["sha256"] == v2["sha256"]
