@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -85,11 +86,18 @@ class WorkerThreads:
         many closed in time. A thread still busy after `timeout` (a view waiting on SQLite's lock) is left."""
         from django.db import connections
 
-        futures = [t.submit(connections.close_all) for t in self._threads]
-        done, _ = wait(futures, timeout=timeout)
+        # One thread after another: SQLite removes the WAL when the last connection closes and takes the
+        # database's exclusive lock; connections closing at the same moment each find another still open, and the
+        # WAL stays behind. Measured with sqlite3 alone (4 connections, each wrote, 300 trials, 2026-12-01): 17
+        # WALs left when closed at once from 4 threads, none when closed in turn. In the suite,
+        # tests/integration/test_filestore_requests.py's last test failed this way in 2 of about 12 full runs.
+        closed, deadline = 0, time.monotonic() + timeout
+        for thread in self._threads:
+            done, _ = wait([thread.submit(connections.close_all)], timeout=max(0.0, deadline - time.monotonic()))
+            closed += len(done)
         for thread in self._threads:
             thread.shutdown(wait=False)
-        return len(done)
+        return closed
 
 
 class _RequestExecutor(Executor):
