@@ -53,7 +53,9 @@ def test_a_rounds_state_is_freed_when_the_round_returns(tmp_path: Path) -> None:
         result = execute_round(task, RoundContext(config), sent.append)
         assert "params" in result.blobs and any(type(m).__name__ == "ScalarMessage" for m in sent)
         del result, sent
-        alive = [o for o in gc.get_objects() if isinstance(o, node_round._Round)]
+        # type(), not isinstance(): isinstance reads `__class__`, and a lazy proxy among the process's objects
+        # (Django's settings, once any test imported django.db) raises when touched before it is configured
+        alive = [o for o in gc.get_objects() if type(o) is node_round._Round]
         assert alive == []
     finally:
         gc.enable()
