@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Protocol
 import requests
 from requests.adapters import HTTPAdapter
 
-from fedsilo.common.buffers import fresh_buffer
+from fedsilo.common.buffers import BufferPool, fresh_buffer
 from fedsilo.common.config import Timeouts
 from fedsilo.common.errors import TransferError
 from fedsilo.common.hashing import BackgroundSha256, sha256_bytes, sha256_file
@@ -196,8 +196,9 @@ class FileStoreClient:
         carries its data inline (`BlobRef.data`) is answered from it, without a request."""
         return bytes(self.download_buffer(ref, max_bytes))
 
-    def download_buffer(self, ref: BlobRef, max_bytes: int | None = None) -> memoryview:
-        """`download_bytes` into a new writable buffer the caller owns (`common.buffers.fresh_buffer`): read
+    def download_buffer(self, ref: BlobRef, max_bytes: int | None = None, pool: BufferPool | None = None) -> memoryview:
+        """`download_bytes` into a new writable buffer the caller owns (`common.buffers.fresh_buffer`, or one
+        `pool` holds that nothing uses any more): read
         from the socket straight into it and hashed as it arrives, no other copy (`params_from_bytes(buf,
         copy=False)` then parses it in place).
 
@@ -213,7 +214,7 @@ class FileStoreClient:
         made: list[memoryview] = []
 
         def allocate() -> memoryview:  # once the store has confirmed the size: ref.size is only a claim
-            made.append(fresh_buffer(ref.size))
+            made.append(pool.take(ref.size) if pool is not None else fresh_buffer(ref.size))
             return made[0]
 
         self._receive(ref, allocate, lambda chunk: None)

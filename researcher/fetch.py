@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fedsilo.common.buffers import BufferPool
 from fedsilo.common.errors import TransferError
 from fedsilo.common.serialization import check_compatible, params_from_bytes
 from fedsilo.network.filestore_client import FileStoreClient
@@ -50,6 +51,9 @@ two cores the nodes and the store use, and the serial loop was already busy when
 pays where downloads wait on a network. 2 threads were no better than 4 (11.1 s against 10.8-11.4 s, 33 % foreign).
 bench/researcher_fetch.py (no nodes, 0 % foreign): 10 x 40 MB replies at once, last fold 1.46 s after the last
 reply serial, 1.21 s on 2 threads, 1.19 s on 4; 150 ms apart, 0.145 / 0.149 / 0.183 s (serial keeps up)."""
+RECEIVE_BUFFERS = BufferPool()
+"""The updates' download buffers, reused once an update is folded in (`common.buffers.BufferPool`): the
+researcher's process is the user's, whose allocator gives a 40 MB buffer back to the kernel when it is freed."""
 MIN_READ_S = 1.0
 """The shortest read timeout a worker's client gets near the deadline (a download started at the deadline)."""
 LOAD_HERE_BYTES = 1 << 20
@@ -57,6 +61,10 @@ LOAD_HERE_BYTES = 1 << 20
 takes about 3 ms here, and handing it to a thread cost more than it saved. Measured (2026-11-30, bench/run.py K=10
 small, 200 KB updates, load 2-3, 1 % foreign CPU): researcher CPU 68 ms a round serial, 84 ms with every update
 on a thread."""
+
+RECEIVE_BUFFERS = BufferPool()
+"""The updates' download buffers, reused once an update is folded in (`common.buffers.BufferPool`): the
+researcher's process is the user's, whose allocator gives a 40 MB buffer back to the kernel when it is freed."""
 
 ClientFactory = Callable[[float], FileStoreClient]
 """A read timeout in seconds -> a new client of the store (one per worker thread)."""
@@ -108,7 +116,7 @@ class UpdateLoader:
 
     def _checked(self, files: FileStoreClient, name: str, ref: BlobRef) -> Params:
         if name == "params" and self.compression is not None:  # a codec blob: decoded before `add`
-            data = files.download_buffer(ref, max_bytes=self.max_bytes)  # parsed in place, as _parse
+            data = files.download_buffer(ref, max_bytes=self.max_bytes, pool=RECEIVE_BUFFERS)  # parsed in place
             params = decode_params(data, self.global_params, self.compression)
         else:
             params = self._parse(files, ref)
@@ -123,7 +131,7 @@ class UpdateLoader:
     def _parse(self, files: FileStoreClient, ref: BlobRef) -> Params:
         # parsed in place: the tensors are views into the buffer just filled (downloaded, or copied out of an
         # inline ref without a request: `download_buffer`), which nothing else holds
-        return params_from_bytes(files.download_buffer(ref, max_bytes=self.max_bytes), copy=False)
+        return params_from_bytes(files.download_buffer(ref, max_bytes=self.max_bytes, pool=RECEIVE_BUFFERS), copy=False)
 
 
 class ClientPool:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from fedsilo.common.buffers import BufferPool
 from fedsilo.common.serialization import params_from_bytes, params_to_buffers
 from fedsilo.network.filestore_client import BlobTransferError, FileStoreClient
 from fedsilo.network.messages import BlobRef
@@ -108,6 +109,23 @@ def test_parameters_are_sent_from_tensor_memory(net: NetworkHandle) -> None:
         assert ref.sha256 == hashlib.sha256(payload.tobytes()).hexdigest()
         back = params_from_bytes(researcher.download_buffer(ref), copy=False)
     assert torch.equal(back["w"], params["w"]) and torch.equal(back["b"], params["b"])
+
+
+def test_downloads_into_a_pool_reuse_a_buffer_only_once_it_is_dropped(net: NetworkHandle) -> None:
+    """The researcher's download buffers (`researcher.fetch.RECEIVE_BUFFERS`): a held update keeps its bytes."""
+    one = params_to_buffers({"w": torch.full((1000, 1200), 1.0)})
+    two = params_to_buffers({"w": torch.full((1000, 1200), 2.0)})
+    pool = BufferPool()
+    with _client(net) as researcher:
+        first_ref, second_ref = researcher.upload_bytes(one), researcher.upload_bytes(two)
+        first = params_from_bytes(researcher.download_buffer(first_ref, pool=pool), copy=False)
+        second = params_from_bytes(researcher.download_buffer(second_ref, pool=pool), copy=False)
+        assert torch.all(first["w"] == 1.0) and torch.all(second["w"] == 2.0)  # held: two buffers
+        address = first["w"].data_ptr()
+        del first
+        third = params_from_bytes(researcher.download_buffer(second_ref, pool=pool), copy=False)
+    assert third["w"].data_ptr() == address  # the dropped buffer, filled again
+    assert torch.all(second["w"] == 2.0) and torch.all(third["w"] == 2.0)
 
 
 @pytest.mark.parametrize(

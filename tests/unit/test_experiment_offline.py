@@ -62,7 +62,7 @@ class FakeStore:
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
         return ref.data if ref.data is not None else self.blobs[ref.sha256]  # as FileStoreClient: inline first
 
-    def download_buffer(self, ref: BlobRef, max_bytes: int | None = None) -> bytearray:
+    def download_buffer(self, ref: BlobRef, max_bytes: int | None = None, pool: object = None) -> bytearray:
         return bytearray(self.download_bytes(ref))
 
     def release_all(self, refs: Iterable[BlobRef]) -> None:
