@@ -173,3 +173,35 @@ def test_no_stale_reads_across_instances(nodedir, csv_file):
     assert b.list() == []
     a.add("x", ["t"], "csv", csv_file)
     assert [r["name"] for r in b.list()] == ["x"]
+
+
+def test_a_read_context_reads_its_file_once_and_sees_one_snapshot(tmp_path: Path, monkeypatch) -> None:
+    """`LockedDB.read()`: every query of one context sees the file as it was at the first, another writer's
+    change shows in the next context, and a write inside a read context is refused."""
+    from tinydb import Query
+
+    from fedsilo.node import _db
+
+    db = _db.LockedDB(tmp_path / "s.json", "demo", 1)
+    with db.write() as w:
+        w.table("rows").insert({"k": "a", "v": 1})
+    reads: list[type] = []
+    original = _db.AtomicJSONStorage.read
+
+    def counted(self):  # type: ignore[no-untyped-def]
+        reads.append(type(self))
+        return original(self)
+
+    monkeypatch.setattr(_db.AtomicJSONStorage, "read", counted)
+    with db.read() as r:
+        assert r.table("rows").get(Query().k == "a")["v"] == 1
+        with _db.LockedDB(tmp_path / "s.json", "demo", 1).write() as other:  # another process, say
+            other.table("rows").update({"v": 2}, Query().k == "a")
+        assert r.table("rows").get(Query().k == "a")["v"] == 1  # the same snapshot within the context
+        assert len(r.table("rows").all()) == 1
+        with pytest.raises(_db.StoreError, match="read-only"):
+            r.table("rows").insert({"k": "b"})
+        assert [row["k"] for row in r.table("rows").all()] == ["a"]  # the refused row is nowhere
+    assert reads.count(_db.SnapshotJSONStorage) == 2  # one read for the queries, one after the refused write
+    with db.read() as r:
+        assert r.table("rows").get(Query().k == "a")["v"] == 2 and len(r.table("rows").all()) == 1
