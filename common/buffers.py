@@ -76,6 +76,14 @@ class BufferPool:
             self._arrays.append(chosen)  # most recently used last: trimmed last
             return memoryview(chosen[:size]).cast("B")
 
+    def trim(self) -> int:
+        """Drop idle buffers past `keep_bytes` now (a `take` does it too); the bytes still tracked. For the end of
+        a round: an aggregator that kept every update (a median) frees them all at once, after the round's last
+        `take`."""
+        with self._lock:
+            self._trim()
+            return sum(a.nbytes for a in self._arrays)
+
     def _trim(self) -> None:
         idle = [i for i in range(len(self._arrays)) if self._idle(i)]
         kept = sum(self._arrays[i].nbytes for i in idle)

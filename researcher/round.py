@@ -46,7 +46,16 @@ from fedsilo.network.messages import (
 from .algorithms.base import AggregationError, FedAlgorithm, NodeTask, NodeUpdate, Params
 from .compression import Compression
 from .connection import Waiter
-from .fetch import FETCH_THREADS, LOAD_HERE_BYTES, ClientFactory, ClientPool, Fetched, Fetcher, UpdateLoader
+from .fetch import (
+    FETCH_THREADS,
+    LOAD_HERE_BYTES,
+    RECEIVE_BUFFERS,
+    ClientFactory,
+    ClientPool,
+    Fetched,
+    Fetcher,
+    UpdateLoader,
+)
 from .history import NodeResult, RoundRecord
 from .monitor import Monitor
 from .requests import Requests, remote_error
@@ -155,6 +164,7 @@ class TrainingRound:
         t_agg = time.perf_counter()
         new_params = ctx.algorithm.result()
         stats["aggregate_s"] = time.perf_counter() - t_agg
+        RECEIVE_BUFFERS.trim()  # the updates an aggregator kept are free now: keep a few buffers, not K
         for node, drop in sorted(self.outcome.dropped.items()):
             log.warning("round %d: node %s dropped: %s", self.index, ctx.name_of(node), drop.reason)
             self.results[node] = NodeResult(node, ctx.name_of(node), dropped=drop)

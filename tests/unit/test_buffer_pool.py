@@ -138,3 +138,16 @@ def test_threads_taking_at_once_get_distinct_buffers() -> None:
     for t in threads:
         t.join()
     assert len(seen) == 160 and pool.held_bytes <= 8 * 2 * MB  # never more buffers than takers at once
+
+
+def test_trim_after_an_aggregator_let_go_of_every_update_keeps_keep_bytes() -> None:
+    """The end of a round (`researcher.round`): a median kept all K updates, then freed them after the last take."""
+    pool = BufferPool(keep_bytes=10 * MB, min_bytes=MB)
+    updates = [pool.take(4 * MB) for _ in range(6)]
+    still_used = updates.pop()
+    assert pool.trim() == 24 * MB  # every one held: nothing dropped
+    del updates
+    assert pool.trim() == 8 * MB + 4 * MB  # two idle 4 MB buffers kept, the held one untouched
+    assert pool.idle_bytes == 8 * MB
+    still_used[:4] = b"mine"
+    assert bytes(still_used[:4]) == b"mine"
