@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,7 +221,11 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        srv = self.server
+        # What to serve, read once: the client has the whole body before this handler returns, and the next case's
+        # `_serve` may change the server's settings meanwhile (a `stall` read after the body was sent kept this
+        # connection's thread waiting, so the next request on it went unanswered).
+        srv = types.SimpleNamespace(body=self.server.body, length=self.server.length, stall=self.server.stall,
+                                    release=self.server.release)  # fmt: skip
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(srv.length if srv.length is not None else len(srv.body)))
