@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import CpuMeter, _cpu_ticks, wait_until_quiet
 
 from fedsilo.common import serialization
-from fedsilo.common.hashing import sha256_bytes
+from fedsilo.common.hashing import BLOB_DIGEST, digest_bytes, sha256_bytes
 from fedsilo.common.serialization import params_from_bytes, params_to_bytes
 from fedsilo.network import pki
 from fedsilo.network.filestore_client import FileStoreClient
@@ -163,7 +163,8 @@ def measure(
         fresh = {**params, "nonce": torch.tensor([-seed * 1000 - i - 1], dtype=torch.int64)}
         t0 = time.perf_counter()
         form = _upload_form(fresh)
-        ref = BlobRef(sha256=form.sha256() if hasattr(form, "sha256") else sha256_bytes(form), size=len(form))
+        hexdigest = form.digest(BLOB_DIGEST) if hasattr(form, "digest") else digest_bytes(form, BLOB_DIGEST)
+        ref = BlobRef.named(BLOB_DIGEST, hexdigest, len(form))
         client._put_unless_readable(ref, form, [])  # type: ignore[arg-type] # the client's own HEAD + PUT path
         return time.perf_counter() - t0
 
@@ -179,6 +180,7 @@ def measure(
         "raw TLS loopback": lambda i: raw_loopback(blob, *contexts),
         "serialise to bytes": lambda i: timed(lambda: params_to_bytes(params)),
         "sha256": lambda i: timed(lambda: sha256_bytes(blob)),
+        "BLAKE3 (what blobs are named by)": lambda i: timed(lambda: digest_bytes(blob, "blake3")),
         "parse": lambda i: timed(lambda: params_from_bytes(blob)),
         "upload end to end": upload,
         "upload, hash then PUT": upload_hash_first,

@@ -31,7 +31,7 @@ from fedsilo.network.messages import BlobRef
 
 def _operations(client: FileStoreClient, ref: BlobRef, kb: int) -> dict[str, Callable[[], object]]:
     return {
-        "HEAD": lambda: client.exists(ref.sha256),
+        "HEAD": lambda: client.exists(ref.key),
         f"GET {kb} KB": lambda: client.download_bytes(ref),
         f"PUT {kb} KB": lambda: client.upload_bytes(os.urandom(kb * 1000)),
     }

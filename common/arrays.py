@@ -25,7 +25,6 @@ memory; uint16/uint8 views would have needed every stage to carry the dtype besi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -36,6 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import SerializationError
+from .hashing import Algorithm, new_digest
 from .safejson import JSONLimitError, check_json
 
 MAX_HEADER_BYTES = 16 << 20
@@ -76,7 +76,7 @@ class SerializedParams:
     never copied (the arrays, and the tensors they may view, are kept alive here). Hashed once, on first use.
 
         blob = params_to_buffers(model.state_dict())   # or arrays_to_buffers({name: ndarray})
-        blob.size, blob.sha256()        # the bytes a store receives and their hash
+        blob.size, blob.digest("blake3")  # the bytes a store receives and their hash
         files.upload_bytes(blob)        # sent straight from tensor memory (FileStoreClient)
         blob.tobytes() == params_to_bytes(model.state_dict())
 
@@ -87,15 +87,19 @@ class SerializedParams:
         self._arrays = arrays
         self.buffers: list[memoryview] = [memoryview(head)] + [raw_view(a) for a in arrays]
         self.size = sum(b.nbytes for b in self.buffers)
-        self._sha256: str | None = None
+        self._digests: dict[str, str] = {}
+
+    def digest(self, algorithm: Algorithm = "sha256") -> str:
+        """The payload's digest (hex), computed on first use of each algorithm."""
+        if algorithm not in self._digests:
+            h = new_digest(algorithm)
+            for buf in self.buffers:
+                h.update(buf)  # hashlib and blake3 release the GIL over large buffers
+            self._digests[algorithm] = h.hexdigest()
+        return self._digests[algorithm]
 
     def sha256(self) -> str:
-        if self._sha256 is None:
-            digest = hashlib.sha256()
-            for buf in self.buffers:
-                digest.update(buf)  # hashlib releases the GIL over large buffers
-            self._sha256 = digest.hexdigest()
-        return self._sha256
+        return self.digest("sha256")
 
     def tobytes(self) -> bytes:
         return b"".join(self.buffers)  # one copy

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import ssl
@@ -18,7 +17,7 @@ from requests.adapters import HTTPAdapter
 from fedsilo.common.buffers import BufferPool, fresh_buffer
 from fedsilo.common.config import Timeouts
 from fedsilo.common.errors import TransferError
-from fedsilo.common.hashing import BackgroundSha256, sha256_bytes, sha256_file
+from fedsilo.common.hashing import BLOB_DIGEST, Algorithm, BackgroundDigest, digest_bytes, digest_file, new_digest
 
 from .credentials import FileStoreSettings
 from .messages import BlobRef
@@ -39,7 +38,7 @@ class Payload(Protocol):
     """A blob held as buffers, hashed by itself and sent without being joined
     (`fedsilo.common.serialization.SerializedParams`; named here so that the client does not import torch)."""
 
-    def sha256(self) -> str: ...
+    def digest(self, algorithm: Algorithm) -> str: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Any: ...
 
@@ -111,43 +110,46 @@ class FileStoreClient:
         session = http_session(settings)
         session.headers["Authorization"] = f"Token {settings.token}"
         self._session = session
-        self._granted: dict[str, set[str]] = {}  # sha256 -> readers named by this client (ensure_readers)
+        self._granted: dict[str, set[str]] = {}  # blob key -> readers named by this client (ensure_readers)
 
     # ------------------------------------------------------------------ public API
     def health(self) -> dict[str, Any]:
         response = self._call("GET", f"{self._api}/health", what="health check")
         return response.json()
 
-    def exists(self, sha256: str) -> bool:
-        response = self._call("HEAD", self._blob_url(sha256), what=f"blob {sha256[:12]}", ok=(200, 404))
+    def exists(self, key: str) -> bool:
+        """Whether the store holds the blob named `key` (`BlobRef.key`) and this party may read it."""
+        response = self._call("HEAD", self._blob_url(key), what=f"blob {key[:19]}", ok=(200, 404))
         return response.status_code == 200
 
-    def upload_bytes(self, data: bytes | Payload, readers: Iterable[str] = (), hold: bool = False) -> BlobRef:
-        """Store `data` readable by this party and `readers` (party names); return its reference. `hold`: the
-        blob is handed over, each reader holds it until it releases it (else only this party's hold keeps it).
+    def upload_bytes(self, data: bytes | Payload, readers: Iterable[str] = (), hold: bool = False,
+                     digest: Algorithm = BLOB_DIGEST) -> BlobRef:  # fmt: skip
+        """Store `data` readable by this party and `readers` (party names); return its reference, named by
+        `digest` (BLAKE3 by default; a plan is uploaded by sha256, its approved hash). `hold`: the blob is handed
+        over, each reader holds it until it releases it (else only this party's hold keeps it).
 
-        A blob over `SMALL_BLOB` is hashed while it is sent (`POST /api/v1/blobs`, the store answers its sha256,
+        A blob over `SMALL_BLOB` is hashed while it is sent (`POST /api/v1/blobs`, the store answers its digest,
         checked against this client's), not hashed first and then sent: the store receives while the client
         hashes. A `Payload` (`params_to_buffers`' result) is sent from the tensors' memory, uncopied.
         """
         readers = list(readers)
         try:
             if len(data) > SMALL_BLOB:
-                return self._post(data, readers, hold)
-            ref = _ref(data)
+                return self._post(data, readers, hold, digest)
+            ref = _ref(data, digest)
             self._put(ref, data, readers, hold)
             return ref
         except BlobTransferError as exc:
             # Over a limit lowered since the blob was stored: it is there all the same.
-            if exc.status != 413 or not self.exists((ref := _ref(data)).sha256):
+            if exc.status != 413 or not self.exists((ref := _ref(data, digest)).key):
                 raise
             self.grant(ref, readers)
             return ref
 
-    def upload_file(self, path: str | Path, readers: Iterable[str] = ()) -> BlobRef:
-        """Stream a file to the store without reading it into memory (readers as in `upload_bytes`)."""
+    def upload_file(self, path: str | Path, readers: Iterable[str] = (), digest: Algorithm = BLOB_DIGEST) -> BlobRef:
+        """Stream a file to the store without reading it into memory (readers and digest as in `upload_bytes`)."""
         p = Path(path)
-        ref = BlobRef(sha256=sha256_file(p), size=p.stat().st_size)
+        ref = BlobRef.named(digest, digest_file(p, digest), p.stat().st_size)
         with open(p, "rb") as f:
             self._put_unless_readable(ref, f, list(readers))
         return ref
@@ -156,13 +158,13 @@ class FileStoreClient:
         """Let `readers` (party names) read a blob this party uploaded, e.g. a plan reused in a later round."""
         names = sorted(set(readers))
         if names:
-            self._call("POST", f"{self._blob_url(ref.sha256)}/readers", what=f"grant of blob {ref.sha256[:12]}",
+            self._call("POST", f"{self._blob_url(ref.key)}/readers", what=f"grant of blob {ref.digest[:12]}",
                        json={"readers": names})
-            self._granted.setdefault(ref.sha256, set()).update(names)
+            self._granted.setdefault(ref.key, set()).update(names)
 
     def ensure_readers(self, ref: BlobRef, readers: Iterable[str]) -> BlobRef:
         """Grant `ref` to those of `readers` this client has not granted it to yet (no call when none)."""
-        missing = set(readers) - self._granted.get(ref.sha256, set())
+        missing = set(readers) - self._granted.get(ref.key, set())
         if missing:
             self.grant(ref, missing)
         return ref
@@ -174,8 +176,8 @@ class FileStoreClient:
         released before), and for a ref carried inline (never stored)."""
         if ref.data is not None:
             return False
-        self._granted.pop(ref.sha256, None)  # uploaded again later, it is granted again
-        response = self._call("DELETE", self._blob_url(ref.sha256), what=f"release of blob {ref.sha256[:12]}",
+        self._granted.pop(ref.key, None)  # uploaded again later, it is granted again
+        response = self._call("DELETE", self._blob_url(ref.key), what=f"release of blob {ref.digest[:12]}",
                               ok=(200, 404))  # fmt: skip
         try:
             return response.status_code == 200 and response.json().get("removed") is True
@@ -185,14 +187,14 @@ class FileStoreClient:
     def release_all(self, refs: Iterable[BlobRef]) -> None:
         """`release` each stored ref of `refs` once a round is done with them; a failure is logged, never raised
         (the round's outcome does not depend on it, and retention removes what a release missed)."""
-        for ref in {r.sha256: r for r in refs if r.data is None}.values():
+        for ref in {r.key: r for r in refs if r.data is None}.values():
             try:
                 self.release(ref)
             except BlobTransferError as exc:
-                log.info("blob %s not released (retention will remove it): %s", ref.sha256[:12], exc)
+                log.info("blob %s not released (retention will remove it): %s", ref.digest[:12], exc)
 
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
-        """Fetch a blob into memory, refusing it beyond `max_bytes` and checking its size and sha256; a ref that
+        """Fetch a blob into memory, refusing it beyond `max_bytes` and checking its size and digest; a ref that
         carries its data inline (`BlobRef.data`) is answered from it, without a request."""
         return bytes(self.download_buffer(ref, max_bytes))
 
@@ -208,8 +210,8 @@ class FileStoreClient:
         `fresh_buffer` as well (raw TLS loopback 0.055 s).
         """
         if max_bytes is not None and ref.size > max_bytes:
-            raise BlobTransferError(f"blob {ref.sha256[:12]} is {ref.size} bytes, over the allowed {max_bytes}")
-        if ref.data is not None:  # inline in its message, checked against sha256 and size at parse: no request
+            raise BlobTransferError(f"blob {ref.digest[:12]} is {ref.size} bytes, over the allowed {max_bytes}")
+        if ref.data is not None:  # inline in its message, checked against its digest and size at parse: no request
             return memoryview(bytearray(ref.data))
         made: list[memoryview] = []
 
@@ -244,16 +246,16 @@ class FileStoreClient:
         self.close()
 
     # ------------------------------------------------------------------ internals
-    def _blob_url(self, sha256: str) -> str:
-        return f"{self._api}/blobs/{sha256}"
+    def _blob_url(self, key: str) -> str:
+        return f"{self._api}/blobs/{key}"
 
     def _put_unless_readable(self, ref: BlobRef, body: bytes | Payload | BinaryIO, readers: list[str]) -> None:
-        if self.exists(ref.sha256):
+        if self.exists(ref.key):
             self.grant(ref, readers)
         else:
             self._put(ref, body, readers)
 
-    def _post(self, data: bytes | Payload, readers: list[str], hold: bool = False) -> BlobRef:
+    def _post(self, data: bytes | Payload, readers: list[str], hold: bool, digest: Algorithm) -> BlobRef:
         """Send `data` hashing each block on its way out; the store names the blob by what it received.
 
         Measured (bench/blobs.py, parameters over HTTPS, both ways in turn within each repeat, median of 5;
@@ -264,20 +266,22 @@ class FileStoreClient:
         69 % of raw TLS. The "ask first" HEAD saved the re-send of a blob already stored, which rounds never do:
         each update and each global model is new.
         """
-        body = _HashingBody(data)
+        body = _HashingBody(data, digest)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)),
                    **_readers(readers, hold)}  # fmt: skip
         what = f"upload of a blob of {len(body)} bytes"
-        response = self._call("POST", f"{self._api}/blobs", what=what, ok=(200, 201), data=body, headers=headers)
-        ref = BlobRef(sha256=body.sha256(), size=len(body))
+        # the store hashes the body with the digest named here (sha256 when none is: a client before BLAKE3)
+        url = f"{self._api}/blobs" + ("" if digest == "sha256" else f"?digest={digest}")
+        response = self._call("POST", url, what=what, ok=(200, 201), data=body, headers=headers)
+        ref = BlobRef.named(digest, body.hexdigest(), len(body))
         try:
             answer = response.json()
         except ValueError:
             answer = {}
-        if not isinstance(answer, dict) or answer.get("sha256") != ref.sha256 or answer.get("size") != ref.size:
+        if not isinstance(answer, dict) or answer.get(digest) != ref.digest or answer.get("size") != ref.size:
             raise BlobTransferError(f"file store {what} failed: the store answered {str(answer)[:200]}, "
-                                    f"this client sent {ref.size} bytes hashing to {ref.sha256}")  # fmt: skip
-        self._granted.setdefault(ref.sha256, set()).update(readers)
+                                    f"this client sent {ref.size} bytes hashing to {digest} {ref.digest}")  # fmt: skip
+        self._granted.setdefault(ref.key, set()).update(readers)
         return ref
 
     def _put(self, ref: BlobRef, body: bytes | Payload | BinaryIO, readers: Iterable[str] = (), hold: bool = False
@@ -286,32 +290,32 @@ class FileStoreClient:
                    **_readers(readers, hold)}  # fmt: skip
         self._call(
             "PUT",
-            self._blob_url(ref.sha256),
-            what=f"upload of blob {ref.sha256[:12]} ({ref.size} bytes)",
+            self._blob_url(ref.key),
+            what=f"upload of blob {ref.digest[:12]} ({ref.size} bytes)",
             ok=(200, 201),
             data=body,
             headers=headers,
         )
-        self._granted.setdefault(ref.sha256, set()).update(readers)
+        self._granted.setdefault(ref.key, set()).update(readers)
 
     def _receive(self, ref: BlobRef, allocate: Callable[[], memoryview], sink: Callable[[memoryview], object]) -> None:
         """GET a blob into the buffer `allocate` returns (the whole blob, or a block reused for each `sink` call),
-        hashing each block as it arrives; raise unless exactly `ref.size` bytes hashing to `ref.sha256` came.
+        hashing each block as it arrives; raise unless exactly `ref.size` bytes hashing to the ref's digest came.
 
         The buffer is made only once the store's Content-Length equals `ref.size`: a reference is another
         party's claim, and one naming a stored blob with a size of 10**13 would otherwise allocate that."""
-        response = self._call("GET", self._blob_url(ref.sha256), what=f"download of blob {ref.sha256[:12]}",
+        response = self._call("GET", self._blob_url(ref.key), what=f"download of blob {ref.digest[:12]}",
                               stream=True)
         announced = response.headers.get("Content-Length")
         if announced != str(ref.size):
             response.close()
-            raise BlobTransferError(f"blob {ref.sha256[:12]}: the store holds {announced or 'an unknown number of'} "
+            raise BlobTransferError(f"blob {ref.digest[:12]}: the store holds {announced or 'an unknown number of'} "
                                     f"bytes, the reference names {ref.size}; refusing it")  # fmt: skip
         buffer = allocate()
         whole = buffer.nbytes == ref.size
         # A whole-blob buffer is filled front to back, so each block can be hashed on a helper thread while the
         # next one is read and decrypted; a reused block buffer is hashed before it is overwritten.
-        digest = BackgroundSha256(threaded=whole and ref.size >= BACKGROUND_HASH)
+        digest = BackgroundDigest(ref.algorithm, threaded=whole and ref.size >= BACKGROUND_HASH)
         size = 0
         with response, digest:
             readinto = _readinto(response)
@@ -326,24 +330,25 @@ class FileStoreClient:
                     sink(block[:n])
                     size += n
                 if size == ref.size and readinto(memoryview(bytearray(1))):  # a byte past the announced size
-                    raise BlobTransferError(f"blob {ref.sha256[:12]} is larger than the {ref.size} bytes announced")
+                    raise BlobTransferError(f"blob {ref.digest[:12]} is larger than the {ref.size} bytes announced")
                 # At the body's end: this marks it read, and requests leaves the connection to the pool for the
                 # next call (it closes a response it thinks unread). Nothing is left to arrive here.
                 for _ in response.iter_content(CHUNK):
                     pass
             except (OSError, requests.RequestException, HTTPException) as exc:  # a timeout is an OSError
                 raise BlobTransferError(
-                    f"file store download of blob {ref.sha256[:12]} failed after {size} of {ref.size} bytes: "
+                    f"file store download of blob {ref.digest[:12]} failed after {size} of {ref.size} bytes: "
                     f"{_reason(exc) or type(exc).__name__}"
                 ) from None
         self._verify(ref, size, digest.hexdigest())
 
     @staticmethod
-    def _verify(ref: BlobRef, size: int, sha256: str) -> None:
+    def _verify(ref: BlobRef, size: int, hexdigest: str) -> None:
         if size != ref.size:
-            raise BlobTransferError(f"blob {ref.sha256[:12]}: received {size} bytes, expected {ref.size}")
-        if sha256 != ref.sha256:
-            raise BlobTransferError(f"blob {ref.sha256[:12]}: content hashes to {sha256[:12]}; refusing it")
+            raise BlobTransferError(f"blob {ref.digest[:12]}: received {size} bytes, expected {ref.size}")
+        if hexdigest != ref.digest:
+            raise BlobTransferError(f"blob {ref.digest[:12]}: content hashes to {hexdigest[:12]} ({ref.algorithm}); "
+                                    "refusing it")  # fmt: skip
 
     def _call(self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> Any:
         try:
@@ -383,22 +388,22 @@ def _readers(readers: Iterable[str], hold: bool) -> dict[str, str]:
     return {READERS_HEADER: ",".join(names), **({HOLD_HEADER: "1"} if hold else {})} if names else {}
 
 
-def _ref(data: bytes | Payload) -> BlobRef:
-    sha256 = sha256_bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data.sha256()
-    return BlobRef(sha256=sha256, size=len(data))
+def _ref(data: bytes | Payload, digest: Algorithm) -> BlobRef:
+    hexdigest = digest_bytes(data, digest) if isinstance(data, (bytes, bytearray, memoryview)) else data.digest(digest)
+    return BlobRef.named(digest, hexdigest, len(data))
 
 
 class _HashingBody:
     """A request body that hashes each block as it is handed to the socket (`requests` sends an iterable with
     a length as it is, with that Content-Length).
 
-        body = _HashingBody(payload); session.post(url, data=body); body.sha256()
+        body = _HashingBody(payload, "blake3"); session.post(url, data=body); body.hexdigest()
     """
 
-    def __init__(self, data: bytes | Payload) -> None:
+    def __init__(self, data: bytes | Payload, algorithm: Algorithm) -> None:
         self._data = data
         self._size = len(data)
-        self._digest = hashlib.sha256()
+        self._digest = new_digest(algorithm)
 
     def __len__(self) -> int:
         return self._size
@@ -412,7 +417,7 @@ class _HashingBody:
                 self._digest.update(block)
                 yield block
 
-    def sha256(self) -> str:
+    def hexdigest(self) -> str:
         return self._digest.hexdigest()
 
 

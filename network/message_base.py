@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import time
 import uuid
 from typing import Annotated, Any, Self
@@ -25,6 +24,7 @@ from pydantic import (
 )
 
 from fedsilo.common import PROTOCOL_VERSION
+from fedsilo.common.hashing import BLOB_DIGEST, DIGESTS, Algorithm, blob_key, digest_bytes
 
 _ID = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 _SHA = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -140,19 +140,23 @@ InlineData = Annotated[
 
 
 class BlobRef(BaseModel):
-    """A blob by its sha256 and size: in the file store (content-addressed, so its id is its sha256), or carried
-    inline in the message (`data`, at most `INLINE_BLOB_BYTES`): small models and updates then move with the
-    message, without a file-store round trip. `data` is checked once, when the ref is parsed or built: its
-    length must be `size` and its sha256 `sha256`, else the message is invalid (field `...data`).
+    """A blob by its digest and size: in the file store (content-addressed: its name, `key`, is its digest), or
+    carried inline in the message (`data`, at most `INLINE_BLOB_BYTES`): small models and updates then move with
+    the message, without a file-store round trip. The digest is a BLAKE3 (`blake3`, what new blobs are named by:
+    `common.hashing.BLOB_DIGEST`) or a sha256 (`sha256`: plans, whose sha256 a data manager approves, and every
+    blob named before BLAKE3); a ref has exactly one. `data` is checked once, when the ref is parsed or built: its
+    length must be `size` and its digest the ref's, else the message is invalid (field `...data`).
 
-        ref = BlobRef.inline(blob_bytes)          # hashed once here
+        ref = BlobRef.inline(blob_bytes)          # hashed once here (BLAKE3)
         ref.data is not None                      # True: the receiver needs no download
         ref.lean()                                # the same ref without its data, to keep or record
-        ref.model_dump_json()                     # {"sha256": ..., "size": ..., "data": "<base64>"}
+        ref.key                                   # "blake3-<hex>": its name in the file store
+        ref.model_dump_json()                     # {"blake3": ..., "size": ..., "data": "<base64>"}
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    sha256: _SHA
+    sha256: _SHA | None = None
+    blake3: _SHA | None = None
     size: int = Field(ge=0)
     data: InlineData | None = Field(None, repr=False)  # never in a repr: logs must not print a model
     """The blob itself, when it travels inline; None: fetch it from the file store."""
@@ -160,7 +164,7 @@ class BlobRef(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _attached(cls, value: Any, info: ValidationInfo) -> Any:
-        """A ref of a message's wire form (`{"sha256", "size", "at"}`): its data from the bytes after the JSON."""
+        """A ref of a message's wire form (`{"blake3", "size", "at"}`): its data from the bytes after the JSON."""
         if not isinstance(value, dict) or "at" not in value:
             return value
         attached = (info.context or {}).get("attached")
@@ -170,6 +174,16 @@ class BlobRef(BaseModel):
             raise ValueError("a blob ref carries its data inline or attached, not both")
         return {k: v for k, v in value.items() if k != "at"} | {"data": attached.take(value["at"], value.get("size"))}
 
+    @field_validator("size")
+    @classmethod
+    def _one_digest(cls, size: int, info: ValidationInfo) -> int:
+        """Exactly one digest (checked here, before `data`, which is hashed with it)."""
+        named = [a for a in DIGESTS if info.data.get(a) is not None]
+        if len(named) != 1:
+            raise ValueError(f"a blob ref names its digest as exactly one of {', '.join(DIGESTS)}; it has "
+                             f"{', '.join(named) or 'none'}")  # fmt: skip
+        return size
+
     @field_validator("data")
     @classmethod
     def _matches(cls, data: bytes | None, info: ValidationInfo) -> bytes | None:
@@ -178,37 +192,62 @@ class BlobRef(BaseModel):
         if len(data) > INLINE_BLOB_BYTES:
             raise ValueError(f"inline data of {len(data)} bytes is over {INLINE_BLOB_BYTES} (INLINE_BLOB_BYTES): "
                              "send it through the file store")  # fmt: skip
-        size, sha = info.data.get("size"), info.data.get("sha256")
-        if size is None or sha is None:  # already refused: the error names that field
+        size = info.data.get("size")
+        named = [(a, info.data[a]) for a in DIGESTS if info.data.get(a) is not None]
+        if size is None or len(named) != 1:  # already refused: the error names that field
             return data
         if len(data) != size:
             raise ValueError(f"inline data has {len(data)} bytes, the ref says size {size}")
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise ValueError(f"inline data does not hash to the ref's sha256 {sha}")
+        algorithm, expected = named[0]
+        if digest_bytes(data, algorithm) != expected:
+            raise ValueError(f"inline data does not hash to the ref's {algorithm} {expected}")
         return data
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
-        """A ref without data dumps as before inline blobs existed; `context={"inline": False}` leaves the data
-        out (what a node or researcher keeps or records: `Message.to_json(inline=False)`)."""
+        """A ref without data dumps as `{<algorithm>: ..., "size": ...}`; `context={"inline": False}` leaves the
+        data out (what a node or researcher keeps or records: `Message.to_json(inline=False)`)."""
         context = info.context or {}
+        name = {self.algorithm: self.digest, "size": self.size}
         if self.data is not None and isinstance(context.get("attach"), _Attacher):
-            return {"sha256": self.sha256, "size": self.size, "at": context["attach"].add(self.data)}
+            return name | {"at": context["attach"].add(self.data)}
         if self.data is not None and context.get("inline", True):
-            return handler(self)
-        return {"sha256": self.sha256, "size": self.size}
+            return name | {"data": _to_base64(self.data)} if info.mode_is_json() else name | {"data": self.data}
+        return name
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """The digest this blob is named by: "blake3" or "sha256"."""
+        return "sha256" if self.sha256 is not None else "blake3"
+
+    @property
+    def digest(self) -> str:
+        """The blob's digest (64 hex characters) under `algorithm`."""
+        return self.sha256 if self.sha256 is not None else self.blake3  # type: ignore[return-value]
+
+    @property
+    def key(self) -> str:
+        """The blob's name in the file store (`common.hashing.blob_key`): a sha256, or `blake3-` and a BLAKE3."""
+        return blob_key(self.algorithm, self.digest)
 
     @classmethod
-    def inline(cls, data: bytes | bytearray | memoryview) -> BlobRef:
+    def named(cls, algorithm: Algorithm, digest: str, size: int) -> BlobRef:
+        """A ref without data, validated: `BlobRef.named("blake3", hexdigest, 40_000_000)`."""
+        return cls.model_validate({algorithm: digest, "size": size})
+
+    @classmethod
+    def inline(cls, data: bytes | bytearray | memoryview, algorithm: Algorithm = BLOB_DIGEST) -> BlobRef:
         """A ref carrying `data`, hashed once here (nothing to check: the ref is made from the data)."""
         raw = bytes(data)
         if len(raw) > INLINE_BLOB_BYTES:
             raise ValueError(f"{len(raw)} bytes is over INLINE_BLOB_BYTES ({INLINE_BLOB_BYTES})")
-        return cls.model_construct(sha256=hashlib.sha256(raw).hexdigest(), size=len(raw), data=raw)
+        return cls.model_construct(**{algorithm: digest_bytes(raw, algorithm)}, size=len(raw), data=raw)
 
     def lean(self) -> BlobRef:
         """This ref without its data (itself when it has none)."""
-        return self if self.data is None else self.model_construct(sha256=self.sha256, size=self.size, data=None)
+        if self.data is None:
+            return self
+        return self.model_construct(**{self.algorithm: self.digest}, size=self.size, data=None)
 
 
 def inline_bytes(obj: Any) -> int:

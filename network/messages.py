@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from fedsilo.common.algorithms import AlgorithmError, AlgorithmSpec
 from fedsilo.common.codecs import Compression, plain_for_masks
@@ -54,6 +54,16 @@ class ListRequest(Message):
     kind: Literal["list_request"] = "list_request"
 
 
+def _plan_by_sha256(ref: BlobRef) -> BlobRef:
+    if ref.sha256 is None:
+        raise ValueError("a plan is named by its sha256 (the hash its data manager approves), not by "
+                         f"{ref.algorithm}")  # fmt: skip
+    return ref
+
+
+PlanRef = Annotated[BlobRef, AfterValidator(_plan_by_sha256)]
+"""A plan's blob: always named by sha256, the plan's identity (`common.plan_source.plan_hash`)."""
+
 _BLOB_KEY = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
 
 
@@ -74,7 +84,7 @@ class TaskRequest(Message):
     job_id: _ID
     round: int = Field(ge=0)
     dataset_id: _ID
-    plan: BlobRef
+    plan: PlanRef
     plan_name: str = Field(max_length=200)
     blobs: dict[_BLOB_KEY, BlobRef]
     training_args: TrainingArgs = Field(default_factory=TrainingArgs)
@@ -137,7 +147,7 @@ class ApprovalRequest(Message):
     """Submit a plan for review; the node stores it as pending."""
 
     kind: Literal["approval_request"] = "approval_request"
-    plan: BlobRef
+    plan: PlanRef
     plan_name: str = Field(max_length=200)
     description: str = Field(default="", max_length=4000)
 

@@ -6,7 +6,7 @@ Layout (see docs/internals.md):
     NETDIR/parties.json            name -> {role, token_sha256, mqtt_password_hash}; 0600, hashes only
     NETDIR/credentials/<name>.json the party's client-side `Credentials` (its secrets); 0600
     NETDIR/broker/                 mosquitto.conf, passwd, acl (generated) and the broker log
-    NETDIR/filestore/              blobs/<aa>/<sha256>, tmp/, db.sqlite3
+    NETDIR/filestore/              blobs/<aa>/<key>, tmp/, db.sqlite3
     NETDIR/state.json              written when the network is ready; removed on a clean stop
 """
 

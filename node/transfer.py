@@ -2,11 +2,11 @@
 connection and holds no token, so every download and upload of a round happens here.
 
     source = fetch_plan_source(files, request.plan)          # verified: sha256, UTF-8
-    blobs = fetch_blobs(files, request.blobs)                 # verified: sha256 and size (the client's check)
+    blobs = fetch_blobs(files, request.blobs)                 # verified: digest and size (the client's check)
     refs = upload_blobs(files, worker_blobs, researcher)      # small ones inline in the reply, not uploaded
 
 Small blobs travel inline in the messages (`BlobRef.data`, at most `INLINE_BLOB_BYTES`; checked against the
-ref's sha256 and size when the message was parsed): no request to the store for them either way.
+ref's digest and size when the message was parsed): no request to the store for them either way.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ MAX_PLAN_BYTES = 4 * 1024 * 1024
 
 def fetch_plan_source(files: FileStoreClient, ref: BlobRef) -> str:
     """The plan's source, downloaded and checked: `TransferError`, `PlanHashMismatch` or `PlanNotText`."""
+    if ref.sha256 is None:  # `messages.PlanRef` refuses it on receipt; the approval is of a sha256
+        raise PlanHashMismatch(f"a plan is named by its sha256, this one by {ref.algorithm}")
     raw = files.download_bytes(ref, max_bytes=MAX_PLAN_BYTES)
     if sha256_bytes(raw) != ref.sha256:
         raise PlanHashMismatch(f"plan content does not hash to {ref.sha256}")
@@ -37,7 +39,7 @@ def fetch_plan_source(files: FileStoreClient, ref: BlobRef) -> str:
 
 
 def fetch_blobs(files: FileStoreClient, refs: dict[str, BlobRef]) -> dict[str, memoryview]:
-    """Every blob of a request, by name; `download_buffer` verifies each one's sha256 and size, and copies an
+    """Every blob of a request, by name; `download_buffer` verifies each one's digest and size, and copies an
     inline one out of its ref without a request (checked when the message was parsed).
 
     Buffers the daemon owns, filled from the socket: `download_bytes` would copy each once more (40 MB: 0.14 s

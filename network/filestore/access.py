@@ -37,13 +37,14 @@ def _conf() -> dict[str, Any]:
     return settings.FEDSILO_FILESTORE
 
 
-def blob_path(sha256: str) -> Path:
-    return Path(_conf()["blobs"]) / sha256[:2] / sha256
+def blob_path(key: str) -> Path:
+    """blobs/<first two hex characters of its digest>/<key>: a BLAKE3 key's `blake3-` does not pick the folder."""
+    return Path(_conf()["blobs"]) / key[-64:-62] / key
 
 
-def not_found(sha256: str) -> ApiError:
+def not_found(key: str) -> ApiError:
     """The one answer for "no such blob" and "not yours to read": the two must look the same."""
-    return ApiError(404, f"no blob {sha256} in the file store that you may read")
+    return ApiError(404, f"no blob {key} in the file store that you may read")
 
 
 def parse_readers(value: Any) -> list[str]:
@@ -66,8 +67,8 @@ def parse_readers(value: Any) -> list[str]:
     return sorted(set(names))
 
 
-def readable(sha256: str, party: str) -> bool:
-    return Access.objects.filter(blob_id=sha256, party=party).exists()
+def readable(key: str, party: str) -> bool:
+    return Access.objects.filter(blob_id=key, party=party).exists()
 
 
 TOUCH_EVERY_S = 60.0
@@ -76,10 +77,10 @@ K nodes fetching the same global model at once queued on it, once each. Retentio
 blob outlives its last read by at least `retention - TOUCH_EVERY_S`."""
 
 
-def touch(sha256: str) -> None:
+def touch(key: str) -> None:
     """Record a read of the blob (retention), writing only when the last record is older than `TOUCH_EVERY_S`."""
     now = timezone.now()
-    stale = Blob.objects.filter(sha256=sha256, last_used_at__lt=now - timedelta(seconds=TOUCH_EVERY_S))
+    stale = Blob.objects.filter(key=key, last_used_at__lt=now - timedelta(seconds=TOUCH_EVERY_S))
     if stale.exists():  # a read: WAL readers take no lock
         stale.update(last_used_at=now)
 
@@ -105,7 +106,7 @@ def _check_quota(party: str, size: int) -> None:
         )
 
 
-def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[str], hold: bool = False) -> bool:
+def store(key: str, size: int, tmp_name: str, party: str, readers: Iterable[str], hold: bool = False) -> bool:
     """Record an upload whose verified bytes are in `tmp_name`; True when the blob is new.
 
     One IMMEDIATE transaction (settings.py) checks the quota, moves the file and writes the rows, so
@@ -115,9 +116,9 @@ def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[s
     (bench/filestore_requests.py, PUT 200 KB with 10 clients, 2026-11-30 20:05-20:07, load 5-7, alternated twice):
     38-61 requests/s against 117-130 without it.
     """
-    final = blob_path(sha256)
+    final = blob_path(key)
     with transaction.atomic():
-        blob = Blob.objects.filter(sha256=sha256).first()
+        blob = Blob.objects.filter(key=key).first()
         created = blob is None
         row = Access.objects.filter(blob=blob, party=party).first() if blob is not None else None
         mine = row is not None and row.uploader
@@ -129,9 +130,9 @@ def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[s
             os.replace(tmp_name, final)
         now = timezone.now()
         if created:
-            blob = Blob.objects.create(sha256=sha256, size=size, uploaded_by=party, last_used_at=now)
+            blob = Blob.objects.create(key=key, size=size, uploaded_by=party, last_used_at=now)
         else:
-            Blob.objects.filter(sha256=sha256).update(last_used_at=now)
+            Blob.objects.filter(key=key).update(last_used_at=now)
         # each upload holds the blob once more: two experiments of one researcher may upload the same initial
         # model, and the first to end its round must not remove the other's
         if row is None:
@@ -144,17 +145,17 @@ def store(sha256: str, size: int, tmp_name: str, party: str, readers: Iterable[s
     return created
 
 
-def grant(sha256: str, party: str, readers: Iterable[str]) -> list[str]:
+def grant(key: str, party: str, readers: Iterable[str]) -> list[str]:
     """Let `readers` read a blob `party` uploaded; 404 when it did not upload it. Returns all readers."""
     with transaction.atomic():
-        if not Access.objects.filter(blob_id=sha256, party=party, uploader=True).exists():
-            raise not_found(sha256)
-        _add_readers(Blob(sha256=sha256), readers)
-        Blob.objects.filter(sha256=sha256).update(last_used_at=timezone.now())
-        return sorted(Access.objects.filter(blob_id=sha256).values_list("party", flat=True))
+        if not Access.objects.filter(blob_id=key, party=party, uploader=True).exists():
+            raise not_found(key)
+        _add_readers(Blob(key=key), readers)
+        Blob.objects.filter(key=key).update(last_used_at=timezone.now())
+        return sorted(Access.objects.filter(blob_id=key).values_list("party", flat=True))
 
 
-def release(sha256: str, party: str) -> bool:
+def release(key: str, party: str) -> bool:
     """`party` no longer needs the blob; True when that removed it (no row holds it any more). 404 when the
     party may not read it (released before as a reader, or never granted: the same answer as a missing blob).
 
@@ -169,19 +170,19 @@ def release(sha256: str, party: str) -> bool:
     store's CPU a round against 2.1 s with the blobs of past rounds removed. Same transaction discipline as
     `store` and retention."""
     with transaction.atomic():
-        row = Access.objects.filter(blob_id=sha256, party=party).first()
+        row = Access.objects.filter(blob_id=key, party=party).first()
         if row is None:
-            raise not_found(sha256)
+            raise not_found(key)
         if row.uploader:
             if row.uploads > 0:
                 Access.objects.filter(pk=row.pk).update(uploads=F("uploads") - 1)
         else:
             row.delete()
-        rows = Access.objects.filter(blob_id=sha256)
+        rows = Access.objects.filter(blob_id=key)
         if rows.filter(uploader=True, uploads__gt=0).exists() or rows.filter(uploader=False, holds=True).exists():
             return False
-        blob_path(sha256).unlink(missing_ok=True)
-        Blob.objects.filter(sha256=sha256).delete()  # and every row left
+        blob_path(key).unlink(missing_ok=True)
+        Blob.objects.filter(key=key).delete()  # and every row left
         return True
 
 

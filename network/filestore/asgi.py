@@ -29,7 +29,7 @@ from asgiref.sync import ThreadSensitiveContext
 from django.core.handlers.asgi import ASGIHandler
 from django.http import FileResponse
 
-from .spool import read_body_hashed
+from .spool import read_body_hashed, upload_digest
 from .workers import WorkerThreads
 from .wsgi import configure
 
@@ -39,7 +39,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 BLOCK = 1 << 20
 UPLOAD_PATH = "/api/v1/blobs"
-"""POST here: a blob whose sha256 the store computes (views.UploadView); its body is spooled as a PUT's."""
+"""POST here: a blob whose digest the store computes (views.UploadView); its body is spooled as a PUT's."""
 
 log = logging.getLogger("fedsilo.network.filestore")
 
@@ -124,7 +124,7 @@ class FileStoreHandler(ASGIHandler):
             await _json(send, 401, "invalid token; send 'Authorization: Token <token>' with the token from your "
                         "credentials file", [(b"www-authenticate", b"Token")])  # fmt: skip
             return
-        bounded.blob_put = upload  # type: ignore[attr-defined] # read_body: hash it as it arrives
+        bounded.blob_put = upload_digest(scope) if upload else None  # type: ignore[attr-defined] # read_body hashes
         try:
             # Django's own ThreadSensitiveContext() inside finds this one set and leaves it: the view runs on
             # a worker thread of the store, not on a thread started for this request.
@@ -148,10 +148,11 @@ class FileStoreHandler(ASGIHandler):
                 return
 
     async def read_body(self, receive: Receive) -> Any:
-        if getattr(receive, "blob_put", False):  # an upload: hashed as it arrives, into the file the store keeps
+        algorithm = getattr(receive, "blob_put", None)
+        if algorithm is not None:  # an upload: hashed as it arrives, into the file the store keeps
             from django.conf import settings
 
-            return await read_body_hashed(receive, Path(settings.FEDSILO_FILESTORE["tmp"]))
+            return await read_body_hashed(receive, Path(settings.FEDSILO_FILESTORE["tmp"]), algorithm)
         return await super().read_body(receive)
 
     def create_request(self, scope: Scope, body_file: Any) -> tuple[Any, Any]:

@@ -1,4 +1,4 @@
-"""The blob index. The bytes live on disk under blobs/<aa>/<sha256>; rows record who may read them."""
+"""The blob index. The bytes live on disk under blobs/<aa>/<key>; rows record who may read them."""
 
 from django.db import models
 from django.utils import timezone
@@ -7,7 +7,8 @@ from django.utils import timezone
 class Blob(models.Model):
     """One stored blob; `last_used_at` (upload, grant or read) drives retention."""
 
-    sha256 = models.CharField(max_length=64, primary_key=True)
+    key = models.CharField(max_length=71, primary_key=True)
+    """Its content address (`common.hashing.blob_key`): a sha256's 64 hex characters, or `blake3-` and 64."""
     size = models.BigIntegerField()
     uploaded_by = models.CharField(max_length=64)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -74,18 +74,18 @@ def collect(retention_s: float | None = None, now: datetime | None = None, dry_r
     retention_s = conf["retention_s"] if retention_s is None else retention_s
     cutoff = (now or timezone.now()) - timedelta(seconds=retention_s)
     report = GcReport(retention_s=retention_s, dry_run=dry_run)
-    expired = Blob.objects.filter(last_used_at__lt=cutoff).order_by("sha256")
+    expired = Blob.objects.filter(last_used_at__lt=cutoff).order_by("key")
     if dry_run:
-        for _, size, party in expired.values_list("sha256", "size", "uploaded_by").iterator():
+        for _, size, party in expired.values_list("key", "size", "uploaded_by").iterator():
             report.add(party, size)
         return report
     while True:
         with transaction.atomic():  # IMMEDIATE: no upload can refresh or re-store these blobs meanwhile
-            batch = list(expired.values_list("sha256", "size", "uploaded_by")[:BATCH])
-            for sha256, size, party in batch:
-                blob_path(sha256).unlink(missing_ok=True)
+            batch = list(expired.values_list("key", "size", "uploaded_by")[:BATCH])
+            for key, size, party in batch:
+                blob_path(key).unlink(missing_ok=True)
                 report.add(party, size)
-            Blob.objects.filter(sha256__in=[b[0] for b in batch]).delete()  # and their Access rows
+            Blob.objects.filter(key__in=[b[0] for b in batch]).delete()  # and their Access rows
         if len(batch) < BATCH:
             break
     report.leftovers = _remove_leftovers(Path(conf["tmp"]), Path(conf["blobs"]), cutoff.timestamp())
@@ -103,7 +103,7 @@ def _remove_leftovers(tmp: Path, blobs: Path, cutoff: float) -> int:
             path.unlink(missing_ok=True)
             removed += 1
     candidates = [p for p in blobs.glob("??/*") if is_sha256(p.name) and p.stat().st_mtime < cutoff]
-    known = set(Blob.objects.filter(sha256__in=[p.name for p in candidates]).values_list("sha256", flat=True))
+    known = set(Blob.objects.filter(key__in=[p.name for p in candidates]).values_list("key", flat=True))
     for path in candidates:
         if path.name not in known:
             path.unlink(missing_ok=True)

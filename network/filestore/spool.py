@@ -9,20 +9,22 @@ Measured (40 MB PUT over HTTPS, 2-core VM at load 10, bench/blobs.py): the clien
 the store's answer after its last byte (read back, hash, copy); with the body hashed on arrival, the
 answer takes the time of a rename and two SQLite rows.
 
-    spool = HashingSpool(tmp_dir, prefix="put.")
+    spool = HashingSpool(tmp_dir, prefix="put.", algorithm="blake3")
     spool.write(b"...")              # each body message as it arrives
-    spool.sha256(), spool.size       # at the view, without reading the body again
+    spool.hexdigest(), spool.size    # at the view, without reading the body again
     spool.detach()                   # the path, now the caller's; close() removes a file not detached
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
+
+from fedsilo.common.hashing import DIGESTS, Algorithm, new_digest, parse_blob_key
 
 
 class HashingSpool:
@@ -33,11 +35,12 @@ class HashingSpool:
             assert spool.read() == b"abc" and spool.size == 3
     """
 
-    def __init__(self, directory: Path, prefix: str = "body.") -> None:
+    def __init__(self, directory: Path, prefix: str = "body.", algorithm: Algorithm = "sha256") -> None:
         fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
         self.name = name
         self._file = os.fdopen(fd, "w+b")
-        self._digest = hashlib.sha256()
+        self.algorithm = algorithm
+        self._digest = new_digest(algorithm)
         self.size = 0
         self._detached = False
 
@@ -46,7 +49,7 @@ class HashingSpool:
         self.size += len(data)
         return self._file.write(data)
 
-    def sha256(self) -> str:
+    def hexdigest(self) -> str:
         return self._digest.hexdigest()
 
     def detach(self) -> str:
@@ -87,7 +90,17 @@ class HashingSpool:
         return getattr(self._file, name)
 
 
-async def read_body_hashed(receive: Any, directory: Path) -> HashingSpool:
+def upload_digest(scope: dict[str, Any]) -> Algorithm:
+    """The digest an upload is named by: a PUT's from its URL's key, a POST's from `?digest=` (sha256 when neither
+    names a known one: the view then refuses a key that is not one, and an unknown digest)."""
+    if scope.get("method") == "PUT":
+        parsed = parse_blob_key(scope.get("path", "").rstrip("/").rpartition("/")[2])
+        return parsed[0] if parsed else "sha256"
+    named = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("digest", ["sha256"])[-1]
+    return named if named in DIGESTS else "sha256"  # type: ignore[return-value]
+
+
+async def read_body_hashed(receive: Any, directory: Path, algorithm: Algorithm = "sha256") -> HashingSpool:
     """Django's `ASGIHandler.read_body` for an upload: the body into a `HashingSpool` as it arrives.
 
     Each block is hashed and written on the event loop. Handing that to a thread, to overlap it with the
@@ -99,7 +112,7 @@ async def read_body_hashed(receive: Any, directory: Path) -> HashingSpool:
     """
     from django.core.exceptions import RequestAborted
 
-    spool = HashingSpool(directory, prefix="put.")
+    spool = HashingSpool(directory, prefix="put.", algorithm=algorithm)
     try:
         while True:
             message = await receive()

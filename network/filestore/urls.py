@@ -5,8 +5,8 @@ from . import views
 urlpatterns = [
     path("api/v1/health", views.HealthView.as_view()),
     path("api/v1/blobs", views.UploadView.as_view()),
-    path("api/v1/blobs/<str:sha256>", views.BlobView.as_view()),
-    path("api/v1/blobs/<str:sha256>/readers", views.GrantView.as_view()),
+    path("api/v1/blobs/<str:key>", views.BlobView.as_view()),
+    path("api/v1/blobs/<str:key>/readers", views.GrantView.as_view()),
 ]
 
 handler404 = views.not_found

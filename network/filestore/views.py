@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import tempfile
@@ -16,7 +15,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView, exception_handler
 
-from fedsilo.common.hashing import is_sha256
+from fedsilo.common.hashing import DIGESTS, Algorithm, blob_key, new_digest, parse_blob_key
 from fedsilo.common.safejson import JSONLimitError, loads_bounded
 
 from . import access
@@ -55,9 +54,13 @@ def _conf() -> dict[str, Any]:
     return settings.FEDSILO_FILESTORE
 
 
-def _check_sha(sha256: str) -> None:
-    if not is_sha256(sha256):
-        raise ApiError(400, f"'{sha256[:80]}' is not a sha256 (64 lowercase hex characters)")
+def _check_key(key: str) -> Algorithm:
+    """The digest a blob key names (`common.hashing.blob_key`); 400 for anything else."""
+    parsed = parse_blob_key(key)
+    if parsed is None:
+        raise ApiError(400, f"'{key[:80]}' is not a blob key: a sha256 (64 lowercase hex characters), or 'blake3-' "
+                       "and a BLAKE3 (64 lowercase hex characters)")  # fmt: skip
+    return parsed[0]
 
 
 class HealthView(APIView):
@@ -71,52 +74,61 @@ class HealthView(APIView):
 
 
 class BlobView(APIView):
-    """`PUT|GET|HEAD|DELETE /api/v1/blobs/<sha256>`; reads only by the uploaders and the readers granted; DELETE
-    releases the caller's hold on the blob, which goes once nobody holds it."""
+    """`PUT|GET|HEAD|DELETE /api/v1/blobs/<key>` (a sha256, or `blake3-` and a BLAKE3); reads only by the uploaders
+    and the readers granted; DELETE releases the caller's hold on the blob, which goes once nobody holds it."""
 
-    def head(self, request: Any, sha256: str) -> HttpResponse:
-        _check_sha(sha256)
-        if not access.readable(sha256, request.user.name):
+    def head(self, request: Any, key: str) -> HttpResponse:
+        _check_key(key)
+        if not access.readable(key, request.user.name):
             return HttpResponse(status=404)
         try:
-            size = access.blob_path(sha256).stat().st_size
+            size = access.blob_path(key).stat().st_size
         except FileNotFoundError:
             return HttpResponse(status=404)
         return HttpResponse(status=200, headers={"X-Blob-Size": str(size)})
 
-    def get(self, request: Any, sha256: str) -> FileResponse:
-        _check_sha(sha256)
-        if not access.readable(sha256, request.user.name):
-            raise access.not_found(sha256)
+    def get(self, request: Any, key: str) -> FileResponse:
+        _check_key(key)
+        if not access.readable(key, request.user.name):
+            raise access.not_found(key)
         try:
-            f = open(access.blob_path(sha256), "rb")  # noqa: SIM115 - FileResponse closes it
+            f = open(access.blob_path(key), "rb")  # noqa: SIM115 - FileResponse closes it
         except FileNotFoundError:
-            raise access.not_found(sha256) from None
-        access.touch(sha256)  # a read keeps the blob from expiring (retention)
+            raise access.not_found(key) from None
+        access.touch(key)  # a read keeps the blob from expiring (retention)
         response = FileResponse(f, content_type="application/octet-stream")
         response.block_size = CHUNK
-        response["X-Content-SHA256"] = sha256
+        response["X-Blob-Key"] = key
         return response
 
-    def put(self, request: Any, sha256: str) -> Response:
-        _check_sha(sha256)
-        return _store_upload(request, sha256)
+    def put(self, request: Any, key: str) -> Response:
+        _check_key(key)
+        return _store_upload(request, key)
 
-    def delete(self, request: Any, sha256: str) -> Response:
+    def delete(self, request: Any, key: str) -> Response:
         """Release: this party no longer needs the blob (`access.release`); `removed` when no one holds it now."""
-        _check_sha(sha256)
-        return Response({"sha256": sha256, "removed": access.release(sha256, request.user.name)})
+        _check_key(key)
+        return Response({"key": key, "removed": access.release(key, request.user.name)})
 
 
 class UploadView(APIView):
-    """`POST /api/v1/blobs`: a blob whose sha256 the client computes while it sends (the store answers it)."""
+    """`POST /api/v1/blobs[?digest=blake3]`: a blob whose digest (sha256 unless named) the client computes while it
+    sends; the store answers it and the blob's key."""
 
     def post(self, request: Any) -> Response:
         return _store_upload(request, None)
 
 
-def _store_upload(request: Any, sha256: str | None) -> Response:
-    """The body of a PUT (named `sha256`: it must hash to it) or of a POST (stored under what it hashes to)."""
+def _store_upload(request: Any, key: str | None) -> Response:
+    """The body of a PUT (named `key`: it must hash to it) or of a POST (stored under what it hashes to, with the
+    digest its query names)."""
+    if key is not None:
+        algorithm = _check_key(key)
+    else:
+        named = request._request.GET.get("digest", "sha256")
+        if named not in DIGESTS:
+            raise ApiError(400, f"unknown digest '{named[:40]}': one of {', '.join(DIGESTS)}")
+        algorithm = named
     readers = access.parse_readers(request.META.get(access.READERS_HEADER, ""))
     hold = request.META.get(access.HOLD_HEADER, "") == "1"
     limit: int = _conf()["max_upload_bytes"]
@@ -135,28 +147,29 @@ def _store_upload(request: Any, sha256: str | None) -> Response:
         raise ApiError(413, f"blob of {length} bytes exceeds the file store limit of {limit} bytes")
 
     spool = getattr(raw, "_stream", None)  # ASGIRequest keeps the body file it was given as _stream
-    if isinstance(spool, HashingSpool):  # asgi.py hashed the body as it arrived: no second pass
-        size, actual, tmp_name = spool.size, spool.sha256(), spool.detach()
+    if isinstance(spool, HashingSpool) and spool.algorithm == algorithm:  # hashed as it arrived: no second pass
+        size, actual, tmp_name = spool.size, spool.hexdigest(), spool.detach()
     else:
-        size, actual, tmp_name = _copy_hashed(raw, "post")
+        size, actual, tmp_name = _copy_hashed(raw, "post", algorithm)
+    stored = blob_key(algorithm, actual)
     try:
         if size != length:
             raise ApiError(400, f"body ended after {size} of {length} bytes")
-        if sha256 is not None and actual != sha256:
-            raise ApiError(400, f"sha256 mismatch: the body hashes to {actual}, the URL names {sha256}")
-        created = access.store(actual, size, tmp_name, request.user.name, readers, hold)
+        if key is not None and stored != key:
+            raise ApiError(400, f"{algorithm} mismatch: the body hashes to {actual}, the URL names {key}")
+        created = access.store(stored, size, tmp_name, request.user.name, readers, hold)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)  # moved into blobs/ when stored
-    return Response({"sha256": actual, "size": size}, status=201 if created else 200)
+    return Response({"key": stored, algorithm: actual, "size": size}, status=201 if created else 200)
 
 
-def _copy_hashed(raw: Any, prefix: str) -> tuple[int, str, str]:
-    """A body not spooled by `HashingSpool` (a server without asgi.py's read_body), copied to a temp file of
-    the store and hashed on the way: (size, sha256, path)."""
+def _copy_hashed(raw: Any, prefix: str, algorithm: Algorithm) -> tuple[int, str, str]:
+    """A body not spooled by `HashingSpool` with `algorithm` (a server without asgi.py's read_body), copied to a
+    temp file of the store and hashed on the way: (size, hex digest, path)."""
     fd, tmp_name = tempfile.mkstemp(dir=Path(_conf()["tmp"]), prefix=prefix + ".")
     try:
-        digest = hashlib.sha256()
+        digest = new_digest(algorithm)
         size = 0
         with os.fdopen(fd, "wb") as out:
             while chunk := raw.read(CHUNK):  # HttpRequest.read() is bounded by Content-Length
@@ -170,10 +183,10 @@ def _copy_hashed(raw: Any, prefix: str) -> tuple[int, str, str]:
 
 
 class GrantView(APIView):
-    """`POST /api/v1/blobs/<sha256>/readers` with `{"readers": [...]}`: only an uploader may grant."""
+    """`POST /api/v1/blobs/<key>/readers` with `{"readers": [...]}`: only an uploader may grant."""
 
-    def post(self, request: Any, sha256: str) -> Response:
-        _check_sha(sha256)
+    def post(self, request: Any, key: str) -> Response:
+        _check_key(key)
         raw = request._request
         try:
             length = int(raw.META.get("CONTENT_LENGTH") or 0)
@@ -188,7 +201,7 @@ class GrantView(APIView):
         if not isinstance(body, dict) or not isinstance(body.get("readers"), list):
             raise ApiError(400, 'send {"readers": [...]}, a list of party names')
         readers = access.parse_readers(body["readers"])
-        return Response({"sha256": sha256, "readers": access.grant(sha256, request.user.name, readers)})
+        return Response({"key": key, "readers": access.grant(key, request.user.name, readers)})
 
 
 def _drain(stream: Any, remaining: int) -> None:

@@ -138,8 +138,8 @@ def _node_uploads(s: Setup, node: str) -> set[tuple[str, str]]:
     adds a row, re-sending a blob it had stored refreshes its time."""
     db = sqlite3.connect(s.network.netdir / "filestore" / "db.sqlite3")
     try:
-        rows = db.execute("SELECT b.sha256, b.last_used_at FROM filestore_access a JOIN filestore_blob b "
-                          "ON a.blob_id = b.sha256 WHERE a.party = ? AND a.uploader", (node,)).fetchall()  # fmt: skip
+        rows = db.execute("SELECT b.key, b.last_used_at FROM filestore_access a JOIN filestore_blob b "
+                          "ON a.blob_id = b.key WHERE a.party = ? AND a.uploader", (node,)).fetchall()  # fmt: skip
     finally:
         db.close()
     return set(rows)

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from fedsilo.common.errors import TransferError
+from fedsilo.common.hashing import digest_bytes
 from fedsilo.network.credentials import FileStoreSettings
 from fedsilo.network.filestore_client import BlobTransferError, FileStoreClient
 from fedsilo.network.messages import BlobRef
@@ -56,8 +57,8 @@ def test_health_needs_no_token(net: NetworkHandle) -> None:
 def test_roundtrip_small(client: FileStoreClient) -> None:
     data = os.urandom(200_000)
     ref = client.upload_bytes(data)
-    assert ref == BlobRef(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-    assert client.exists(ref.sha256)
+    assert ref == BlobRef(blake3=digest_bytes(data, "blake3"), size=len(data))
+    assert client.exists(ref.key)
     assert client.download_bytes(ref) == data
 
 
@@ -119,7 +120,9 @@ def test_chunked_under_limit_is_stored(net: NetworkHandle, client: FileStoreClie
     body = b"".join(chunks)
     r = requests.put(_url(net, hashlib.sha256(body).hexdigest()), data=iter(chunks), headers=_auth(net))
     assert r.status_code == 201
-    assert client.download_bytes(BlobRef(**r.json())) == body
+    answer = r.json()
+    assert answer.pop("key") == answer["sha256"]
+    assert client.download_bytes(BlobRef(**answer)) == body
 
 
 def test_sha_mismatch_is_400_and_nothing_stored(net: NetworkHandle) -> None:
@@ -137,7 +140,7 @@ def test_not_a_sha_is_400(net: NetworkHandle) -> None:
     assert r.status_code in (400, 404)
     r = requests.get(_url(net, "abc"), headers=_auth(net))
     assert r.status_code == 400
-    assert "not a sha256" in r.json()["error"]
+    assert "is not a blob key" in r.json()["error"]
 
 
 def test_reupload_is_idempotent(net: NetworkHandle, client: FileStoreClient) -> None:
@@ -146,9 +149,10 @@ def test_reupload_is_idempotent(net: NetworkHandle, client: FileStoreClient) -> 
     assert requests.put(url, data=body, headers=_auth(net)).status_code == 201
     second = requests.put(url, data=body, headers=_auth(net))
     assert second.status_code == 200
-    assert second.json() == {"sha256": hashlib.sha256(body).hexdigest(), "size": 1000}
+    sha = hashlib.sha256(body).hexdigest()
+    assert second.json() == {"key": sha, "sha256": sha, "size": 1000}
     assert client.upload_bytes(body) == client.upload_bytes(body)
-    assert client.download_bytes(BlobRef(**second.json())) == body
+    assert client.download_bytes(BlobRef(sha256=sha, size=1000)) == body
 
 
 def test_unknown_blob_is_404(net: NetworkHandle, client: FileStoreClient) -> None:
@@ -174,13 +178,13 @@ def test_pickle_payload_is_only_bytes(net: NetworkHandle, client: FileStoreClien
     ref = client.upload_bytes(payload)
     assert client.download_bytes(ref) == payload
     assert not marker.exists()
-    stored = net.netdir / "filestore" / "blobs" / ref.sha256[:2] / ref.sha256
+    stored = net.netdir / "filestore" / "blobs" / ref.key[-64:-62] / ref.key
     assert stored.read_bytes() == payload
 
 
 def test_tampered_blob_is_refused_by_the_client(net: NetworkHandle, client: FileStoreClient) -> None:
     ref = client.upload_bytes(b"honest parameters")
-    stored = net.netdir / "filestore" / "blobs" / ref.sha256[:2] / ref.sha256
+    stored = net.netdir / "filestore" / "blobs" / ref.key[-64:-62] / ref.key
     stored.write_bytes(b"evil parameters!!")
     with pytest.raises(TransferError, match="hashes to"):
         client.download_bytes(ref)

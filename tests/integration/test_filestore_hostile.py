@@ -81,8 +81,8 @@ def _raw(net: NetworkHandle, method: str, sha: str, party: str, suffix: str = ""
     return requests.request(method, url, headers=headers, timeout=10, verify=net.ca_path, **kw)
 
 
-def _blob_file(net: NetworkHandle, sha: str) -> Path:
-    return net.netdir / "filestore" / "blobs" / sha[:2] / sha
+def _blob_file(net: NetworkHandle, key: str) -> Path:
+    return net.netdir / "filestore" / "blobs" / key[-64:-62] / key
 
 
 # ------------------------------------------------------------------------------------ slow clients
@@ -136,7 +136,7 @@ def test_slow_clients_do_not_hold_the_store(net: NetworkHandle, researcher: File
             slow.open(f"PUT /api/v1/blobs/{sha} HTTP/1.1\r\nHost: x\r\nAuthorization: Token {token}\r\n"
                       f"Content-Length: {1 << 20}\r\n\r\n".encode())  # fmt: skip
         for _ in range(8):  # downloads of 8 MiB by readers that never read
-            slow.open(f"GET /api/v1/blobs/{big.sha256} HTTP/1.1\r\nHost: x\r\nAuthorization: Token {token}\r\n\r\n"
+            slow.open(f"GET /api/v1/blobs/{big.key} HTTP/1.1\r\nHost: x\r\nAuthorization: Token {token}\r\n\r\n"
                       .encode(), rcvbuf=4096)  # fmt: skip
         slow.start()
         time.sleep(1.0)  # every slow request has reached the server
@@ -165,14 +165,14 @@ def test_a_node_cannot_read_another_nodes_update(
     with pytest.raises(BlobTransferError) as err:
         node_b.download_bytes(update)
     assert err.value.status == 404
-    assert not node_b.exists(update.sha256)
+    assert not node_b.exists(update.key)
     # the refusal looks exactly like a blob that does not exist: a token cannot probe what is stored
-    hidden, missing = _raw(net, "GET", update.sha256, "node-b"), _raw(net, "GET", never, "node-b")
-    assert (hidden.status_code, hidden.json()["error"].replace(update.sha256, "SHA")) == (
+    hidden, missing = _raw(net, "GET", update.key, "node-b"), _raw(net, "GET", never, "node-b")
+    assert (hidden.status_code, hidden.json()["error"].replace(update.key, "SHA")) == (
         missing.status_code, missing.json()["error"].replace(never, "SHA"))  # fmt: skip
     # nor can node-b grant itself what it cannot read, or guess its way in with a HEAD-then-grant
-    assert _raw(net, "POST", update.sha256, "node-b", "/readers", json={"readers": ["node-b"]}).status_code == 404
-    assert _raw(net, "POST", update.sha256, "researcher", "/readers", json={"readers": ["node-b"]}).status_code == 404
+    assert _raw(net, "POST", update.key, "node-b", "/readers", json={"readers": ["node-b"]}).status_code == 404
+    assert _raw(net, "POST", update.key, "researcher", "/readers", json={"readers": ["node-b"]}).status_code == 404
     with pytest.raises(BlobTransferError):
         node_b.download_bytes(update)
 
@@ -189,11 +189,11 @@ def test_blobs_are_read_by_the_readers_named_and_granted(
     # a later round samples node-b: the same blobs, granted, not sent again
     researcher.ensure_readers(plan, ["node-a", "node-b"])
     with _client(net, "researcher") as restarted:  # a new researcher process re-uploading a large blob
-        restarted.upload_bytes(_blob_file(net, big.sha256).read_bytes(), readers=["node-b"])  # HEAD: a grant
+        restarted.upload_bytes(_blob_file(net, big.key).read_bytes(), readers=["node-b"])  # HEAD: a grant
     assert node_b.download_bytes(plan) == node_a.download_bytes(plan)
     assert node_b.download_bytes(big) == node_a.download_bytes(big)
     # a granted reader may read but not grant further
-    r = _raw(net, "POST", plan.sha256, "node-a", "/readers", json={"readers": ["greedy"]})
+    r = _raw(net, "POST", plan.key, "node-a", "/readers", json={"readers": ["greedy"]})
     assert r.status_code == 404
 
 
@@ -225,7 +225,7 @@ def test_readers_must_be_registered_parties(net: NetworkHandle, header: str, mes
 )
 def test_grant_bodies_are_checked(net: NetworkHandle, node_a: FileStoreClient, body: bytes) -> None:
     ref = node_a.upload_bytes(b"granted carefully")
-    r = _raw(net, "POST", ref.sha256, "node-a", "/readers", data=body, headers={"Content-Type": "application/json"})
+    r = _raw(net, "POST", ref.key, "node-a", "/readers", data=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert "error" in r.json()
 
@@ -240,7 +240,7 @@ def test_a_greedy_party_meets_its_blob_quota(net: NetworkHandle) -> None:
         assert f"quota exceeded: party 'greedy' stores {QUOTA_BLOBS} blobs" in str(err.value)
         assert greedy.upload_bytes(b"blob 0") == refs[0]  # its own blobs stay re-uploadable (idempotent)
         # gc gives the room back: expire one, collect, upload again
-        _backdate(net, refs[0].sha256, days=30)
+        _backdate(net, refs[0].key, days=30)
         _gc(net)
         assert greedy.upload_bytes(b"now it fits").size == len(b"now it fits")
 
@@ -265,7 +265,7 @@ def _backdate(net: NetworkHandle, sha: str, days: float) -> None:
     """Pretend a blob was last used `days` ago (the store's own clock is not ours to move)."""
     when = (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%d %H:%M:%S.%f")
     with contextlib.closing(sqlite3.connect(net.netdir / "filestore" / "db.sqlite3", timeout=20)) as db, db:
-        assert db.execute("UPDATE filestore_blob SET last_used_at = ? WHERE sha256 = ?", (when, sha)).rowcount == 1
+        assert db.execute("UPDATE filestore_blob SET last_used_at = ? WHERE key = ?", (when, sha)).rowcount == 1
 
 
 def _gc(net: NetworkHandle, *args: str) -> str:
@@ -283,15 +283,15 @@ def test_gc_removes_expired_blobs_and_keeps_used_ones(
     read = researcher.upload_bytes(b"parameters read a moment ago " + os.urandom(8), readers=["node-a"])
     fresh = researcher.upload_bytes(b"parameters of the round running now " + os.urandom(8))
     for ref in (expired, read):
-        _backdate(net, ref.sha256, days=8)
+        _backdate(net, ref.key, days=8)
     node_a.download_bytes(read)  # a read is a use: the round that needs it keeps it
 
     dry = _gc(net, "--dry-run")
-    assert "would remove" in dry and _blob_file(net, expired.sha256).exists()
+    assert "would remove" in dry and _blob_file(net, expired.key).exists()
     out = _gc(net)
     assert f"removed 1 blob(s), {expired.size} bytes" in out
     assert "uploaded by" in out and "researcher" in out
-    assert not _blob_file(net, expired.sha256).exists()
+    assert not _blob_file(net, expired.key).exists()
     with pytest.raises(BlobTransferError, match="HTTP 404"):
         researcher.download_bytes(expired)
     assert node_a.download_bytes(read).startswith(b"parameters read")
@@ -307,13 +307,13 @@ def test_the_running_store_collects_periodically(tmp_path: Path) -> None:
         with _client(net, "node-b") as node_b:
             gone = node_b.upload_bytes(b"left behind by a finished job " + os.urandom(8))
             kept = node_b.upload_bytes(b"used by the round running now " + os.urandom(8))
-            _backdate(net, gone.sha256, days=8)
+            _backdate(net, gone.key, days=8)
             deadline = time.monotonic() + 30
-            while _blob_file(net, gone.sha256).exists() and time.monotonic() < deadline:
+            while _blob_file(net, gone.key).exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert not _blob_file(net, gone.sha256).exists()
-            assert not node_b.exists(gone.sha256)
-            assert node_b.exists(kept.sha256)
+            assert not _blob_file(net, gone.key).exists()
+            assert not node_b.exists(gone.key)
+            assert node_b.exists(kept.key)
     finally:
         net.stop()
 

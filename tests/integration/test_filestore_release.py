@@ -46,7 +46,7 @@ def clients(net: NetworkHandle) -> Iterator[dict[str, FileStoreClient]]:
 
 
 def _on_disk(net: NetworkHandle, ref: BlobRef) -> bool:
-    return (net.netdir / "filestore" / "blobs" / ref.sha256[:2] / ref.sha256).exists()
+    return (net.netdir / "filestore" / "blobs" / ref.key[-64:-62] / ref.key).exists()
 
 
 def _readable(client: FileStoreClient, ref: BlobRef) -> bool:
@@ -96,7 +96,7 @@ def test_a_party_releases_only_its_own_hold(net, clients) -> None:
     node, researcher, outsider = clients["node-a"], clients["researcher"], clients["outsider"]
     ref = node.upload_bytes(b"not the outsider's", readers=["researcher"], hold=True)
     token = net.credentials("outsider").filestore.token
-    raw = requests.delete(f"{net.filestore_url}/api/v1/blobs/{ref.sha256}", headers={"Authorization": f"Token {token}"},
+    raw = requests.delete(f"{net.filestore_url}/api/v1/blobs/{ref.key}", headers={"Authorization": f"Token {token}"},
                           verify=net.ca_path, timeout=30)  # fmt: skip
     assert raw.status_code == 404 and "that you may read" in raw.json()["error"]
     assert outsider.release(ref) is False
@@ -161,7 +161,7 @@ def test_release_of_a_blob_being_downloaded_leaves_that_download_whole(net, clie
     ref = researcher.upload_bytes(data, readers=["node-a"], hold=True)
     assert researcher.release(ref) is False
     token = net.credentials("node-a").filestore.token
-    with requests.get(f"{net.filestore_url}/api/v1/blobs/{ref.sha256}", headers={"Authorization": f"Token {token}"},
+    with requests.get(f"{net.filestore_url}/api/v1/blobs/{ref.key}", headers={"Authorization": f"Token {token}"},
                       verify=net.ca_path, stream=True, timeout=60) as slow:  # fmt: skip
         first = slow.raw.read(1 << 20)
         with FileStoreClient(net.credentials("node-a").filestore) as other:
@@ -172,16 +172,17 @@ def test_release_of_a_blob_being_downloaded_leaves_that_download_whole(net, clie
 
 
 def test_a_malformed_release_or_hold_header_is_refused_or_ignored(net, clients) -> None:
-    """A DELETE naming no sha256 is a 400 (before any row is read); a hold header other than "1" hands nothing over."""
+    """A DELETE naming no blob key is a 400 (before any row is read); a hold header other than "1" hands nothing
+    over."""
     token = net.credentials("node-a").filestore.token
     bad = requests.delete(f"{net.filestore_url}/api/v1/blobs/{'x' * 70}", headers={"Authorization": f"Token {token}"},
                           verify=net.ca_path, timeout=30)  # fmt: skip
-    assert bad.status_code == 400 and "is not a sha256" in bad.json()["error"]
+    assert bad.status_code == 400 and "is not a blob key" in bad.json()["error"]
     body = b"hold header in another spelling"
-    put = requests.put(f"{net.filestore_url}/api/v1/blobs/{BlobRef.inline(body).sha256}", data=body,
+    put = requests.put(f"{net.filestore_url}/api/v1/blobs/{BlobRef.inline(body).key}", data=body,
                        headers={"Authorization": f"Token {token}", "X-Fedsilo-Readers": "researcher",
                                 "X-Fedsilo-Readers-Hold": "yes", "Content-Type": "application/octet-stream"},
                        verify=net.ca_path, timeout=30)  # fmt: skip
     assert put.status_code == 201, put.text
-    ref = BlobRef(sha256=BlobRef.inline(body).sha256, size=len(body))
+    ref = BlobRef.inline(body).lean()
     assert clients["node-a"].release(ref) is True  # the researcher was only granted it: nothing held it back

@@ -46,7 +46,7 @@ def _client_session(net: NetworkHandle, rounds: int, timeouts: Timeouts | None =
         for _ in range(rounds):
             data = os.urandom(200_000)
             ref = client.upload_bytes(data)
-            assert client.exists(ref.sha256)
+            assert client.exists(ref.key)
             assert client.download_bytes(ref) == data
     return 3 * rounds
 
@@ -100,7 +100,7 @@ def test_slow_clients_beyond_the_thread_count_hold_no_thread(net: NetworkHandle)
         for i in range(2 * WORKER_THREADS):
             slow.open(f"PUT /api/v1/blobs/{i:064x} HTTP/1.1\r\n{auth}Content-Length: {1 << 20}\r\n\r\n".encode())
             slow.open(f"POST /api/v1/blobs HTTP/1.1\r\n{auth}Content-Length: {1 << 20}\r\n\r\n".encode())
-            slow.open(f"GET /api/v1/blobs/{big.sha256} HTTP/1.1\r\n{auth}\r\n".encode(), rcvbuf=4096)
+            slow.open(f"GET /api/v1/blobs/{big.key} HTTP/1.1\r\n{auth}\r\n".encode(), rcvbuf=4096)
         slow.start()
         timeouts = Timeouts(connect=LIVENESS_S, transfer=LIVENESS_S)
         with ThreadPoolExecutor(CLIENTS) as pool:
@@ -121,7 +121,7 @@ def test_reads_of_a_recently_used_blob_take_no_write_lock(net: NetworkHandle) ->
         writer = sqlite3.connect(net.netdir / "filestore" / "db.sqlite3", isolation_level=None)
         try:
             writer.execute("BEGIN IMMEDIATE")  # the write lock, held until the reads are done
-            assert client.exists(ref.sha256)
+            assert client.exists(ref.key)
             assert client.download_bytes(ref) == data
         finally:
             writer.execute("ROLLBACK")
@@ -132,16 +132,16 @@ def test_reads_of_a_recently_used_blob_take_no_write_lock(net: NetworkHandle) ->
 def _last_used(net: NetworkHandle, sha: str) -> str:
     # closed, not only committed: an open connection here would keep the WAL the last test checks
     with contextlib.closing(sqlite3.connect(net.netdir / "filestore" / "db.sqlite3")) as db:
-        return db.execute("SELECT last_used_at FROM filestore_blob WHERE sha256 = ?", (sha,)).fetchone()[0]
+        return db.execute("SELECT last_used_at FROM filestore_blob WHERE key = ?", (sha,)).fetchone()[0]
 
 
 def test_a_read_refreshes_a_blob_last_used_long_enough_ago(net: NetworkHandle) -> None:
     with FileStoreClient(net.credentials("researcher").filestore) as client:
         ref = client.upload_bytes(os.urandom(1000))
-        _backdate(net, ref.sha256, days=1 / 24)  # an hour: past `access.TOUCH_EVERY_S`
-        before = _last_used(net, ref.sha256)
+        _backdate(net, ref.key, days=1 / 24)  # an hour: past `access.TOUCH_EVERY_S`
+        before = _last_used(net, ref.key)
         client.download_bytes(ref)
-    assert _last_used(net, ref.sha256) > before  # retention still counts reads
+    assert _last_used(net, ref.key) > before  # retention still counts reads
 
 
 def test_a_stopped_store_has_closed_its_connections(net: NetworkHandle) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import gc
-import hashlib
 import json
 import sqlite3
 import time
@@ -25,6 +24,7 @@ from torch import nn
 
 from fedsilo.common.datasets import CsvDataset
 from fedsilo.common.errors import ErrorCode
+from fedsilo.common.hashing import BLOB_DIGEST, digest_bytes
 from fedsilo.common.serialization import params_to_buffers, params_to_bytes
 from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
 from fedsilo.network.message_base import INLINE_BLOB_BYTES, BlobRef
@@ -58,16 +58,16 @@ def one(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 def _stored(one: OneNode) -> dict[str, str]:
-    """The file store's own index: sha256 -> the party that uploaded it."""
+    """The file store's own index: blob key -> the party that uploaded it."""
     db = sqlite3.connect(one.net.netdir / "filestore" / "db.sqlite3")
     try:
-        return dict(db.execute("SELECT sha256, uploaded_by FROM filestore_blob").fetchall())
+        return dict(db.execute("SELECT key, uploaded_by FROM filestore_blob").fetchall())
     finally:
         db.close()
 
 
 def _round(one: OneNode, folder: Path, hidden: int) -> tuple[Experiment, str, int]:
-    """One round of WidePlan: the experiment, the sha256 and size of the global model it started from."""
+    """One round of WidePlan: the experiment, the store key and size of the global model it started from."""
     exp = Experiment(tags=["demo"], training_plan_class=WidePlan, model_args={"hidden": hidden},
                      training_args={"epochs": 1, "batch_size": 16, "optimizer_args": {"lr": 0.1}}, round_limit=1,
                      network=str(one.net.netdir), experimentation_folder=str(folder))  # fmt: skip
@@ -75,7 +75,7 @@ def _round(one: OneNode, folder: Path, hidden: int) -> tuple[Experiment, str, in
     assert exp.run() == 1
     replies = exp.training_replies()[0]
     assert [r["dropped"] for r in replies.values()] == [None], replies
-    return exp, hashlib.sha256(blob).hexdigest(), len(blob)
+    return exp, BlobRef.named(BLOB_DIGEST, digest_bytes(blob, BLOB_DIGEST), len(blob)).key, len(blob)
 
 
 def test_a_small_model_round_stores_nothing_and_the_researcher_keeps_no_inline_bytes(one: OneNode, tmp_path: Path
@@ -112,7 +112,7 @@ def test_a_model_over_the_inline_limit_goes_through_the_store_and_leaves_it_with
     exp, model_sha, size = _round(one, tmp_path, hidden=20_000)
     exp.close()
     assert size > INLINE_BLOB_BYTES
-    shas = {r.sha256 for r in released}
+    shas = {r.key for r in released}
     assert model_sha in shas and len(shas) == 2  # the global model and the node's update went through the store
     deadline = time.monotonic() + 30  # the node releases its holds just after its reply: wait for that
     while shas & set(_stored(one)) and time.monotonic() < deadline:
@@ -125,7 +125,7 @@ def test_a_model_over_the_inline_limit_goes_through_the_store_and_leaves_it_with
 # ------------------------------------------------------------------ a raw researcher's requests
 def _request(one: OneNode, params_blob: bytes) -> TrainRequest:
     r = one.researcher
-    plan = r.files.upload_bytes(LOGREG_PLAN.encode())
+    plan = r.files.upload_bytes(LOGREG_PLAN.encode(), digest="sha256")
     return TrainRequest(sender=r.party, job_id="inline", round=0, dataset_id=one.datasets["d1"], plan=plan,
                         plan_name="HeartPlan", blobs={"params": BlobRef.inline(params_blob)},
                         training_args={"epochs": 1, "batch_size": 16})  # fmt: skip
@@ -214,7 +214,7 @@ def test_a_node_inlines_its_blobs_while_the_reply_has_room_and_uploads_the_rest(
     blobs = {"params": b"p" * 300_000, "control": b"c" * 300_000, "tiny": memoryview(b"t" * 10)}
     refs = upload_blobs(one.researcher.files, blobs, reader=one.researcher.party)
     assert refs["params"].data == blobs["params"] and refs["tiny"].data == b"t" * 10  # inline: 300,010 bytes
-    assert refs["control"].data is None and _stored(one).get(refs["control"].sha256) == one.researcher.party
+    assert refs["control"].data is None and _stored(one).get(refs["control"].key) == one.researcher.party
     assert one.researcher.files.download_bytes(refs["control"]) == blobs["control"]
 
 
@@ -238,5 +238,5 @@ def test_the_researcher_inlines_a_request_s_blobs_within_its_room_and_uploads_th
         assert msg.blobs["params"].data == params_to_bytes(model) and msg.blobs["control"].data is None
         assert len(msg.to_json()) < MAX_MESSAGE_BYTES
     stored = _stored(one)
-    assert outgoing["n1"].blobs["control"].sha256 in stored and outgoing["n1"].blobs["params"].sha256 not in stored
+    assert outgoing["n1"].blobs["control"].key in stored and outgoing["n1"].blobs["params"].key not in stored
     assert len(sent) == 2  # each distinct blob serialised once for both nodes

@@ -226,7 +226,8 @@ def run_round(
     ctx = RoundContext(
         job_id="fetch-job", requests=req, files=files, algorithm=algorithm, strategy=DefaultStrategy(),
         training_data={name: node.dataset for name, node in made.items()},
-        plan=files.upload_bytes(b"# plan\n"), plan_name="Plan", model_args={}, training_args=TrainingArgs.parse({}),
+        plan=files.upload_bytes(b"# plan\n", digest="sha256"), plan_name="Plan", model_args={},
+        training_args=TrainingArgs.parse({}),
         global_params=GLOBAL, timeout=timeout, monitor=Monitor(), readers=list(made), download_client=clients,
     )  # fmt: skip
     training = TrainingRound(ctx, round_index=0)

@@ -229,7 +229,7 @@ def test_stalled_downloads_do_not_hold_blobs_in_the_stores_memory(net: NetworkHa
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             raw.connect((host, int(port)))
             s = ctx.wrap_socket(raw, server_hostname=host)
-            s.sendall(f"GET /api/v1/blobs/{ref.sha256} HTTP/1.1\r\nHost: x\r\n"
+            s.sendall(f"GET /api/v1/blobs/{ref.key} HTTP/1.1\r\nHost: x\r\n"
                       f"Authorization: Token {creds.filestore.token}\r\n\r\n".encode())  # fmt: skip
             readers.append(s)
         s.settimeout(10)

@@ -132,7 +132,7 @@ class RawResearcher:
         **training_args: object,
     ) -> TrainRequest:
         """A TrainRequest with the plan (and parameters, unless `params_ref` is given) uploaded."""
-        plan_ref = self.files.upload_bytes(plan_source.encode())
+        plan_ref = self.files.upload_bytes(plan_source.encode(), digest="sha256")  # a plan by its approved hash
         if params_ref is None:
             assert params is not None, "give params or params_ref"
             params_ref = self.files.upload_bytes(params_to_bytes(params))

@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 
 from fedsilo.common.config import Timeouts
 from fedsilo.common.errors import SerializationError
+from fedsilo.common.hashing import digest_bytes
 from fedsilo.common.serialization import params_from_bytes, params_to_buffers, params_to_bytes
 from fedsilo.network import provision
 from fedsilo.network.credentials import FileStoreSettings
@@ -127,13 +128,14 @@ def test_not_a_tensor_is_refused_on_serialise() -> None:
 
 
 # ---------------------------------------------------------------------------------------- the store's spool
-def test_spool_hashes_what_is_written(tmp_path: Path) -> None:
-    with HashingSpool(tmp_path) as spool:
+@pytest.mark.parametrize("algorithm", ["sha256", "blake3"])
+def test_spool_hashes_what_is_written(tmp_path: Path, algorithm: str) -> None:
+    with HashingSpool(tmp_path, algorithm=algorithm) as spool:  # type: ignore[arg-type]
         spool.write(b"abc")
         spool.write(b"def")
         spool.seek(0)
         assert spool.read() == b"abcdef" and spool.size == 6
-        assert spool.sha256() == hashlib.sha256(b"abcdef").hexdigest()
+        assert spool.hexdigest() == digest_bytes(b"abcdef", algorithm)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []  # closed without being handed over: removed
     with HashingSpool(tmp_path) as spool:
         spool.write(b"kept")
@@ -172,7 +174,7 @@ def test_buffers_uploaded_and_parsed_in_place(client: FileStoreClient) -> None:
     params = {"w": torch.randn(600, 1000), "b": torch.randn(1000)}  # 2.4 MB: past the HEAD-first size
     blob = params_to_buffers(params)
     ref = client.upload_bytes(blob)
-    assert ref == BlobRef(sha256=hashlib.sha256(blob.tobytes()).hexdigest(), size=blob.size)
+    assert ref == BlobRef(blake3=digest_bytes(blob.tobytes(), "blake3"), size=blob.size)
     buf = client.download_buffer(ref)
     assert isinstance(buf, memoryview) and not buf.readonly and buf == blob.tobytes()  # writable: parsed in place
     got = params_from_bytes(buf, copy=False)

@@ -13,7 +13,7 @@ from torch import nn
 
 from fedsilo.common.config import Timeouts
 from fedsilo.common.errors import RemoteError
-from fedsilo.common.hashing import sha256_bytes
+from fedsilo.common.hashing import BLOB_DIGEST, digest_bytes
 from fedsilo.common.serialization import params_from_bytes, params_to_bytes
 from fedsilo.common.training_plan import DataManager, TorchTrainingPlan
 from fedsilo.network.credentials import Credentials, FileStoreSettings, MqttSettings
@@ -49,18 +49,18 @@ class FakeStore:
         self.uploads = 0
         self.released: list[BlobRef] = []
 
-    def upload_bytes(self, data: bytes, readers: object = ()) -> BlobRef:
+    def upload_bytes(self, data: bytes, readers: object = (), hold: bool = False, digest: str = BLOB_DIGEST) -> BlobRef:
         self.uploads += 1
         data = data if isinstance(data, bytes) else data.tobytes()  # the researcher sends SerializedParams
-        ref = BlobRef(sha256=sha256_bytes(data), size=len(data))
-        self.blobs[ref.sha256] = data
+        ref = BlobRef.named(digest, digest_bytes(data, digest), len(data))  # type: ignore[arg-type]
+        self.blobs[ref.key] = data
         return ref
 
     def ensure_readers(self, ref: BlobRef, readers: object) -> BlobRef:
         return ref
 
     def download_bytes(self, ref: BlobRef, max_bytes: int | None = None) -> bytes:
-        return ref.data if ref.data is not None else self.blobs[ref.sha256]  # as FileStoreClient: inline first
+        return ref.data if ref.data is not None else self.blobs[ref.key]  # as FileStoreClient: inline first
 
     def download_buffer(self, ref: BlobRef, max_bytes: int | None = None, pool: object = None) -> bytearray:
         return bytearray(self.download_bytes(ref))

@@ -8,8 +8,10 @@ import json
 import threading
 from pathlib import Path
 
+import blake3
 import pytest
 
+from fedsilo.common.hashing import BLOB_DIGEST, digest_bytes
 from fedsilo.network import filestore_client
 from fedsilo.network.credentials import FileStoreSettings
 from fedsilo.network.filestore_client import BlobTransferError, FileStoreClient
@@ -21,15 +23,15 @@ class Recorder(FileStoreClient):
         super().__init__(FileStoreSettings(url="http://127.0.0.1:9", token="t" * 32))
         self.stored, self.put_error, self.calls = stored, put_error, []
 
-    def exists(self, sha256: str) -> bool:
+    def exists(self, key: str) -> bool:
         self.calls.append("HEAD")
         return self.stored
 
-    def _post(self, data, readers, hold=False) -> BlobRef:
+    def _post(self, data, readers, hold, digest) -> BlobRef:
         self.calls.append(f"POST {','.join(readers)}".strip())
         if self.put_error is not None:
             raise BlobTransferError("refused", status=self.put_error)
-        return BlobRef(sha256=hashlib.sha256(bytes(data)).hexdigest(), size=len(data))
+        return BlobRef.named(digest, digest_bytes(bytes(data), digest), len(data))
 
     def _put(self, ref, body, readers=(), hold=False) -> None:
         self.calls.append(f"PUT {','.join(readers)}".strip())
@@ -52,7 +54,16 @@ def test_large_blobs_are_hashed_while_sent_without_asking(monkeypatch: pytest.Mo
     monkeypatch.setattr(filestore_client, "SMALL_BLOB", 4)
     client = Recorder(stored=True)
     ref = client.upload_bytes(b"large blob", readers=["node-b"])
-    assert client.calls == ["POST node-b"] and ref.sha256 == hashlib.sha256(b"large blob").hexdigest()
+    assert client.calls == ["POST node-b"] and ref.blake3 == blake3.blake3(b"large blob").hexdigest()
+    assert ref.key == "blake3-" + ref.blake3 and ref.sha256 is None  # new blobs are named by BLAKE3
+
+
+@pytest.mark.parametrize("small_blob", [1 << 20, 4])
+def test_a_blob_asked_by_sha256_is_named_by_it(monkeypatch: pytest.MonkeyPatch, small_blob: int) -> None:
+    """A plan is uploaded by its sha256 (the hash its data manager approves), by PUT or by POST alike."""
+    monkeypatch.setattr(filestore_client, "SMALL_BLOB", small_blob)
+    ref = Recorder(stored=False).upload_bytes(b"class Plan: ...", digest="sha256")
+    assert ref.sha256 == hashlib.sha256(b"class Plan: ...").hexdigest() == ref.key and ref.blake3 is None
 
 
 def test_large_files_already_stored_are_not_sent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -70,7 +81,7 @@ def test_over_the_limit_but_stored_is_fine(monkeypatch: pytest.MonkeyPatch, smal
     client = Recorder(stored=True, put_error=413)
     ref = client.upload_bytes(b"stored before the limit was lowered", readers=["node-a"])
     assert client.calls == [f"{sent_by} node-a", "HEAD", "GRANT node-a"]
-    assert ref.sha256 == hashlib.sha256(b"stored before the limit was lowered").hexdigest()
+    assert ref.digest == digest_bytes(b"stored before the limit was lowered", BLOB_DIGEST)
 
 
 def test_a_large_file_already_readable_is_granted_not_sent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -92,7 +103,7 @@ def test_other_failures_are_raised(monkeypatch: pytest.MonkeyPatch, small_blob: 
 
 
 class _LyingStore(http.server.BaseHTTPRequestHandler):
-    """A store that reads each POST whole and names it with another sha256 (or another size)."""
+    """A store that reads each POST whole and names it with another digest (or another size)."""
 
     answer: dict = {}
 
@@ -109,12 +120,14 @@ class _LyingStore(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("lie", ["sha256", "size", "not-json"])
+@pytest.mark.parametrize("lie", ["digest", "size", "not-json", "sha256 only"])
 def test_a_store_naming_a_large_upload_otherwise_is_refused(monkeypatch: pytest.MonkeyPatch, lie: str) -> None:
     monkeypatch.setattr(filestore_client, "SMALL_BLOB", 4)
     data = b"what the client sent"
-    honest = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    lies = {"sha256": {**honest, "sha256": "0" * 64}, "size": {**honest, "size": 5}, "not-json": []}
+    honest = {"blake3": blake3.blake3(data).hexdigest(), "size": len(data)}
+    lies = {"digest": {**honest, "blake3": "0" * 64}, "size": {**honest, "size": 5}, "not-json": [],
+            # a store from before BLAKE3 ignores ?digest= and answers the sha256 it computed
+            "sha256 only": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}  # fmt: skip
     handler = type("Handler", (_LyingStore,), {"answer": lies[lie]})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

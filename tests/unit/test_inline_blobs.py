@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fedsilo.common.errors import TransferError
+from fedsilo.common.hashing import digest_bytes
 from fedsilo.common.processes import free_port
 from fedsilo.common.serialization import params_to_bytes
 from fedsilo.network.credentials import FileStoreSettings
@@ -60,14 +61,17 @@ def dead_store() -> FileStoreClient:
 # ------------------------------------------------------------------ the wire form
 def test_an_inline_ref_is_standard_base64_and_a_ref_without_data_dumps_as_before() -> None:
     ref = BlobRef.inline(BLOB)
-    assert ref.sha256 == hashlib.sha256(BLOB).hexdigest() and ref.size == len(BLOB)
+    assert ref.blake3 == digest_bytes(BLOB, "blake3") and ref.size == len(BLOB) and ref.sha256 is None
     wire = _reply(ref).to_json()
     assert f'"data":"{base64.b64encode(BLOB).decode()}"'.encode() in wire  # no newline, standard alphabet
     back = parse_message(wire)
     assert back.params.data == BLOB and back.params == ref
-    plain = BlobRef(sha256=ref.sha256, size=ref.size)
-    assert plain.model_dump_json() == f'{{"sha256":"{ref.sha256}","size":{ref.size}}}'
+    plain = BlobRef(blake3=ref.blake3, size=ref.size)
+    assert plain.model_dump_json() == f'{{"blake3":"{ref.blake3}","size":{ref.size}}}'
     assert parse_message(_reply(plain).to_json()).params.data is None
+    sha = hashlib.sha256(BLOB).hexdigest()  # a ref by sha256 dumps as every ref did before BLAKE3
+    assert BlobRef(sha256=sha, size=ref.size).model_dump_json() == f'{{"sha256":"{sha}","size":{ref.size}}}'
+    assert parse_message(_reply(BlobRef.inline(BLOB, "sha256")).to_json()).params.data == BLOB
 
 
 def test_the_kept_forms_leave_the_data_out() -> None:
