@@ -55,7 +55,7 @@ class Publisher:
                 return reply
 
     def submit(self, source: str, name: str) -> str:
-        ref = self.files.upload_bytes(source.encode(), readers=[NODE])
+        ref = self.files.upload_bytes(source.encode(), readers=[NODE], digest="sha256")  # a plan by its sha256
         req = ApprovalRequest(sender=self.creds.party, plan=ref, plan_name=name, description="for the GUI test")
         reply = self.ask(req, ("approval_reply",))
         assert reply.status == "pending"
@@ -65,7 +65,7 @@ class Publisher:
         params = {"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}
         req = TrainRequest(
             sender=self.creds.party, job_id="gui-job", round=1, dataset_id=dataset_id,
-            plan=self.files.upload_bytes(source.encode(), readers=[NODE]), plan_name=name,
+            plan=self.files.upload_bytes(source.encode(), readers=[NODE], digest="sha256"), plan_name=name,
             blobs={"params": self.files.upload_bytes(params_to_bytes(params), readers=[NODE])},
             training_args={"epochs": 1, "batch_size": 16},
         )  # fmt: skip
