@@ -450,9 +450,8 @@ class Experiment(ExperimentViews, ExperimentBreakpoints):
 
     def _upload_plan(self) -> BlobRef:
         if self._plan_ref is None:
-            assert self._plan_source is not None
-            self._plan_ref = self._fs().upload_bytes(self._plan_source.encode("utf-8"), readers=self._target_nodes(),
-                                                     digest="sha256")  # its approved hash names it
+            source = self._plan_source.encode("utf-8")  # type: ignore[union-attr] # set with the plan; named by its sha256
+            self._plan_ref = self._fs().upload_bytes(source, readers=self._target_nodes(), digest="sha256")
         return self._fs().ensure_readers(self._plan_ref, self._target_nodes())  # the store lets only these read it
 
     def _plan_name(self) -> str:
