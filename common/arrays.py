@@ -98,9 +98,6 @@ class SerializedParams:
             self._digests[algorithm] = h.hexdigest()
         return self._digests[algorithm]
 
-    def sha256(self) -> str:
-        return self.digest("sha256")
-
     def tobytes(self) -> bytes:
         return b"".join(self.buffers)  # one copy
 

@@ -54,7 +54,7 @@ class ExperimentBreakpoints:
             "experimentation_folder": str(self._root),
             **self._history.state(),
             "monitor": self._monitor.state(),
-            "round_sha256": {str(r): h for r, h in sorted(self._rounds.hashes().items())},
+            "round_digests": {str(r): h for r, h in sorted(self._rounds.hashes().items())},
         }
         folder = save_breakpoint(
             self.experimentation_path(), self._round_current, state, self._global_params, self._plan_source,
@@ -109,7 +109,9 @@ class ExperimentBreakpoints:
             exp._strategy.load_state(state["strategy"].get("state", {}))
         exp._history.load_state(state)
         if exp._round_current > 0:
-            hashes = {int(r): h for r, h in state.get("round_sha256", {}).items()}
+            # `round_sha256`: a breakpoint from before the archive's digests were BLAKE3 blob keys
+            recorded = state.get("round_digests", state.get("round_sha256", {}))
+            hashes = {int(r): h for r, h in recorded.items()}
             current = (exp._round_current - 1, exp._global_params or {})
             exp._rounds = RoundArchive(folder.parent / ROUNDS_DIR, current, hashes)
         exp.set_tensorboard(bool(state.get("tensorboard")))

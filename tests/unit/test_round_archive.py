@@ -6,12 +6,15 @@ aggregator and the round archive are the real ones."""
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import os
 import weakref
 from collections import deque
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 
@@ -129,14 +132,41 @@ def test_an_altered_round_file_is_refused(tmp_path: Path) -> None:
     path = exp.experimentation_path() / "rounds" / "round_0000.safetensors"
     forged = exp.aggregated_params()[2]["params"]
     path.write_bytes(params_to_bytes(forged))
-    with pytest.raises(RoundArchiveError, match="sha256"):
+    with pytest.raises(RoundArchiveError, match="blake3"):
         exp.aggregated_params()[0]
     resumed = Experiment.load_breakpoint(tmp_path, network=creds())
-    with pytest.raises(RoundArchiveError, match="sha256"):
+    with pytest.raises(RoundArchiveError, match="blake3"):
         resumed.aggregated_params()[0]
     path.write_bytes(b"\x80\x04junk")
     with pytest.raises(RoundArchiveError):
         resumed.aggregated_params()[0]
+
+
+def test_round_digests_are_blake3_and_a_breakpoint_from_before_still_checks_its_sha256(tmp_path: Path) -> None:
+    """Round files are recorded by their BLAKE3 (as blob keys); a breakpoint written before that records
+    `round_sha256` (bare sha256 hex), which is still read and checked; a record that names no digest is refused."""
+    store = FakeStore()
+    exp = make(tmp_path, _nodes(store), store, save_breakpoints=True, round_limit=3)
+    exp.run()
+    rounds = exp.experimentation_path() / "rounds"
+    state_file = exp.breakpoint() / "breakpoint.json"
+    state = json.loads(state_file.read_text())
+    files = {r: (rounds / f"round_{r:04d}.safetensors").read_bytes() for r in (0, 1, 2)}
+    assert state["round_digests"] == {str(r): "blake3-" + blake3.blake3(b).hexdigest() for r, b in files.items()}
+
+    legacy = {k: v for k, v in state.items() if k != "round_digests"}
+    legacy["round_sha256"] = {str(r): hashlib.sha256(b).hexdigest() for r, b in files.items()}
+    state_file.write_text(json.dumps(legacy))
+    resumed = Experiment.load_breakpoint(tmp_path, network=creds())
+    assert torch.equal(resumed.aggregated_params()[1]["params"]["bias"], exp.aggregated_params()[1]["params"]["bias"])
+    (rounds / "round_0000.safetensors").write_bytes(files[1])  # another round's valid file in its place
+    with pytest.raises(RoundArchiveError, match="sha256"):
+        resumed.aggregated_params()[0]
+
+    legacy["round_sha256"] = {"1": "md5-" + "0" * 32}
+    state_file.write_text(json.dumps(legacy))
+    with pytest.raises(RoundArchiveError, match="is not one"):
+        Experiment.load_breakpoint(tmp_path, network=creds()).aggregated_params()[1]
 
 
 def test_a_round_that_cannot_be_saved_does_not_stop_training(tmp_path: Path, caplog) -> None:
