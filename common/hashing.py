@@ -66,6 +66,15 @@ def parse_blob_key(key: str) -> tuple[Algorithm, str] | None:
     return None
 
 
+def key_matches(key: object, data: bytes | bytearray | memoryview) -> bool:
+    """Whether `data` hashes to the blob key `key` (by the digest it names); False for anything not a key.
+
+        key_matches(blob_key("blake3", digest_bytes(b"x", "blake3")), b"x")   # True
+    """
+    named = parse_blob_key(key) if isinstance(key, str) else None
+    return named is not None and digest_bytes(data, named[0]) == named[1]
+
+
 def sha256_bytes(data: bytes | str) -> str:
     if isinstance(data, str):
         data = data.encode("utf-8")

@@ -58,8 +58,9 @@ class ExperimentBreakpoints:
         }
         folder = save_breakpoint(
             self.experimentation_path(), self._round_current, state, self._global_params, self._plan_source,
-            algorithm_state=self._aggregator.state(),
-        )
+            algorithm_state=self._aggregator.state(), saved=self._rounds.saved(self._round_current - 1,
+                                                                                self._global_params),
+        )  # fmt: skip
         log.info("breakpoint saved: %s", folder)
         return folder
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fedsilo.common.errors import FedsiloError, SerializationError
-from fedsilo.common.hashing import BLOB_DIGEST, blob_key, digest_bytes, parse_blob_key
+from fedsilo.common.hashing import BLOB_DIGEST, blob_key, key_matches
 from fedsilo.common.serialization import params_from_bytes, params_to_buffers
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,17 @@ class RoundArchive:
             self._pool.shutdown(wait=True)
             self._pool = None
 
+    def saved(self, round_index: int, params: Params) -> tuple[Path, str] | None:
+        """(file, digest key) of `round_index` once written, if `params` is the very dict it was written from
+        (a breakpoint then links that file instead of writing the same bytes again); else None."""
+        self.flush()
+        if self._current is None or self._current[0] != round_index or self._current[1] is not params:
+            return None
+        key = self._hashes.get(round_index)
+        if key is None or self._folder is None:
+            return None
+        return round_file(self._folder, round_index), key
+
     # ------------------------------------------------------------------ reading
     @property
     def folder(self) -> Path | None:
@@ -143,12 +154,9 @@ class RoundArchive:
         except FileNotFoundError:
             raise KeyError(round_index) from None
         expected = self._hashes.get(round_index)
-        if expected is not None:
-            named = parse_blob_key(expected)
-            if named is None:
-                raise RoundArchiveError(f"{path}: the digest recorded for it, {expected[:80]!r}, is not one")
-            if digest_bytes(blob, named[0]) != named[1]:
-                raise RoundArchiveError(f"{path}: contents differ from the {named[0]} recorded when it was written")
+        if expected is not None and not key_matches(expected, blob):
+            raise RoundArchiveError(f"{path}: contents differ from the digest recorded when it was written, "
+                                    f"{str(expected)[:80]!r}")  # fmt: skip
         try:
             return params_from_bytes(blob)
         except SerializationError as exc:

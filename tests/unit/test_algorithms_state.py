@@ -3,6 +3,7 @@ breakpoint on disk bit for bit: the resumed algorithm's next round equals the un
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -121,15 +122,16 @@ def test_an_altered_algorithm_state_is_refused(tmp_path: Path) -> None:
 def test_a_format_1_breakpoint_reads_with_an_empty_algorithm_state(tmp_path: Path) -> None:
     folder = save_breakpoint(tmp_path, 1, {}, {"w": torch.ones(2)}, SOURCE)
     state = json.loads((folder / STATE_FILE).read_text())
-    for key in ("algorithm_state", "algorithm_sha256"):
+    for key in ("algorithm_state", "algorithm_digest"):
         del state[key]
-    state["format_version"] = 1
+    state["params_sha256"] = hashlib.sha256((folder / "params.safetensors").read_bytes()).hexdigest()
+    state["format_version"] = 1  # formats 1 and 2 record bare sha256s
     (folder / STATE_FILE).write_text(json.dumps(state))
     (folder / ALGORITHM_FILE).unlink()
     assert read_breakpoint(folder).algorithm_state == ({}, {})
-    state["format_version"] = 3
+    state["format_version"] = 4
     (folder / STATE_FILE).write_text(json.dumps(state))
-    with pytest.raises(BreakpointError, match="format 3"):
+    with pytest.raises(BreakpointError, match="format 4"):
         read_breakpoint(folder)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from fedsilo.common.serialization import params_to_bytes
 from fedsilo.researcher import Experiment, FedAverage
+from fedsilo.researcher.breakpoints import BreakpointError
 from fedsilo.researcher.rounds import RoundArchiveError
 from tests.unit.test_experiment_offline import FakeRequests, FakeStore, creds, make, trainer
 
@@ -160,13 +161,58 @@ def test_round_digests_are_blake3_and_a_breakpoint_from_before_still_checks_its_
     resumed = Experiment.load_breakpoint(tmp_path, network=creds())
     assert torch.equal(resumed.aggregated_params()[1]["params"]["bias"], exp.aggregated_params()[1]["params"]["bias"])
     (rounds / "round_0000.safetensors").write_bytes(files[1])  # another round's valid file in its place
-    with pytest.raises(RoundArchiveError, match="sha256"):
+    with pytest.raises(RoundArchiveError, match="differ from the digest recorded"):
         resumed.aggregated_params()[0]
 
     legacy["round_sha256"] = {"1": "md5-" + "0" * 32}
     state_file.write_text(json.dumps(legacy))
-    with pytest.raises(RoundArchiveError, match="is not one"):
+    with pytest.raises(RoundArchiveError, match=r"differ from the digest recorded .*md5-0000"):
         Experiment.load_breakpoint(tmp_path, network=creds()).aggregated_params()[1]
+
+
+def test_a_breakpoint_links_the_archived_round_and_keeps_it_when_the_round_is_run_again(tmp_path: Path) -> None:
+    """`params.safetensors` of a breakpoint is the round file itself (a hard link, no second write); running the
+    round again from an earlier breakpoint replaces the round file, and the later breakpoint keeps its own bytes."""
+    store = FakeStore()
+    exp = make(tmp_path, _nodes(store), store, save_breakpoints=True, round_limit=3)
+    exp.run()
+    root = exp.experimentation_path()
+    round_2, point_3 = root / "rounds" / "round_0002.safetensors", root / "breakpoint_0003" / "params.safetensors"
+    assert os.path.samefile(round_2, point_3) and os.stat(point_3).st_nlink == 2
+    state = json.loads((root / "breakpoint_0003" / "breakpoint.json").read_text())
+    assert state["format_version"] == 3
+    digest = "blake3-" + blake3.blake3(point_3.read_bytes()).hexdigest()
+    assert state["params_digest"] == state["round_digests"]["2"] == digest
+    kept = point_3.read_bytes()
+
+    early = Experiment.load_breakpoint(root / "breakpoint_0002", network=creds())
+    early._requests = FakeRequests({"a": trainer(store, "a", 5.0, 10), "b": trainer(store, "b", 7.0, 30)})  # type: ignore[assignment]
+    early._filestore = store  # type: ignore[assignment]
+    early.set_save_breakpoints(False)  # else it would write its own breakpoint_0003 in place of this one
+    assert early.run() == 1
+    early._rounds.flush()  # the round file is written by a background thread
+    assert round_2.read_bytes() != kept and point_3.read_bytes() == kept  # the round again, other updates
+    resumed = Experiment.load_breakpoint(root / "breakpoint_0003", network=creds())
+    assert torch.equal(resumed.aggregated_params()[2]["params"]["bias"], exp.aggregated_params()[2]["params"]["bias"])
+
+
+def test_a_format_2_breakpoint_with_sha256_records_still_reads(tmp_path: Path) -> None:
+    store = FakeStore()
+    exp = make(tmp_path, _nodes(store), store, save_breakpoints=True, round_limit=2)
+    exp.run()
+    folder = exp.breakpoint()
+    state = json.loads((folder / "breakpoint.json").read_text())
+    state["format_version"] = 2
+    for name, file in (("params", "params.safetensors"), ("algorithm", "algorithm.safetensors")):
+        del state[f"{name}_digest"]
+        state[f"{name}_sha256"] = hashlib.sha256((folder / file).read_bytes()).hexdigest()
+    (folder / "breakpoint.json").write_text(json.dumps(state))
+    resumed = Experiment.load_breakpoint(folder, network=creds())
+    assert torch.equal(resumed._global_params["bias"], exp._global_params["bias"])  # type: ignore[index]
+    state["params_sha256"] = "0" * 64
+    (folder / "breakpoint.json").write_text(json.dumps(state))
+    with pytest.raises(BreakpointError, match=r"params\.safetensors: contents differ from the recorded digest"):
+        Experiment.load_breakpoint(folder, network=creds())
 
 
 def test_a_round_that_cannot_be_saved_does_not_stop_training(tmp_path: Path, caplog) -> None:
