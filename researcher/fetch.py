@@ -62,10 +62,6 @@ takes about 3 ms here, and handing it to a thread cost more than it saved. Measu
 small, 200 KB updates, load 2-3, 1 % foreign CPU): researcher CPU 68 ms a round serial, 84 ms with every update
 on a thread."""
 
-RECEIVE_BUFFERS = BufferPool()
-"""The updates' download buffers, reused once an update is folded in (`common.buffers.BufferPool`): the
-researcher's process is the user's, whose allocator gives a 40 MB buffer back to the kernel when it is freed."""
-
 ClientFactory = Callable[[float], FileStoreClient]
 """A read timeout in seconds -> a new client of the store (one per worker thread)."""
 Load = Callable[[FileStoreClient, TrainReply], dict[str, Params]]

@@ -9,12 +9,30 @@ x_{t+1} = sum_i n_i x_i / sum_i n_i, folded in as the replies arrive.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from fedsilo.common.buffers import BufferPool
 
 from .base import AggregationError, FedAlgorithm, NodeUpdate, Params, cast_like, check_tensors
 
 FOLD_CHUNK = 1 << 20
 """Elements converted to float64 at a time when an update is folded into the sum (`WeightedMean._fold`)."""
+SUM_BUFFERS = BufferPool()
+"""The memory of `WeightedMean`'s float64 sums, reused round after round once nothing refers to a round's mean
+(`common.buffers.BufferPool`): the researcher's allocator gives a freed 80 MB block back to the kernel, so
+`torch.zeros` faulted in and zeroed fresh pages every round. Measured (FedAverage of 3 x 10.1 M parameters, CPU
+s a round, median of 10, alternated twice, 2026-12-02): 0.156 and 0.171 with `torch.zeros`, 0.132 and 0.157
+pooled; zeroing and first-adding the sums alone 0.040 -> 0.017 s."""
+
+
+def _zeros64(shape: torch.Size) -> torch.Tensor:
+    """A float64 zero tensor of `shape` on memory from `SUM_BUFFERS`."""
+    nbytes = math.prod(shape) * 8
+    if nbytes < SUM_BUFFERS.min_bytes:
+        return torch.zeros(shape, dtype=torch.float64)
+    return torch.frombuffer(SUM_BUFFERS.take(nbytes), dtype=torch.float64).view(shape).zero_()
 
 
 class WeightedMean:
@@ -31,7 +49,7 @@ class WeightedMean:
 
     def __init__(self, reference: Params, blob: str = "params") -> None:
         self._blob = blob
-        self._weighted = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
+        self._weighted = {k: _zeros64(v.shape) for k, v in reference.items()}
         self._plain: Params = {}
         self._scratch = torch.empty(0, dtype=torch.float64)
         self.total_weight = 0

@@ -293,3 +293,23 @@ def test_every_algorithm_refuses_a_second_reply_from_a_node_and_a_foreign_model(
     twin.start_round(0, x)
     twin.add(NodeUpdate("a", {"params": {"w": torch.ones(2)}, **extra}, 1))
     assert torch.equal(algo.result()["w"], twin.result()["w"])
+
+
+def test_the_sums_memory_is_reused_only_once_nothing_refers_to_the_last_mean() -> None:
+    """WeightedMean's float64 sums come from a pool: a mean still held keeps its memory, a released one's is
+    handed out again, zeroed."""
+    from fedsilo.researcher.algorithms.fedavg import WeightedMean
+
+    ref = {"w": torch.zeros(1024, 1024)}  # 8 MiB of float64: pooled
+    first = WeightedMean(ref)
+    first.add("a", {"w": torch.ones(1024, 1024)}, 1)
+    kept = first.result()
+    second = WeightedMean(ref)
+    assert second._weighted["w"].data_ptr() != kept["w"].data_ptr()
+    second.add("a", {"w": torch.full((1024, 1024), 2.0)}, 1)
+    assert torch.equal(kept["w"], torch.ones(1024, 1024, dtype=torch.float64))  # the second round left it alone
+    assert torch.equal(second.result()["w"], torch.full((1024, 1024), 2.0, dtype=torch.float64))
+    ptr = kept["w"].data_ptr()
+    del kept
+    third = WeightedMean(ref)
+    assert third._weighted["w"].data_ptr() == ptr and float(third._weighted["w"].abs().sum()) == 0.0
