@@ -18,9 +18,11 @@ from typing import Any, NamedTuple
 import torch
 
 from fedsilo.common.errors import FedsiloError
-from fedsilo.common.hashing import BLOB_DIGEST, blob_key, key_matches
+from fedsilo.common.hashing import key_matches
 from fedsilo.common.plan_source import plan_hash
-from fedsilo.common.serialization import params_from_bytes, params_to_buffers, params_to_bytes
+from fedsilo.common.serialization import params_from_bytes, params_to_bytes
+
+from .rounds import write_params
 
 FORMAT_VERSION = 3
 """2 added the algorithm's state (`algorithm.safetensors`, `algorithm_state`); a version 1 breakpoint reads with
@@ -91,10 +93,10 @@ def save_breakpoint(
         **state,
         "format_version": FORMAT_VERSION,
         "rounds_done": rounds_done,
-        "params_digest": _linked(saved, tmp / PARAMS_FILE) or _written(params, tmp / PARAMS_FILE),
+        "params_digest": _linked(saved, tmp / PARAMS_FILE) or write_params(params, tmp / PARAMS_FILE),
         "plan_sha256": plan_hash(source),
         "algorithm_state": meta,
-        "algorithm_digest": _written(tensors, tmp / ALGORITHM_FILE),
+        "algorithm_digest": write_params(tensors, tmp / ALGORITHM_FILE),
     }
     (tmp / PLAN_FILE).write_text(source, encoding="utf-8", newline="")
     (tmp / STATE_FILE).write_text(json.dumps(full, indent=2, sort_keys=True), encoding="utf-8")
@@ -116,14 +118,6 @@ def _linked(saved: tuple[Path, str] | None, path: Path) -> str | None:
     except OSError:
         return None
     return saved[1]
-
-
-def _written(params: dict[str, torch.Tensor], path: Path) -> str:
-    """`params` written to `path` from the tensors' memory; its digest key (BLAKE3, as blobs are named)."""
-    payload = params_to_buffers(params)
-    with open(path, "wb") as f:
-        f.writelines(payload.buffers)
-    return blob_key(BLOB_DIGEST, payload.digest(BLOB_DIGEST))
 
 
 def find_breakpoint(path: str | Path) -> Path:
