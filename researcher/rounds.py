@@ -154,7 +154,7 @@ class RoundArchive:
         except FileNotFoundError:
             raise KeyError(round_index) from None
         expected = self._hashes.get(round_index)
-        if expected is not None and not key_matches(expected, blob):
+        if round_index in self._hashes and not key_matches(expected, blob):  # a null record is refused too
             raise RoundArchiveError(f"{path}: contents differ from the digest recorded when it was written, "
                                     f"{str(expected)[:80]!r}")  # fmt: skip
         try:

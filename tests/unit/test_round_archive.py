@@ -215,6 +215,22 @@ def test_a_format_2_breakpoint_with_sha256_records_still_reads(tmp_path: Path) -
         Experiment.load_breakpoint(folder, network=creds())
 
 
+@pytest.mark.parametrize("record", [{"a": {"b": {"c": []}}}, float("nan"), 10**40, None, "blake3-" + "z" * 64])
+def test_a_digest_record_that_is_no_digest_is_refused_not_a_crash(tmp_path: Path, record: object) -> None:
+    """breakpoint.json edited by hand or damaged: a digest record of any JSON shape is refused with the file named."""
+    store = FakeStore()
+    exp = make(tmp_path, _nodes(store), store, save_breakpoints=True, round_limit=2)
+    exp.run()
+    folder = exp.breakpoint()
+    state = json.loads((folder / "breakpoint.json").read_text())
+    (folder / "breakpoint.json").write_text(json.dumps({**state, "round_digests": {"0": record}}))
+    with pytest.raises(RoundArchiveError, match=r"round_0000\.safetensors: contents differ from the digest"):
+        Experiment.load_breakpoint(folder, network=creds()).aggregated_params()[0]
+    (folder / "breakpoint.json").write_text(json.dumps({**state, "params_digest": record}))
+    with pytest.raises(BreakpointError, match=r"params\.safetensors: contents differ from the recorded digest"):
+        Experiment.load_breakpoint(folder, network=creds())
+
+
 def test_a_round_that_cannot_be_saved_does_not_stop_training(tmp_path: Path, caplog) -> None:
     store = FakeStore()
     exp = make(tmp_path, _nodes(store), store, round_limit=3)
