@@ -27,6 +27,7 @@ from fedsilo.common.malloc import set_malloc
 
 from ..pki import ensure_server
 from ..provision import NetworkConfig, load_config, network_paths
+from .protocol import BodyStreamingProtocol
 
 CONNECTION_LIMIT = 1000
 """Open connections served at once (uvicorn's limit_concurrency: past it, 503); slow clients each hold
@@ -63,7 +64,8 @@ def uvicorn_options(cfg: NetworkConfig, netdir: Any) -> dict[str, Any]:
         # h11 (pure Python) bounds a request's headers (16 KiB). httptools 0.9.0 (C) was measured in its place
         # (bench/blobs.py, 40 MB, 2026-11-30 19:41-19:43, load 4-4.9, alternated twice): uploads 0.153-0.171 s
         # against h11's 0.154-0.161 s, downloads 0.130-0.136 s against 0.127 s; no gain, so no new dependency.
-        "http": "h11",
+        # h11 with bodies of known length past its buffer (protocol.py).
+        "http": BodyStreamingProtocol,
         "ws": "none",
         "interface": "asgi3",
         "limit_concurrency": CONNECTION_LIMIT,
