@@ -10,6 +10,7 @@ application are real; the transport is a recording stand-in for the socket (the 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import itertools
 from typing import Any
@@ -104,6 +105,12 @@ async def _serve(protocol: type[H11Protocol], pieces: list[bytes], cut: bool) ->
     return bytes(transport.written), transport.closed, transport.pauses
 
 
+def _run(protocol: type[H11Protocol], pieces: list[bytes], cut: bool) -> tuple[bytes, bool, int]:
+    """`_serve` on its own event loop, in a thread: the GUI tests' Playwright leaves a loop running in this one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, _serve(protocol, pieces, cut)).result()
+
+
 def _request(method: str, path: str, body: bytes, *, length: int | None = None, chunked: bool = False) -> bytes:
     if chunked:
         parts = [body[i : i + 7000] for i in range(0, len(body), 7000)]
@@ -120,7 +127,7 @@ def _cut(data: bytes, points: list[int]) -> list[bytes]:
 
 def _both(stream: bytes, points: list[int], cut: bool = False) -> tuple[tuple[bytes, bool, int], ...]:
     pieces = _cut(stream, points)
-    return asyncio.run(_serve(H11Protocol, pieces, cut)), asyncio.run(_serve(BodyStreamingProtocol, pieces, cut))
+    return _run(H11Protocol, pieces, cut), _run(BodyStreamingProtocol, pieces, cut)
 
 
 bodies = st.binary(max_size=3000).map(lambda b: b * 40)  # up to 120 kB, past uvicorn's 64 KiB high-water mark
@@ -168,7 +175,7 @@ def test_a_large_body_goes_past_h11s_buffer(monkeypatch: pytest.MonkeyPatch) -> 
     body = bytes(range(256)) * 4096
     stream = _request("POST", "/a", body)
     pieces = [stream[i : i + 150_000] for i in range(0, len(stream), 150_000)]
-    written, _, pauses = asyncio.run(_serve(BodyStreamingProtocol, pieces, cut=False))
+    written, _, pauses = _run(BodyStreamingProtocol, pieces, cut=False)
     assert f"POST /a {len(body)} {hashlib.sha256(body).hexdigest()}".encode() in written
     assert sum(fed) == 150_000  # the first block only
     assert pauses == len(pieces)
