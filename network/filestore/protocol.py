@@ -11,8 +11,8 @@ on the connection, and the response; it is told how much of the body went past i
 keep-alive) stays exact.
 
 That count is h11's private state (`Connection._reader`, `ContentLengthReader._remaining`,
-`Connection._receive_buffer`): h11 is pinned in envs/constraints.txt, `tests/unit/test_filestore_protocol.py`
-fails if those names move, and where they are missing this protocol is plain uvicorn's.
+`Connection._receive_buffer`): h11 is pinned in envs/constraints.txt, and `tests/unit/test_filestore_protocol.py`
+fails if those names move.
 
     uvicorn.Config(app, http=BodyStreamingProtocol, ...)
 """
@@ -34,16 +34,15 @@ class BodyStreamingProtocol(H11Protocol):
     """
 
     def data_received(self, data: bytes) -> None:
-        reader = getattr(self.conn, "_reader", None)
-        remaining = getattr(reader, "_remaining", 0)
-        if (self.cycle is None or not remaining or not isinstance(reader, ContentLengthReader)
+        reader = self.conn._reader
+        if (self.cycle is None or not isinstance(reader, ContentLengthReader) or not reader._remaining
                 or self.conn.their_state is not h11.SEND_BODY or len(self.conn._receive_buffer)):  # fmt: skip
             super().data_received(data)
             return
         self._unset_keepalive_if_required()
-        take = min(len(data), remaining)
+        take = min(len(data), reader._remaining)
         body = data if take == len(data) else data[:take]
-        reader._remaining = remaining - take
+        reader._remaining -= take
         cycle = self.cycle
         if self.conn.our_state is not h11.DONE:  # as uvicorn: the body of a request already answered is dropped
             cycle.body = body if not cycle.body else cycle.body + body

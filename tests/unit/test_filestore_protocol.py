@@ -182,7 +182,7 @@ def test_a_large_body_goes_past_h11s_buffer(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_h11s_private_names_the_protocol_counts_with_are_there() -> None:
-    """An h11 upgrade that moves them makes this fail (the protocol would fall back to h11's own path)."""
+    """An h11 upgrade that moves them makes this fail (the pin in envs/constraints.txt keeps them)."""
     conn = h11.Connection(h11.SERVER)
     conn.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
     assert isinstance(conn.next_event(), h11.Request)
