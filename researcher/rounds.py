@@ -242,4 +242,25 @@ def write_params(params: Params, path: Path) -> str:
     payload = params_to_buffers(params)
     with open(path, "wb") as f:
         f.writelines(payload.buffers)
+        if f.tell() >= RECYCLE_BYTES:
+            f.flush()
+            release_page_cache(f.fileno())
     return blob_key(BLOB_DIGEST, payload.digest(BLOB_DIGEST))
+
+
+RECYCLE_BYTES = 4 << 20
+"""Files from this size on leave the page cache once on disk (`release_page_cache`); a smaller file's pages cost
+little, and its `fdatasync` would only add a wait."""
+
+
+def release_page_cache(fd: int) -> None:
+    """Write the file's pages to disk, then hand them back to the kernel, which gives them to the next write.
+
+    A round's file is read again only if someone asks for that round, but its pages stayed cached, so every round's
+    file took pages the guest had never touched, and on this VM (as on any whose hypervisor reclaims freed guest
+    memory) a fresh page costs a host fault. Measured (40 MB written to a new file every 1.5 s, 2-core VM, 2026-12-02):
+    0.10-0.13 CPU s a file left cached, 0.015-0.018 CPU s with `fdatasync` + `POSIX_FADV_DONTNEED` after each (the
+    next file reuses the pages), plus 0.015 s waiting on the disk; a machine-wide `perf` of K=3 large rounds put
+    the archive's writes at 4.3 % of all CPU. The `fdatasync` also makes the rename that follows crash-safe."""
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -260,3 +260,47 @@ def test_experiment_paths_are_absolute(tmp_path: Path, monkeypatch: pytest.Monke
     assert resumed.breakpoint() == point
     assert list(resumed.aggregated_params()) == [0, 1]
     assert Experiment(network=creds()).experimentation_folder() == Path(os.getcwd()).resolve() / "experiments"
+
+
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of `path` in the page cache, pages in all): mincore(2) on a mapping, which reads nothing."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vec = ctypes.create_string_buffer(pages)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            if libc.mincore(address, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw[:pages]), pages
+
+
+def test_a_large_round_file_leaves_the_page_cache_once_written_and_reads_back(tmp_path: Path) -> None:
+    """A large model's file is on disk and out of the page cache after the write (its pages go to the next write
+    instead of fresh ones: rounds.release_page_cache); a small one is left cached; both read back equal."""
+    from fedsilo.common.serialization import params_from_bytes
+    from fedsilo.researcher.rounds import RECYCLE_BYTES, write_params
+
+    large = {"w": torch.randn(RECYCLE_BYTES // 4 + 1024)}
+    small = {"w": torch.randn(1024)}
+    for name, params, cached in (("large", large, False), ("small", small, True)):
+        path = tmp_path / f"{name}.safetensors"
+        write_params(params, path)
+        resident, pages = _resident_pages(path)
+        assert (resident == pages) if cached else (resident == 0), (name, resident, pages)
+        assert torch.equal(params_from_bytes(path.read_bytes())["w"], params["w"])
