@@ -101,6 +101,10 @@ def csrf_token(page: Page) -> str:
 
 
 def flashes(page: Page) -> list[str]:
+    """The page's flash messages, once there is one: every call follows an action that flashes, and a click that
+    submits a form returns once the next page starts loading, maybe before its flashes are parsed (reading them
+    at once failed `test_gui_decision_governs_the_next_round` once in a full run, 2026-12-02)."""
+    page.locator(".flash").first.wait_for(state="attached")
     return [t.strip() for t in page.locator(".flash").all_inner_texts()]
 
 
