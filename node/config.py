@@ -84,6 +84,13 @@ class NodeSection(BaseModel):
     and config stay the same (as NVIDIA FLARE's process per job); any other round gets a fresh one, so nothing a
     plan leaves in memory reaches another job. "round" = a fresh process every round (about 40 ms of CPU more
     a round: `worker_process._job_rounds`)."""
+    worker_nice: int = Field(10, ge=0, le=19)
+    """The niceness plan code runs at (the worker and its rounds' processes; the daemon keeps its own), as `nice`
+    counts: 0 = the daemon's priority, 19 = the lowest. A plan that takes every core cannot then starve the
+    daemon's MQTT keep-alive, its transfers or the GUI on the same machine, and what the node moves runs as soon
+    as it is ready. Measured (`bench/scaling.py --model large --ks 10`, alternated twice, 2026-12-02): round
+    5.29 / 4.68 s at 0, 5.03 / 4.14 s at 10; the file store's and the workers' CPU a round fell too (fewer
+    switches). A process can raise its own niceness, never lower it: plan code cannot undo this."""
     threads: int | None = Field(None, ge=1)
     """CPU threads torch uses in a round; unset = torch's default (every core). Nodes sharing a machine
     should split the cores: oversubscribed OpenMP threads make a round many times slower."""

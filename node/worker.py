@@ -142,7 +142,7 @@ class Worker:
         parent, child = Pipe()
         self._home = tempfile.mkdtemp(prefix="fedsilo-worker-")  # its working folder: empty, outside NODEDIR
         args = [sys.executable, "-m", "fedsilo.node.worker_process", str(child.fileno()), "--parent",
-                str(os.getpid() if cfg.node.sandbox == "off" else 0)]  # fmt: skip
+                str(os.getpid() if cfg.node.sandbox == "off" else 0), "--nice", str(cfg.node.worker_nice)]  # fmt: skip
         if cfg.node.threads:
             args += ["--threads", str(cfg.node.threads)]
         env = {**worker_env(os.environ), "HOME": self._home, "TMPDIR": self._home}

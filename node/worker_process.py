@@ -368,13 +368,21 @@ def _limits(header: dict[str, Any]) -> SandboxLimits:
                          file_mb=int(limits.get("sandbox_file_mb", default.file_mb)))  # fmt: skip
 
 
+def _lower_priority(nice: int) -> None:
+    """Run at niceness `nice` from now on, or stay lower if already there; the rounds' processes inherit it."""
+    if nice > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedsilo.node.worker_process")
     parser.add_argument("fd", type=int)
     parser.add_argument("--parent", type=int, required=True, help="the daemon's pid; 0 = do not check (sandbox)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--confine", action="store_true", help="apply [limits] sandbox_* to each round's process")
+    parser.add_argument("--nice", type=int, default=0, help="the niceness to run at, at least ([node] worker_nice)")
     opts = parser.parse_args(argv)
+    _lower_priority(opts.nice)
     _die_with_parent(opts.parent)
     # Ctrl-C in the daemon's terminal reaches the whole process group; the daemon decides when the worker ends
     # (a KeyboardInterrupt here would print a traceback in the middle of a clean stop).

@@ -134,7 +134,19 @@ PICKLE_PLAN = LOGREG_PLAN.replace(STEP, STEP + '''
         for obj in {id(o): o for o in found if isinstance(o, Connection) and not o.closed}.values():
             obj.send(touch)  # multiprocessing's own send: a pickle''')
 
-PLANS = {"spy": SPY_PLAN, "nan": NAN_PLAN, "pickle": PICKLE_PLAN, "plain": LOGREG_PLAN}
+RENICE_PLAN = LOGREG_PLAN.replace(STEP, '''    def testing_step(self, data, target):
+        import os
+
+        niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)  # back to the daemon's priority, if it could
+        except OSError:
+            pass
+        return {"niceness": float(niceness), "niceness_after": float(os.getpriority(os.PRIO_PROCESS, 0))}
+
+''' + STEP)
+
+PLANS = {"spy": SPY_PLAN, "nan": NAN_PLAN, "pickle": PICKLE_PLAN, "plain": LOGREG_PLAN, "renice": RENICE_PLAN}
 
 
 @dataclass
@@ -242,6 +254,18 @@ def test_an_approved_plan_finds_neither_credentials_nor_a_client(setup: Setup) -
     assert reply.metrics["test_paths_checked"] >= 3  # it did look (the dataset's folder and its parents)
     assert reply.metrics["test_credentials_found"] == 0
     assert reply.metrics["test_clients_found"] == 0
+
+
+def test_plan_code_runs_below_the_daemon_and_cannot_raise_itself_back(setup: Setup) -> None:
+    """`[node] worker_nice` (10 by default): the worker and its rounds' processes run at that niceness, the
+    daemon at its own, and plan code cannot bring its priority back up to the daemon's."""
+    daemon = os.getpriority(os.PRIO_PROCESS, setup.node.proc.pid)  # type: ignore[union-attr]
+    reply = setup.round("renice", test_ratio=0.25)
+    assert reply.kind == "train_reply", reply
+    wanted = max(daemon, NodeConfig.load(setup.node.nodedir).node.worker_nice)
+    assert wanted > daemon  # the premise: the daemon runs above the default's 10
+    assert reply.metrics["test_niceness"] == reply.metrics["test_niceness_after"] == wanted
+    assert os.getpriority(os.PRIO_PROCESS, setup.worker_pid) == wanted
 
 
 def test_a_nan_update_made_inside_the_worker_is_refused_by_the_daemon(setup: Setup) -> None:
