@@ -90,7 +90,8 @@ class NodeSection(BaseModel):
     daemon's MQTT keep-alive, its transfers or the GUI on the same machine, and what the node moves runs as soon
     as it is ready. Measured (`bench/scaling.py --model large --ks 10`, alternated twice, 2026-12-02): round
     5.29 / 4.68 s at 0, 5.03 / 4.14 s at 10; the file store's and the workers' CPU a round fell too (fewer
-    switches). A process can raise its own niceness, never lower it: plan code cannot undo this."""
+    switches); K=3 small 0.071 / 0.072 -> 0.060 / 0.059 s. A process can raise its own niceness, never lower
+    it: plan code cannot undo this."""
     threads: int | None = Field(None, ge=1)
     """CPU threads torch uses in a round; unset = torch's default (every core). Nodes sharing a machine
     should split the cores: oversubscribed OpenMP threads make a round many times slower."""
