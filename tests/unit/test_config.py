@@ -36,3 +36,15 @@ def test_table_aligns_and_handles_empty():
     lines = out.splitlines()
     assert lines[0].startswith("name") and "x,y" in lines[2] and lines[3].endswith("-")
     assert "(none)" in table(["a"], [])
+
+
+@pytest.mark.parametrize("value", [-1, -20, 20, 2**40, float("nan"), "10; renice -20", None])
+def test_worker_nice_outside_0_to_19_is_refused_by_name(value):
+    """`[node] worker_nice` is a niceness the worker can set without privilege: never below the daemon's (negative),
+    never past 19, never anything but an integer."""
+    from fedsilo.node.config import NodeSection
+
+    section = {"name": "n1", "node_id": "n1", "worker_nice": value}
+    with pytest.raises(ConfigError, match="'worker_nice'"):
+        validate(NodeSection, section, "node.toml")
+    assert validate(NodeSection, {**section, "worker_nice": 19}, "node.toml").worker_nice == 19
