@@ -26,12 +26,13 @@ from fedsilo.common.errors import ErrorCode
 from fedsilo.common.plan_source import load_plan_class
 from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_buffers
 from fedsilo.common.training_args import TrainingArgs
-from fedsilo.common.training_plan import seed_everything
+from fedsilo.common.training_plan import TorchTrainingPlan, seed_everything
 from fedsilo.network.messages import EvaluateRequest, LogMessage, Message, ScalarMessage, TrainRequest
 
 from .algorithms import make_hooks
 from .config import NodeConfig
 from .device import DeviceChoice, choose_device
+from .model_init import build_replacing
 from .personal import LocalLayers
 from .stages import RoundFailure, run_stages, stage
 from .trainer import Trainer, TrainResult, check_plan_loop
@@ -150,19 +151,25 @@ def build_plan(r: _Round) -> None:
     task, args = r.task, r.task.args
     if args.random_seed is not None:
         seed_everything(args.random_seed)
-    plan = r.plan_cls()  # type: ignore[misc]
-    plan.model_args = dict(task.request.model_args)
-    plan.dataset_path = task.record["path"]
-    plan.dataset = {k: v for k, v in task.record.items() if k != "path"}
-    plan.round = task.request.round
-    plan.node_id = r.ctx.node_id
     # The node chooses the device: the researcher's request (before the daemon's caps) against `allow_gpu`.
     r.device = choose_device(task.request.training_args.use_gpu, r.ctx.config.limits.allow_gpu)
     if r.device.fallback:
         _warn(f"round {task.request.round}: use_gpu: {r.device.fallback}", task.request, r.ctx, r.emit)
-    plan.post_init(task.request.model_args, args.model_copy(update={"use_gpu": r.device.device.type == "cuda"}))
-    plan.optimizer()
-    r.plan = plan
+    training_args = args.model_copy(update={"use_gpu": r.device.device.type == "cuda"})
+
+    def build() -> TorchTrainingPlan:
+        plan = r.plan_cls()  # type: ignore[misc]
+        plan.model_args = dict(task.request.model_args)
+        plan.dataset_path = task.record["path"]
+        plan.dataset = {k: v for k, v in task.record.items() if k != "path"}
+        plan.round = task.request.round
+        plan.node_id = r.ctx.node_id
+        plan.post_init(task.request.model_args, training_args)
+        plan.optimizer()
+        return plan
+
+    # the received model replaces what the initialisers draw: they are skipped where it replaces all (model_init)
+    r.plan, _ = build_replacing(build, TorchTrainingPlan.model, r.received.keys())
 
 
 @stage("params", ErrorCode.PARAMS_INVALID)
