@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.common.datasets.loading_plan import bind
-from fedsilo.common.errors import ErrorCode, PlanSourceError
+from fedsilo.common.errors import ErrorCode
 from fedsilo.common.plan_source import load_plan_class
 from fedsilo.common.serialization import check_compatible, params_from_bytes, params_to_buffers
 from fedsilo.common.training_args import TrainingArgs
@@ -59,8 +59,7 @@ class WorkerTask:
     arguments, the dataset's record and a scratch folder for the algorithm's state."""
 
     request: TrainRequest | EvaluateRequest
-    source: str | None
-    """None where the daemon did not send it again: this process loaded the job's plan in an earlier round."""
+    source: str
     args: TrainingArgs
     record: dict[str, Any]
     blobs: dict[str, bytes]
@@ -126,8 +125,6 @@ def load_plan(r: _Round) -> None:
     req = r.task.request
     key = (req.plan.sha256, req.plan_name)
     if key not in r.ctx.plan_cache:
-        if r.task.source is None:
-            raise PlanSourceError("the plan's source was not handed to this round's process")
         r.ctx.plan_cache[key] = load_plan_class(r.task.source, req.plan_name)
     r.plan_cls = r.ctx.plan_cache[key]
 

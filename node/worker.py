@@ -221,9 +221,6 @@ class Worker:
             self._drain(max_reply_bytes)
             if self._job is not None and self._job != key:  # another job's round: a fresh process takes it
                 send_frame(conn.fileno(), {"op": "retire"})
-            if self._job is not None and self._job == key:
-                # the process ran this job's plan, whose source is part of the key: it holds the class already
-                header = {k: v for k, v in header.items() if k != "source"}
             self._job = None
             send_frame(conn.fileno(), {**header, "op": "task", "task_id": task_id}, blobs)
         except (BrokenPipeError, OSError) as exc:
@@ -309,10 +306,7 @@ def reuse_key(header: dict[str, Any]) -> str | None:
     config = header.get("config") or {}
     if not header.get("job") or (config.get("node") or {}).get("round_process", "job") != "job":
         return None
-    # The source by its digest: json.dumps of peerbench's 15 KB plan took 0.22 ms a round idle (sha256: 0.01 ms),
-    # and py-spy of a daemon in K=10 small rounds put 10 % of its samples in this function (2026-12-02).
-    source = hashlib.sha256(str(header.get("source")).encode("utf-8")).hexdigest()
-    text = json.dumps([header["job"], source, header.get("record"), config], sort_keys=True, default=str)
+    text = json.dumps([header["job"], header.get("source"), header.get("record"), config], sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

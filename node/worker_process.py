@@ -153,8 +153,7 @@ def _run_task(header: dict[str, Any], blobs: dict[str, Any], plan_cache: dict, s
     try:
         request = parse_task(header["request"])  # a TrainRequest or an EvaluateRequest
         ctx = RoundContext(NodeConfig.model_validate(header["config"]), plan_cache)
-        # no source: the daemon sends it once per process, and a job's later rounds find its class in plan_cache
-        task = WorkerTask(request, header.get("source"), TrainingArgs.parse(header["args"]), header["record"], blobs,
+        task = WorkerTask(request, header["source"], TrainingArgs.parse(header["args"]), header["record"], blobs,
                           Path(header["state_dir"]))  # fmt: skip
         started = time.perf_counter()
         result = execute_round(task, ctx, emit)

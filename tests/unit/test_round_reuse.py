@@ -8,17 +8,8 @@ failed round, or a process that used a quarter of the per-round CPU limit, gets 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from fedsilo.common.errors import ErrorCode
-from fedsilo.common.serialization import params_to_bytes
-from fedsilo.network.messages import BlobRef, TrainRequest
-from fedsilo.node.config import NodeConfig
-from fedsilo.node.round import RoundContext, WorkerTask, execute_round
-from fedsilo.node.stages import RoundFailure
 from fedsilo.node.worker import REUSE_CPU_SHARE, _reusable, reuse_key
-from tests.support.plans import LOGREG_PLAN
-from tests.support.tables import write_sign_csv
 
 BASE = {"job": "alice/job-1", "source": "class P: ...", "state_dir": "/x/1",
         "record": {"dataset_id": "d1", "path": "/data/d1.csv"},
@@ -56,25 +47,3 @@ def test_round_process_round_or_no_job_means_a_fresh_process_every_round() -> No
 ])  # fmt: skip
 def test_a_process_takes_the_next_round_only_after_a_success_with_cpu_to_spare(result: dict, reusable: bool) -> None:
     assert _reusable(result, BASE) is reusable
-
-
-def test_a_jobs_later_round_comes_without_the_source_and_runs_the_class_its_process_loaded(tmp_path) -> None:
-    """The daemon sends a plan's source once per process (`Worker._exchange`); a round without it runs only with
-    the class this process loaded for that plan, and otherwise fails as an invalid plan, naming why."""
-    csv = write_sign_csv(tmp_path / "d.csv", 40, seed=3)
-    ref = BlobRef(sha256="a" * 64, size=1)
-    request = TrainRequest(sender="r", job_id="j", round=1, dataset_id="ds", plan=ref, plan_name="HeartPlan",
-                           blobs={"params": ref}, training_args={"batch_size": 20})  # fmt: skip
-    params = params_to_bytes({"weight": torch.zeros(2, 4), "bias": torch.zeros(2)})
-
-    def task(source: str | None) -> WorkerTask:
-        record = {"path": str(csv), "dataset_id": "ds", "shape": [40, 5]}
-        return WorkerTask(request, source, request.training_args, record, {"params": params}, tmp_path / "s")
-
-    fresh = RoundContext(NodeConfig.model_validate({"node": {"name": "n", "node_id": "n"}}))
-    with pytest.raises(RoundFailure) as failed:
-        execute_round(task(None), fresh, lambda message: None)
-    assert (failed.value.code, failed.value.stage) == (ErrorCode.PLAN_INVALID, "plan_load")
-    assert "not handed" in failed.value.message
-    assert execute_round(task(LOGREG_PLAN), fresh, lambda message: None).sample_size == 40
-    assert execute_round(task(None), fresh, lambda message: None).sample_size == 40
