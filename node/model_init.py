@@ -10,6 +10,9 @@ kernel and its generator at 4.1 % of all the CPU.
 While the plan's model is built, `torch.nn.init`'s in-place initialisers fill zeros (as Hugging Face's
 `no_init_weights` makes them do nothing): what they would have drawn is zero, never uninitialised memory. A
 module that imported an initialiser by name (torch's `MultiheadAttention`) still draws: slower, never wrong.
+What no check can see: a plan that keeps something computed from its initial weights outside the state dict
+(a plain tensor attribute) gets it from zeros; such a value was random before, and a plan that needs it should
+compute it from the received model in `training_step`.
 The build is kept only when the received parameters name every entry of the model's state dict and the model
 has no buffer outside it (a non-persistent buffer is never received); otherwise, or when the plan fails to
 build that way, it is built again as usual from the random state the first build started from, so that the

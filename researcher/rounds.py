@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 Params = dict[str, torch.Tensor]
 ROUNDS_DIR = "rounds"
 _FILE_RE = re.compile(r"^round_(\d{4,})\.safetensors$")
+RECYCLE_BYTES = 4 << 20
+"""Files from this size on leave the page cache once on disk (`release_page_cache`); a smaller file's pages cost
+little, and its `fdatasync` would only add a wait."""
 
 
 class RoundArchiveError(FedsiloError):
@@ -246,11 +249,6 @@ def write_params(params: Params, path: Path) -> str:
             f.flush()
             release_page_cache(f.fileno())
     return blob_key(BLOB_DIGEST, payload.digest(BLOB_DIGEST))
-
-
-RECYCLE_BYTES = 4 << 20
-"""Files from this size on leave the page cache once on disk (`release_page_cache`); a smaller file's pages cost
-little, and its `fdatasync` would only add a wait."""
 
 
 def release_page_cache(fd: int) -> None:
