@@ -11,12 +11,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fedsilo.common.errors import ErrorCode
 from fedsilo.common.serialization import params_to_bytes
 from fedsilo.network.messages import BlobRef, TrainRequest
 from fedsilo.node.config import NodeConfig
 from fedsilo.node.model_init import build_replacing, replaced_by, zero_initialisers
 from fedsilo.node.personal import LOCAL_FILE
 from fedsilo.node.round import RoundContext, WorkerTask, execute_round
+from fedsilo.node.stages import RoundFailure
 from tests.support.tables import write_sign_csv
 
 
@@ -145,3 +147,25 @@ def test_a_rounds_local_layer_starts_from_the_plans_own_initialisation(tmp_path:
     # the body is received as zeros, so the head's input and its weight's gradient are zero: the trained head's
     # weight is still the plan's seeded initialisation (zeros if the initialisers had been skipped)
     assert torch.count_nonzero(expected) > 0 and torch.equal(kept["head.weight"], expected.detach())
+
+
+@pytest.mark.parametrize("received", [
+    {"body.weight": torch.zeros(4, 5), "body.bias": torch.zeros(4), "head.weight": torch.zeros(2, 4),
+     "head.bias": torch.zeros(2)},                                                     # every name, a wrong shape
+    {"body.weight": torch.zeros(4, 4), "body.bias": torch.zeros(4), "head.weight": torch.zeros(2, 4),
+     "head.bias": torch.zeros(2), "extra": torch.zeros(1)},                           # every name, and one more
+], ids=["wrong-shape", "extra-name"])  # fmt: skip
+def test_a_received_model_that_names_everything_but_does_not_fit_is_refused_as_before(tmp_path: Path, received) -> None:
+    """A hostile researcher's blob that names the whole state dict (so the initialisers are skipped) but does not
+    fit the model fails the round at `params`, as it did when the model was built as usual."""
+    csv = write_sign_csv(tmp_path / "d.csv", 40, seed=3)
+    ref = BlobRef(sha256="a" * 64, size=1)
+    request = TrainRequest(sender="r", job_id="j", round=0, dataset_id="ds", plan=ref, plan_name="Personal",
+                           blobs={"params": ref}, training_args={"batch_size": 20})  # fmt: skip
+    source = PLAN.replace('local_parameters = ("head.",)', "local_parameters = ()")
+    task = WorkerTask(request, source, request.training_args, {"path": str(csv), "dataset_id": "ds", "shape": [40, 5]},
+                      {"params": params_to_bytes(received)}, tmp_path / "state")  # fmt: skip
+    config = NodeConfig.model_validate({"node": {"name": "n", "node_id": "n"}})
+    with pytest.raises(RoundFailure) as failed:
+        execute_round(task, RoundContext(config), lambda message: None)
+    assert (failed.value.code, failed.value.stage) == (ErrorCode.PARAMS_INVALID, "params")
